@@ -1,0 +1,130 @@
+"""Batches as a serving engine builds them: tokens flattened to [T], a paged KV cache.
+
+Every runtime input of a model's forward has the token axis first, so a batch splits into
+micro-batches by slicing rows (the compiler's split pass relies on this):
+
+  input_ids_T     int64  token ids
+  positions_T     int64  absolute position of the token in its request (cached prefix included)
+  slot_mapping_T  int64  cache slot (block * block_size + offset) this token's key/value goes to
+  block_table_TB  int32  the token's request's block table (one row per token, zero padded)
+
+Block 0 of every cache is the null block: padding tokens write there and read only it, and no
+request is ever given it. A padding token therefore has slot_mapping < block_size
+(`is_padding`). The kv caches (one tensor per layer, [num_blocks * block_size, ...]) are state:
+the forward writes this step's entries, then attends over them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor
+    positions: Tensor
+    slot_mapping: Tensor
+    block_table: Tensor
+    query_lens: tuple[int, ...] = ()   # host-side: new tokens per request, padding excluded
+    num_padding: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def args(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.input_ids, self.positions, self.slot_mapping, self.block_table
+
+    def last_token_index(self) -> list[int]:
+        """Row of each request's last new token (where a sampler reads the logits)."""
+        ends, acc = [], 0
+        for q in self.query_lens:
+            acc += q
+            ends.append(acc - 1)
+        return ends
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in self.args()), self.query_lens, self.num_padding)
+
+
+def is_padding(slot_mapping_T: Tensor, block_size: int) -> Tensor:
+    return slot_mapping_T < block_size
+
+
+@dataclass
+class _Request:
+    blocks: list[int] = field(default_factory=list)
+    num_tokens: int = 0  # tokens whose KV is in the cache
+
+
+class PagedKVCache:
+    """Block allocator plus the per-layer cache tensors.
+
+    `entry_shapes[i]` is the shape of one cache slot of layer i (e.g. (576,) for MLA, (2, G, Dh)
+    for GQA). Caches are zero-initialised, so never-written slots are zeros, not garbage."""
+
+    def __init__(self, entry_shapes: Sequence[tuple[int, ...]], num_blocks: int, block_size: int,
+                 dtype=torch.float32, device="cpu"):
+        if num_blocks < 2:
+            raise ValueError("PagedKVCache needs at least 2 blocks (block 0 is the null block)")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.caches = [torch.zeros(num_blocks * block_size, *s, dtype=dtype, device=device)
+                       for s in entry_shapes]
+        self._free = list(range(num_blocks - 1, 0, -1))
+        self._reqs: dict[object, _Request] = {}
+
+    def num_cached(self, req_id) -> int:
+        r = self._reqs.get(req_id)
+        return r.num_tokens if r else 0
+
+    def free(self, req_id) -> None:
+        r = self._reqs.pop(req_id, None)
+        if r:
+            self._free.extend(reversed(r.blocks))
+
+    def _reserve(self, req: _Request, total: int) -> None:
+        need = -(-total // self.block_size) - len(req.blocks)
+        if need > len(self._free):
+            raise RuntimeError(f"KV cache out of blocks: need {need}, have {len(self._free)}")
+        req.blocks.extend(self._free.pop() for _ in range(need))
+
+    def make_batch(self, requests: Sequence[tuple[object, Sequence[int]]], *, pad_to: int | None = None,
+                   max_blocks: int | None = None, device=None) -> Batch:
+        """One step: `requests` is [(req_id, new_token_ids)]; each request's earlier tokens must
+        already be in the cache (a prefill of a request with a cached prefix, a decode step, or an
+        MTP step of several tokens look alike). Pads with null-block tokens to `pad_to` rows."""
+        bs = self.block_size
+        ids, pos, slots, rows, qlens = [], [], [], [], []
+        for req_id, new in requests:
+            req = self._reqs.setdefault(req_id, _Request())
+            start = req.num_tokens
+            self._reserve(req, start + len(new))
+            for j, tok in enumerate(new):
+                p = start + j
+                ids.append(int(tok))
+                pos.append(p)
+                slots.append(req.blocks[p // bs] * bs + p % bs)
+                rows.append(req.blocks)
+            req.num_tokens = start + len(new)
+            qlens.append(len(new))
+        T = len(ids)
+        pad = 0 if pad_to is None else pad_to - T
+        if pad < 0:
+            raise ValueError(f"batch has {T} tokens, more than pad_to={pad_to}")
+        nb = max_blocks or max([len(r) for r in rows] + [1])
+        table = torch.zeros(T + pad, nb, dtype=torch.int32)
+        for i, r in enumerate(rows):
+            if len(r) > nb:
+                raise ValueError(f"request needs {len(r)} blocks, block table has {nb} columns")
+            table[i, :len(r)] = torch.tensor(r, dtype=torch.int32)
+        # padding rows: token 0 at position 0 in the null block (slot 0)
+        ids += [0] * pad
+        pos += [0] * pad
+        slots += [0] * pad
+        batch = Batch(torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64),
+                      torch.tensor(slots, dtype=torch.int64), table, tuple(qlens), pad)
+        return batch.to(device) if device is not None else batch

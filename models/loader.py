@@ -1,0 +1,226 @@
+"""Load a Hugging Face checkpoint directory into one of the models.
+
+Contract: reads config.json (a wrapper's `text_config` for Kimi K2.5) and the safetensors files
+(`model.safetensors`, or shards listed by `model.safetensors.index.json`); reads only the tensors
+the model's parameters need (so the MTP layer, vision tower, ... are never touched); dequantizes
+fp8-block and int4 pack-quantized weights to `dtype`. Every failure is one `ModelLoadError` line
+naming the file and the tensor or config field.
+
+Pseudo-code:
+  1. read config.json -> architecture, config dataclass, name prefix, quantization
+  2. build the model on the meta device, materialise it on `device`
+  3. for each parameter: checkpoint name(s) from the model's CHECKPOINT_NAMES templates ->
+     read -> dequantize -> check shape -> copy (stacked expert parameters: this rank's experts)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tbo_compiler.models import quant
+from tbo_compiler.models.deepseek_v3 import DeepseekV3Config, DeepseekV3Model
+from tbo_compiler.models.moe import ParallelConfig
+from tbo_compiler.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeModel
+
+log = logging.getLogger(__name__)
+
+#: model_type -> (config class, model class)
+ARCHITECTURES = {
+    "deepseek_v3": (DeepseekV3Config, DeepseekV3Model),
+    "deepseek_v2": (DeepseekV3Config, DeepseekV3Model),
+    "kimi_k2": (DeepseekV3Config, DeepseekV3Model),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeModel),
+}
+#: multimodal wrappers: model_type -> prefix of the language model's tensor names
+WRAPPERS = {"kimi_k25": "language_model."}
+SUPPORTED = sorted([*ARCHITECTURES, *WRAPPERS])
+
+
+class ModelLoadError(ValueError):
+    """One line: the file, then what is wrong with which tensor or field."""
+
+
+# Step 1: config --------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _resolve(model_dir) -> tuple[object, type, str]:
+    """-> (config dataclass, model class, tensor name prefix)."""
+    path = Path(model_dir) / "config.json"
+    raw = _read_json(path)
+    prefix, text = "", raw
+    mt = raw.get("model_type")
+    if mt in WRAPPERS:
+        prefix, text = WRAPPERS[mt], raw.get("text_config")
+        if not isinstance(text, dict):
+            raise ModelLoadError(f"{path}: missing config field 'text_config' (model_type {mt})")
+        mt = text.get("model_type")
+        if "quantization_config" not in text and "quantization_config" in raw:
+            text = {**text, "quantization_config": raw["quantization_config"]}
+    if mt not in ARCHITECTURES:
+        raise ModelLoadError(f"{path}: unknown model_type {mt!r}; supported: {', '.join(SUPPORTED)}")
+    cfg_cls, model_cls = ARCHITECTURES[mt]
+    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    for name, f in fields.items():
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in text:
+            raise ModelLoadError(f"{path}: missing config field {name!r} (model_type {mt})")
+    try:
+        cfg = cfg_cls(**{k: v for k, v in text.items() if k in fields})
+    except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
+        raise ModelLoadError(f"{path}: bad config: {' '.join(str(e).split())}") from None
+    return cfg, model_cls, prefix
+
+
+def read_config(model_dir):
+    """The architecture's config dataclass (DeepseekV3Config or Qwen3MoeConfig) for `model_dir`."""
+    return _resolve(model_dir)[0]
+
+
+# Step 3 helpers: the tensor store ---------------------------------------------------------------
+
+class _Checkpoint:
+    """name -> file from the index (or the single file); files opened lazily with safe_open."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        self._open, self.dir, self._handles = safe_open, model_dir, {}
+        index, single = model_dir / "model.safetensors.index.json", model_dir / "model.safetensors"
+        if index.exists():
+            self.where = index
+            wm = _read_json(index).get("weight_map")
+            if not isinstance(wm, dict):
+                raise ModelLoadError(f"{index}: missing field 'weight_map'")
+            self.weight_map = wm
+        elif single.exists():
+            self.where = single
+            self.weight_map = dict.fromkeys(self._handle("model.safetensors", None).keys(), "model.safetensors")
+        else:
+            raise ModelLoadError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _handle(self, file: str, name: str | None):
+        if file not in self._handles:
+            path = self.dir / file
+            if not path.exists():
+                raise ModelLoadError(f"{self.where}: shard file {file} (holding tensor {name}) not found")
+            try:
+                self._handles[file] = self._open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise ModelLoadError(f"{path}: unreadable safetensors ({' '.join(str(e).split())})") from None
+        return self._handles[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.weight_map.get(name)
+        if file is None:
+            raise ModelLoadError(f"{self.where}: missing tensor {name}")
+        return self._handle(file, name).get_tensor(name)
+
+    def file_of(self, name: str) -> Path:
+        return self.dir / self.weight_map.get(name, self.where.name)
+
+
+def _check(ckpt: _Checkpoint, name: str, got, want) -> None:
+    if tuple(got) != tuple(want):
+        raise ModelLoadError(f"{ckpt.file_of(name)}: tensor {name} has shape {list(got)}, expected {list(want)}")
+
+
+def _read_weight(ckpt: _Checkpoint, name: str, shape: tuple, qcfg: dict) -> torch.Tensor:
+    """The tensor `name` of `shape` in fp32, dequantized if stored quantized."""
+    base = name.removesuffix(".weight")
+    if not ckpt.has(name) and ckpt.has(base + ".weight_packed"):
+        gs = qcfg["int4_group_size"]
+        wshape = ckpt.get(base + ".weight_shape").tolist()
+        _check(ckpt, base + ".weight_shape", wshape, shape)
+        packed, scale = ckpt.get(base + ".weight_packed"), ckpt.get(base + ".weight_scale")
+        _check(ckpt, base + ".weight_packed", packed.shape, (shape[0], -(-shape[1] // 8)))
+        _check(ckpt, base + ".weight_scale", scale.shape, (shape[0], -(-shape[1] // gs)))
+        return quant.dequantize_int4_group(packed, scale, wshape, gs)
+    t = ckpt.get(name)
+    _check(ckpt, name, t.shape, shape)
+    if ckpt.has(name + "_scale_inv"):
+        block = qcfg["fp8_block"]
+        s = ckpt.get(name + "_scale_inv")
+        _check(ckpt, name + "_scale_inv", s.shape, quant.fp8_scale_shape(shape, block))
+        return quant.dequantize_fp8_block(t, s, block)
+    return t.float()
+
+
+def _quant_settings(cfg) -> dict:
+    q = getattr(cfg, "quantization_config", None) or {}
+    block = tuple(q.get("weight_block_size") or (128, 128))
+    gs = 32
+    for group in (q.get("config_groups") or {}).values():
+        gs = (group.get("weights") or {}).get("group_size") or gs
+    return {"fp8_block": block, "int4_group_size": gs}
+
+
+def _template_regex(key: str) -> re.Pattern:
+    return re.compile(re.escape(key).replace(r"\{\}", r"(\d+)") + "$")
+
+
+# Step 3: parameters ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def _load_params(model: nn.Module, ckpt: _Checkpoint, prefix: str, qcfg: dict) -> None:
+    templates = [(_template_regex(k), v if isinstance(v, tuple) else (v,))
+                 for k, v in model.checkpoint_names.items()]
+    for pname, param in model.named_parameters():
+        match = next(((m, v) for r, v in templates if (m := r.match(pname))), None)
+        if match is None:  # a model/template mismatch, not a checkpoint problem
+            raise RuntimeError(f"parameter {pname} has no checkpoint name template")
+        m, sources = match
+        idx = [int(g) for g in m.groups()]
+        stacked = sources[0].count("{}") > len(idx)
+        if stacked:  # [E_loc, rows, cols]: this rank's experts, ids offset by rank
+            moe = model.get_submodule(pname.rsplit(".", 2)[0])
+            experts = [(j, moe.par.ep_rank * moe.e_loc + j) for j in range(param.shape[0])]
+            rows = param.shape[1] // len(sources)
+        else:
+            experts, rows = [(None, None)], param.shape[0] // len(sources)
+        for j, e in experts:
+            dst = param[j] if stacked else param
+            for part, tmpl in enumerate(sources):
+                name = prefix + tmpl.format(*idx, *([e] if stacked else []))
+                shape = (rows, *dst.shape[1:])
+                w = _read_weight(ckpt, name, shape, qcfg)
+                dst[part * rows:(part + 1) * rows].copy_(w.to(param.dtype))
+
+
+def load_model(model_dir, *, dtype=torch.float32, device="cpu", parallel: ParallelConfig | None = None,
+               block_size: int = 16, num_layers: int | None = None) -> nn.Module:
+    """Build the model described by `model_dir`/config.json and load its weights.
+
+    `parallel` selects this rank's experts (expert parallelism); `num_layers` keeps only the
+    first layers (tests, benchmarks)."""
+    model_dir = Path(model_dir)
+    cfg, model_cls, prefix = _resolve(model_dir)
+    if num_layers is not None:
+        cfg.num_hidden_layers = min(num_layers, cfg.num_hidden_layers)
+    ckpt = _Checkpoint(model_dir)
+    with torch.device("meta"):
+        model = model_cls(cfg, parallel or ParallelConfig(), block_size=block_size, dtype=dtype)
+    model.to_empty(device=device)
+    model.init_buffers()
+    _load_params(model, ckpt, prefix, _quant_settings(cfg))
+    log.info("loaded %s (%d layers) from %s", cfg.model_type, cfg.num_hidden_layers, model_dir)
+    # inference only: without grads, compile/export need no autograd formulas for the tbo ops
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,124 @@
+"""The MoE block shared by every architecture: route, move tokens, run local experts, move back.
+
+Legend: T tokens on this rank, D hidden, K experts per token, E routed experts in all,
+E_loc experts on this rank, W ranks in the expert-parallel group.
+
+Parallel modes (`ParallelConfig.moe_comm`), all expressed with the `tbo` comm ops:
+  a2a        tokens stay on their rank (DP attention); dispatch -> local experts -> combine
+  allgather  DP attention; all_gather the (zero-padded) tokens -> route all -> local experts
+             -> reduce_scatter back to their owners
+  allreduce  every rank holds the same tokens (TP-style); local experts on all of them -> all_reduce
+Shared experts run on the rank's own tokens and are added once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import tbo_compiler.runtime.comm  # noqa: F401  (registers the tbo comm ops)
+import tbo_compiler.runtime.kernels  # noqa: F401  (registers the tbo kernel ops)
+
+ops = torch.ops.tbo
+
+MOE_COMM_MODES = ("a2a", "allgather", "allreduce")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    ep_size: int = 1
+    ep_rank: int = 0
+    group: str = "ep"
+    moe_comm: str = "a2a"
+
+    def __post_init__(self):
+        if self.moe_comm not in MOE_COMM_MODES:
+            raise ValueError(f"moe_comm must be one of {MOE_COMM_MODES}, got {self.moe_comm!r}")
+        if not 0 <= self.ep_rank < self.ep_size:
+            raise ValueError(f"ep_rank {self.ep_rank} out of range for ep_size {self.ep_size}")
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP (dense layers, shared experts)."""
+
+    def __init__(self, dim: int, inter: int, dtype=None):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(dim, inter, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(inter, dim, bias=False, dtype=dtype)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+
+
+class RoutedExperts(nn.Module):
+    """This rank's slice of the routed experts, stacked: w13 [E_loc, 2I, D] (gate; up), w2 [E_loc, D, I]."""
+
+    def __init__(self, num_local: int, dim: int, inter: int, dtype=None):
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, dim, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(num_local, dim, inter, dtype=dtype))
+
+    def forward(self, x_ND: Tensor, ids_NK: Tensor, w_NK: Tensor) -> Tensor:
+        return ops.moe_experts(x_ND, ids_NK, w_NK, self.w13, self.w2)
+
+
+class MoEBlock(nn.Module):
+    """router(x_TD) -> (topk_ids_TK int64 global, topk_w_TK fp32); experts; optional shared MLP."""
+
+    def __init__(self, router: nn.Module, num_experts: int, dim: int, inter: int,
+                 par: ParallelConfig, shared: nn.Module | None = None, dtype=None):
+        super().__init__()
+        if num_experts % par.ep_size:
+            raise ValueError(f"{num_experts} experts do not divide over ep_size {par.ep_size}")
+        self.gate = router
+        self.num_experts = num_experts
+        self.e_loc = num_experts // par.ep_size
+        self.par = par
+        self.experts = RoutedExperts(self.e_loc, dim, inter, dtype=dtype)
+        self.shared_experts = shared
+        # the rank's first expert id as a buffer, not a Python int: a traced program stays valid
+        # for every rank (the runtime binds each rank's value)
+        self.register_buffer("expert_lo", torch.tensor(par.ep_rank * self.e_loc), persistent=False)
+
+    def init_buffers(self) -> None:
+        """Re-set the non-persistent buffer after `to_empty` (meta -> device)."""
+        self.expert_lo = torch.tensor(self.par.ep_rank * self.e_loc, device=self.expert_lo.device)
+
+    def _local(self, ids_TK: Tensor, w_TK: Tensor) -> tuple[Tensor, Tensor]:
+        lo = self.expert_lo
+        mine = (ids_TK >= lo) & (ids_TK < lo + self.e_loc)
+        return torch.where(mine, ids_TK - lo, -1), torch.where(mine, w_TK, 0.0)
+
+    def forward(self, x_TD: Tensor, pad_T: Tensor) -> Tensor:
+        par, W = self.par, self.par.ep_size
+        shared = self.shared_experts(x_TD) if self.shared_experts is not None else None
+        if W == 1:
+            ids, w = self.gate(x_TD)
+            y = self.experts(x_TD, ids, w)
+        elif par.moe_comm == "a2a":
+            ids, w = self.gate(x_TD)
+            h = ops.dispatch_start(x_TD, ids, w, par.group, W, self.e_loc)
+            rx, rids, rw = ops.dispatch_wait(h, x_TD, ids, par.group, W)
+            ry = self.experts(rx, rids, rw)
+            h = ops.combine_start(ry, par.group, W)
+            y = ops.combine_wait(h, ry, par.group, W)
+        elif par.moe_comm == "allgather":
+            x0 = torch.where(pad_T.unsqueeze(-1), 0.0, x_TD).to(x_TD.dtype)  # padding rows are zero
+            h = ops.all_gather_start(x0, par.group, W)
+            gx = ops.all_gather_wait(h, x0, par.group, W)
+            ids, w = self.gate(gx)
+            lids, lw = self._local(ids, w)
+            gy = self.experts(gx, lids, lw)
+            h = ops.reduce_scatter_start(gy, par.group, W)
+            y = ops.reduce_scatter_wait(h, gy, par.group, W)
+        else:  # allreduce
+            ids, w = self.gate(x_TD)
+            lids, lw = self._local(ids, w)
+            part = self.experts(x_TD, lids, lw)
+            h = ops.all_reduce_start(part, par.group, W)
+            y = ops.all_reduce_wait(h, part, par.group, W)
+        return y if shared is None else y + shared

@@ -1,0 +1,1 @@
+"""tbo_compiler.passes."""

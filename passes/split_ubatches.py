@@ -1,0 +1,296 @@
+"""Split the graph into two micro-batches (ubatches) along the token axis.
+
+Contract
+  requires   a functional ATen graph traced at T tokens, its `TokenAxes` record, and a cut
+             0 < cut < T (the policy: `split_point`).
+  guarantees every token-dependent node appears twice, once per ubatch (meta["tbo_ubatch"] = 0|1),
+             computing on rows [0, cut) and [cut, T) of the token inputs; shared nodes (weights,
+             their transforms) appear once (meta["tbo_ubatch"] = None); shape literals along the
+             token axis are rewritten to the ubatch's size; token-indexed writes into shared state
+             (KV caches) are chained: ubatch 0's writes, then ubatch 1's, so ubatch 1 sees ubatch
+             0's rows (a request straddling the cut reads its prefix); outputs are the ubatch
+             results concatenated along the token axis, mutated inputs get the final state.
+  must not   change values: the split program equals the unsplit one up to float reassociation
+             (it only changes which rows each op sees).
+
+Pseudo-code
+  Step 1 (plan): classify nodes (shared / per-ubatch / join), list state chains per base tensor.
+  Step 2 (apply): emit placeholders and per-ubatch row slices of token inputs; emit shared nodes
+          and ubatch 0's copies in program order, then ubatch 1's, then the joins (mutation
+          epilogue, output with cat); rewrite token-axis shape literals in each copy.
+  Step 3 (verify): re-run fake-tensor propagation on the new graph; every copy's shape must be
+          the ubatch's size on its token axis, and the op counts must double exactly.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from tbo_compiler.passes.errors import SplitError, node_error
+from tbo_compiler.passes.token_axis import (PER_UBATCH, SHARED, STATE, TokenAxes, TokenDim,
+                                             is_token_dependent)
+
+aten = torch.ops.aten
+_SCATTERS = {aten.index_put.default, aten.index_put_.default, aten.index_copy.default,
+             aten.scatter.src, aten.scatter.value, aten.scatter_add.default, aten.index_add.default,
+             aten.scatter_reduce.two}
+
+
+def split_point(num_tokens: int, mode: str, tokens_per_request: int = 1) -> int:
+    """Where the batch is cut. 0 means no split (every rank computes this from the same padded T).
+
+    decode: by request, a request's (MTP) tokens kept together; prefill: token-balanced, a
+    request may straddle the cut (its second part's positions already count the first part)."""
+    if num_tokens <= 1:
+        return 0
+    if mode == "decode":
+        k = max(1, tokens_per_request)
+        if num_tokens % k:
+            raise SplitError(f"decode batch of {num_tokens} tokens is not whole requests of {k} tokens")
+        reqs = num_tokens // k
+        return 0 if reqs < 2 else (reqs + 1) // 2 * k
+    if mode == "prefill":
+        return (num_tokens + 1) // 2
+    raise SplitError(f"unknown split mode {mode!r} (prefill or decode)")
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    T: int
+    cut: int
+    per_ubatch: tuple[str, ...]
+    joins: tuple[str, ...]
+    chains: tuple[tuple[str, ...], ...]  # state updates per base, program order
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return (self.cut, self.T - self.cut)
+
+
+# Step 1 -------------------------------------------------------------------------------------
+
+def _is_join(node: fx.Node, axes: TokenAxes) -> bool:
+    if node.op == "output":
+        return True
+    return (node.target == aten.copy_.default and node.args[0].op == "placeholder"
+            and is_token_dependent(axes[node]))
+
+
+def plan_split(gm: fx.GraphModule, axes: TokenAxes, cut: int) -> SplitPlan:
+    if not 0 < cut < axes.T:
+        raise SplitError(f"cut {cut} is outside (0, {axes.T})")
+    per, joins, chain_of, chains = [], [], {}, {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if _is_join(node, axes):
+            joins.append(node.name)
+            continue
+        if node.op == "call_function" and is_token_dependent(axes[node]):
+            per.append(node.name)
+            if axes[node] is STATE and node.target in _SCATTERS:
+                base = node.args[0]
+                root = chain_of.get(base.name, base.name) if axes[base] is STATE else base.name
+                if axes[base] is STATE and base.name not in chain_of:
+                    raise node_error(SplitError, node, "updates state reached through a view; "
+                                                       "write the cache tensor directly")
+                chain_of[node.name] = root
+                chains.setdefault(root, []).append(node.name)
+    return SplitPlan(axes.T, cut, tuple(per), tuple(joins), tuple(tuple(c) for c in chains.values()))
+
+
+# Step 2 -------------------------------------------------------------------------------------
+
+def _rewrite_shape_args(node: fx.Node, old: fx.Node, axes: TokenAxes, T: int, Tu: int) -> None:
+    ax = axes[old]
+    t = old.target
+
+    def scaled(n):  # a size literal along the token axis: o*T*i -> o*Tu*i
+        return n if n == -1 else (n // T) * Tu if n % T == 0 else n
+
+    if t in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+             aten.new_zeros.default, aten.new_empty.default, aten.new_full.default, aten.new_ones.default):
+        if isinstance(ax, TokenDim):
+            size = list(node.args[1])
+            want = ax.size(T)
+            if size[ax.axis] not in (-1, want):
+                raise node_error(SplitError, old, f"size {size} disagrees with the token axis")
+            size[ax.axis] = -1 if size[ax.axis] == -1 else ax.size(Tu)
+            node.args = (node.args[0], size, *node.args[2:])
+    elif t == aten.slice.Tensor and isinstance(ax, TokenDim):
+        args = list(node.args)
+        dim = args[1] if len(args) > 1 else 0
+        rank = len(old.args[0].meta["val"].shape)
+        if dim % rank == ax.axis and len(args) > 3 and args[3] is not None and args[3] < 2 ** 62:
+            args[3] = ax.size(Tu)  # the token rule allows only full slices along tokens
+            node.args = tuple(args)
+    elif t == torch.ops._c10d_functional.all_to_all_single.default:
+        a = list(node.args)
+        for k in (1, 2):
+            if a[k] is not None:
+                if any(s % T for s in a[k]):
+                    raise node_error(SplitError, old, f"all_to_all split sizes {a[k]} are not token multiples")
+                a[k] = [s // T * Tu for s in a[k]]
+        node.args = tuple(a)
+
+
+def apply_split(gm: fx.GraphModule, axes: TokenAxes, plan: SplitPlan) -> fx.GraphModule:
+    T, cut = plan.T, plan.cut
+    sizes = plan.sizes
+    per = set(plan.per_ubatch)
+    joins = set(plan.joins)
+    last_of_chain = {c[0]: c[-1] for c in plan.chains}
+    chain_root = {n: c[0] for c in plan.chains for n in c}
+    new = fx.Graph()
+    shared: dict[str, fx.Node] = {}
+    ub: list[dict[str, fx.Node]] = [{}, {}]
+    old_nodes = {n.name: n for n in gm.graph.nodes}
+
+    def final_state(name: str) -> fx.Node:
+        root = chain_root.get(name)
+        if root is None or last_of_chain[root] != name:
+            raise node_error(SplitError, old_nodes[name], "reads a token-updated tensor before its last update")
+        return ub[1][name]
+
+    def lookup(n: fx.Node, u: int | None) -> fx.Node:
+        if u is not None and n.name in ub[u]:
+            return ub[u][n.name]
+        if n.name in shared:
+            return shared[n.name]
+        if u is None:
+            if axes[n] is STATE:
+                return final_state(n.name)
+            raise node_error(SplitError, n, "a value the pass took for shared depends on the tokens")
+        return ub[u][n.name]
+
+    # Step 2a: placeholders and row slices of the token inputs
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        p = new.placeholder(node.name, type_expr=node.type)
+        p.meta = dict(node.meta)
+        p.meta["tbo_ubatch"] = None
+        shared[node.name] = p
+        if isinstance(axes[node], TokenDim):
+            for u, (lo, hi) in enumerate(((0, cut), (cut, T))):
+                s = new.call_function(aten.slice.Tensor, (p, 0, lo, hi))
+                s.meta = {"tbo_ubatch": u, "tbo_role": "split_input", "stack_trace": node.meta.get("stack_trace")}
+                ub[u][node.name] = s
+
+    def emit(node: fx.Node, u: int | None) -> fx.Node:
+        if u is not None and node.target in _SCATTERS and node.name in chain_root:
+            root = chain_root[node.name]
+            first = root == node.name
+            if u == 1 and first:  # ubatch 1's first write goes on top of ubatch 0's last
+                base = ub[0][last_of_chain[root]]
+                c = new.node_copy(node, lambda n: base if n is node.args[0] else lookup(n, u))
+            else:
+                c = new.node_copy(node, lambda n: lookup(n, u))
+        else:
+            c = new.node_copy(node, lambda n: lookup(n, u))
+        c.meta = dict(node.meta)
+        c.meta.pop("val", None)
+        c.meta["tbo_ubatch"] = u
+        c.meta["tbo_origin"] = node.name
+        if u is not None:
+            _rewrite_shape_args(c, node, axes, T, sizes[u])
+        return c
+
+    body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and n.name not in joins]
+    for node in body:  # shared nodes + ubatch 0
+        if node.name in per:
+            ub[0][node.name] = emit(node, 0)
+        else:
+            shared[node.name] = emit(node, None)
+    for node in body:  # ubatch 1
+        if node.name in per:
+            ub[1][node.name] = emit(node, 1)
+
+    # Step 2c: joins
+    out_node = None
+    for node in gm.graph.nodes:
+        if node.name not in joins:
+            continue
+        if node.op == "output":
+            out_node = node
+            continue
+        shared[node.name] = emit(node, None)
+
+    def join_value(v):
+        if not isinstance(v, fx.Node):
+            return v
+        if v.name in shared:
+            return shared[v.name]
+        ax = axes[v]
+        if ax is STATE:
+            return final_state(v.name)
+        if isinstance(ax, TokenDim):
+            if ax.outer != 1:
+                raise node_error(SplitError, v, "graph output holds token blocks of several ranks")
+            c = new.call_function(aten.cat.default, ([ub[0][v.name], ub[1][v.name]], ax.axis))
+            c.meta = {"tbo_ubatch": None, "tbo_role": "join_output"}
+            return c
+        raise node_error(SplitError, v, f"graph output is {ax}, which cannot be joined")
+
+    outs = fx.node.map_aggregate(out_node.args[0], join_value)
+    o = new.output(outs)
+    o.meta = dict(out_node.meta)
+    new.lint()
+    res = fx.GraphModule(gm, new)
+    res.meta.update(getattr(gm, "meta", {}))
+    res.meta["tbo_split"] = plan
+    return res
+
+
+# Step 3 -------------------------------------------------------------------------------------
+
+def propagate_fake(gm: fx.GraphModule) -> None:
+    """Recompute meta['val'] for every node from the placeholders' fake values."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode(vals)
+    if mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        vals = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in vals]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+
+
+def verify_split(old: fx.GraphModule, new: fx.GraphModule, axes: TokenAxes, plan: SplitPlan) -> None:
+    try:
+        propagate_fake(new)
+    except Exception as e:  # a rewritten shape that does not fit
+        raise SplitError(f"split graph does not type-check: {str(e).splitlines()[0]}") from e
+    old_by = {n.name: n for n in old.graph.nodes}
+    count = {0: 0, 1: 0}
+    for n in new.graph.nodes:
+        u = n.meta.get("tbo_ubatch")
+        origin = n.meta.get("tbo_origin")
+        if u is None or origin is None:
+            continue
+        count[u] += 1
+        ax = axes[old_by[origin]]
+        v = n.meta.get("val")
+        if isinstance(ax, TokenDim) and isinstance(v, torch.Tensor):
+            want = ax.size(plan.sizes[u])
+            if v.shape[ax.axis] != want:
+                raise node_error(SplitError, n, f"ubatch {u} has {v.shape[ax.axis]} rows on the token "
+                                                f"axis, expected {want}")
+    if count[0] != count[1] or count[0] != len(plan.per_ubatch):
+        raise SplitError(f"split emitted {count} per-ubatch nodes for {len(plan.per_ubatch)} token-dependent ones")
+
+
+def split_ubatches(gm: fx.GraphModule, axes: TokenAxes, cut: int) -> fx.GraphModule:
+    plan = plan_split(gm, axes, cut)
+    new = apply_split(gm, axes, plan)
+    verify_split(gm, new, axes, plan)
+    return new
+
+
+__all__ = ["split_point", "SplitPlan", "plan_split", "apply_split", "verify_split", "split_ubatches",
+           "propagate_fake", "PER_UBATCH", "SHARED", "operator"]

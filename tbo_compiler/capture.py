@@ -1,0 +1,102 @@
+"""Capture a model as a functional ATen graph, the form every pass takes.
+
+Two fronts, one normal form:
+  * `capture_export(model, args)` - torch.export (what `tbo-compile` uses), decomposed to ATen;
+  * the torch.compile backend (backend.py) - dynamo + aot_autograd, same ATen level.
+Normal form: placeholders in order [params/buffers..., user inputs...] described by `InputSpec`s;
+input mutations (KV-cache writes) as a trailing `aten.copy_(input, new_value)`; outputs are the
+user outputs only.
+"""
+from __future__ import annotations
+
+import re
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from tbo_compiler.passes.errors import TboCompileError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str      # placeholder name
+    kind: str      # param | buffer | constant | user
+    target: str    # parameter/buffer FQN, or the user input's flat index as a string
+
+
+class CaptureError(TboCompileError):
+    pass
+
+
+_USER_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame outside torch of an exception: the user's line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        if "/torch/" not in fr.filename and "tbo_compiler/capture" not in fr.filename:
+            return f"{fr.filename}:{fr.lineno} ({(fr.line or '').strip()})"
+    m = _USER_FRAME.findall(str(exc))
+    return f"{m[-1][0]}:{m[-1][1]}" if m else "?"
+
+
+def capture_export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
+                   ) -> tuple[fx.GraphModule, tuple[InputSpec, ...]]:
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, args, kwargs or {}, strict=False)
+            ep = ep.run_decompositions()
+    except Exception as e:  # report the user's line, not torch's stack
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptureError(f"torch.export could not capture the model: {first} (at {_where(e)})") from e
+    return normalize_export(ep)
+
+
+def normalize_export(ep) -> tuple[fx.GraphModule, tuple[InputSpec, ...]]:
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    gm = ep.graph_module
+    sig = ep.graph_signature
+    specs = []
+    user_i = 0
+    for s in sig.input_specs:
+        if s.kind == InputKind.USER_INPUT:
+            specs.append(InputSpec(s.arg.name, "user", str(user_i)))
+            user_i += 1
+        elif s.kind == InputKind.PARAMETER:
+            specs.append(InputSpec(s.arg.name, "param", s.target))
+        elif s.kind == InputKind.BUFFER:
+            specs.append(InputSpec(s.arg.name, "buffer", s.target))
+        elif s.kind in (InputKind.CONSTANT_TENSOR,):
+            specs.append(InputSpec(s.arg.name, "constant", s.target))
+        else:
+            raise CaptureError(f"unsupported exported input kind {s.kind} ({s.arg.name})")
+    g = gm.graph
+    out = next(n for n in g.nodes if n.op == "output")
+    placeholders = {n.name: n for n in g.nodes if n.op == "placeholder"}
+    buffer_ph = {s.target: s.name for s in specs if s.kind == "buffer"}
+    user_outs = []
+    vals = list(out.args[0])
+    with g.inserting_before(out):
+        for spec, v in zip(sig.output_specs, vals):
+            if spec.kind == OutputKind.USER_OUTPUT:
+                user_outs.append(v)
+            elif spec.kind == OutputKind.USER_INPUT_MUTATION:
+                g.call_function(torch.ops.aten.copy_.default, (placeholders[spec.target], v))
+            elif spec.kind == OutputKind.BUFFER_MUTATION:
+                g.call_function(torch.ops.aten.copy_.default, (placeholders[buffer_ph[spec.target]], v))
+            else:
+                raise CaptureError(f"unsupported exported output kind {spec.kind}")
+    out.args = (tuple(user_outs),)
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    consts = {}
+    for s in specs:
+        if s.kind == "constant":
+            consts[s.target] = ep.constants[s.target]
+    gm.meta["tbo_constants"] = consts
+    return gm, tuple(specs)

@@ -1,0 +1,108 @@
+"""tbo-compile MODEL_DIR -o plan.pt [--ep N] [--dp-attention] [--mode prefill|decode]
+                [--tokens N[,N...] | --decode-batch B[,B...] [--mtp K]] [--dump-dir DIR]
+
+Exit status 0 with the plan written, or 1 with one line on stderr saying why (and no plan file).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        vals = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 64 or 64,128, got {s!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return vals
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tbo-compile", description="Compile an MoE model directory into a "
+                                "Two-Batch-Overlap plan.")
+    p.add_argument("model_dir", help="HuggingFace-style directory: config.json + *.safetensors")
+    p.add_argument("-o", "--output", required=True, help="plan file to write (e.g. plan.pt)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (ranks)")
+    p.add_argument("--dp-attention", action="store_true",
+                   help="DP attention: all_gather before the MoE, reduce_scatter after "
+                        "(default with --ep > 1: dispatch/combine all-to-all)")
+    p.add_argument("--moe-comm", choices=("a2a", "allgather", "allreduce"), default=None,
+                   help="MoE communication (overrides --dp-attention)")
+    p.add_argument("--mode", choices=("prefill", "decode"), default=None)
+    p.add_argument("--tokens", type=_ints, help="prefill buckets: tokens per rank, e.g. 256,1024")
+    p.add_argument("--decode-batch", type=_ints, help="decode buckets: requests per rank, e.g. 8,32")
+    p.add_argument("--mtp", type=int, default=1, help="decode tokens per request (MTP), kept in one ubatch")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-blocks", type=int, default=64, help="block-table width (blocks per request)")
+    p.add_argument("--profile", default="h200", help="cost-model device profile (cpu, h100, h200, h200-scaleout)")
+    p.add_argument("--layers", type=int, default=None, help="compile only the first N layers")
+    p.add_argument("--no-split", action="store_true", help="one ubatch (the no-TBO baseline)")
+    p.add_argument("--dump-dir", default=os.environ.get("TBO_DUMP_DIR"),
+                   help="write graph/schedule dumps here (default: $TBO_DUMP_DIR)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    import torch
+
+    from tbo_compiler.passes.cost_model import PROFILES
+
+    if args.profile not in PROFILES:
+        print(f"tbo-compile: unknown --profile {args.profile!r}; have {', '.join(PROFILES)}", file=sys.stderr)
+        return 1
+    mode = args.mode or ("decode" if args.decode_batch else "prefill")
+    if args.tokens and args.decode_batch:
+        print("tbo-compile: give --tokens (prefill) or --decode-batch (decode), not both", file=sys.stderr)
+        return 1
+    if mode == "decode":
+        counts = [b * args.mtp for b in (args.decode_batch or [args.tokens[0] if args.tokens else 32])]
+    else:
+        counts = args.tokens or [256]
+    moe_comm = args.moe_comm or ("allgather" if args.dp_attention else "a2a")
+
+    from rich.console import Console
+
+    from tbo_compiler.compile import compile_model_dir
+
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    try:
+        with console.status("compiling") as status:
+            def progress(msg):
+                status.update(f"[bold]tbo-compile[/] {msg}  ({time.perf_counter() - t0:.1f} s)")
+
+            plan = compile_model_dir(args.model_dir, args.output, ep=args.ep, moe_comm=moe_comm, mode=mode,
+                                     token_counts=counts, tokens_per_request=args.mtp, profile=args.profile,
+                                     block_size=args.block_size, max_blocks=args.max_blocks,
+                                     dtype=getattr(torch, args.dtype), num_layers=args.layers,
+                                     dump_dir=args.dump_dir, progress=progress, split=not args.no_split)
+    except KeyboardInterrupt:
+        print("tbo-compile: interrupted; no plan written", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line, the cause; --verbose for the stack
+        if args.verbose:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"tbo-compile: {msg}", file=sys.stderr)
+        return 1
+    for b in plan["buckets"]:
+        s = b["summary"]
+        print(f"T={b['tokens']}: cut {b['cut']}/{b['tokens'] - b['cut']}, {s['comm_ops']} comm ops, "
+              f"{s['order']} schedule, predicted {s['predicted_us'] / 1e3:.2f} ms vs {s['serial_us'] / 1e3:.2f} ms "
+              f"serial ({args.profile})")
+    print(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s"
+          + (f"; dumps in {args.dump_dir}" if args.dump_dir else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

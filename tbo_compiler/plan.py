@@ -1,0 +1,237 @@
+"""The plan file: what `tbo-compile` writes and `load_plan` runs.
+
+A plan is `torch.save` of plain containers only (dicts, lists, strings, numbers), so it loads with
+`torch.load(weights_only=True)`: no pickled code runs. It holds, per bucket (token count), the
+split program as a JSON node list (ATen op names, no weights: parameters are placeholders named
+by their FQN in the model directory) and its schedule; plus the split policy, the parallel config,
+versions and a hash of the model's config.json. Same input, same bytes (no timestamps, sorted keys).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import operator
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+import tbo_compiler
+from tbo_compiler.capture import InputSpec
+from tbo_compiler.passes.schedule import Instr
+
+FORMAT_VERSION = 1
+
+
+class PlanError(RuntimeError):
+    pass
+
+
+# Step 1: values <-> JSON ----------------------------------------------------------------------
+
+def _enc(v):
+    if isinstance(v, fx.Node):
+        return {"n": v.name}
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else {"f": repr(v)}
+    if isinstance(v, (list, tuple)):
+        return {"t": [_enc(x) for x in v]} if isinstance(v, tuple) else [_enc(x) for x in v]
+    if isinstance(v, torch.dtype):
+        return {"dtype": str(v).removeprefix("torch.")}
+    if isinstance(v, torch.device):
+        return {"device": v.type}
+    if isinstance(v, torch.layout):
+        return {"layout": str(v).removeprefix("torch.")}
+    if isinstance(v, torch.memory_format):
+        return {"memory_format": str(v).removeprefix("torch.")}
+    raise PlanError(f"cannot store argument {v!r} of type {type(v).__name__} in a plan")
+
+
+def _dec(v, env, device):
+    if isinstance(v, list):
+        return [_dec(x, env, device) for x in v]
+    if isinstance(v, dict):
+        if "n" in v:
+            return env[v["n"]]
+        if "t" in v:
+            return tuple(_dec(x, env, device) for x in v["t"])
+        if "f" in v:
+            return float(v["f"])
+        if "dtype" in v:
+            return getattr(torch, v["dtype"])
+        if "device" in v:
+            return torch.device(device) if device is not None else torch.device(v["device"])
+        if "layout" in v:
+            return getattr(torch, v["layout"])
+        if "memory_format" in v:
+            return getattr(torch, v["memory_format"])
+        raise PlanError(f"plan holds an argument of unknown form {v!r}")
+    return v
+
+
+def _target_name(t) -> str:
+    if t is operator.getitem:
+        return "getitem"
+    if isinstance(t, torch._ops.OpOverload):
+        return str(t)  # e.g. "aten.mm.default", "tbo.dispatch_start.default"
+    raise PlanError(f"cannot store call target {t} in a plan")
+
+
+def _resolve(name: str):
+    if name == "getitem":
+        return operator.getitem
+    ns, op, overload = name.split(".")
+    try:
+        return getattr(getattr(getattr(torch.ops, ns), op), overload)
+    except AttributeError:
+        raise PlanError(f"plan uses op {name}, which this torch does not have") from None
+
+
+def _val_meta(v):
+    if isinstance(v, torch.Tensor):
+        return [list(v.shape), str(v.dtype).removeprefix("torch.")]
+    if isinstance(v, (list, tuple)):
+        return [_val_meta(x) for x in v]
+    return None
+
+
+def graph_to_json(gm: fx.GraphModule) -> list:
+    nodes = []
+    for n in gm.graph.nodes:
+        rec = {"name": n.name, "op": n.op}
+        if n.op == "call_function":
+            rec["target"] = _target_name(n.target)
+        if n.op in ("call_function", "output"):
+            rec["args"] = _enc(n.args)
+            rec["kwargs"] = {k: _enc(v) for k, v in n.kwargs.items()}
+        rec["ubatch"] = n.meta.get("tbo_ubatch")
+        rec["stream"] = n.meta.get("tbo_stream")
+        if n.meta.get("tbo_comm"):
+            rec["comm"] = dict(n.meta["tbo_comm"])
+        rec["val"] = _val_meta(n.meta.get("val"))
+        nodes.append(rec)
+    return nodes
+
+
+def graph_from_json(nodes: list, device=None) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for rec in nodes:
+        if rec["op"] == "placeholder":
+            n = g.placeholder(rec["name"])
+        elif rec["op"] == "call_function":
+            kwargs = {k: _dec(v, env, device) for k, v in rec["kwargs"].items()}
+            n = g.create_node("call_function", _resolve(rec["target"]), _dec(rec["args"], env, device),
+                              kwargs, name=rec["name"])
+        elif rec["op"] == "output":
+            n = g.output(_dec(rec["args"], env, device)[0])
+        else:
+            raise PlanError(f"plan node {rec['name']} has unsupported kind {rec['op']}")
+        n.meta.update({"tbo_ubatch": rec.get("ubatch"), "tbo_stream": rec.get("stream"),
+                       "tbo_val": rec.get("val")})
+        if rec.get("comm"):
+            n.meta["tbo_comm"] = rec["comm"]
+        env[rec["name"]] = n
+    g.lint()
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+# Step 2: the plan record ----------------------------------------------------------------------
+
+def config_hash(model_dir) -> str:
+    """sha256 of config.json, canonicalised (key order and whitespace do not matter)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PlanError(f"{path}: cannot read the model's config ({type(e).__name__})") from None
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def versions() -> dict:
+    return {"tbo_compiler": tbo_compiler.__version__, "torch": torch.__version__.split("+")[0],
+            "format": FORMAT_VERSION}
+
+
+@dataclass(frozen=True)
+class Bucket:
+    tokens: int
+    cut: int
+    nodes: list
+    inputs: list          # InputSpec as dicts
+    instrs: list
+    summary: dict
+
+
+def bucket_from_compiled(compiled, specs: tuple[InputSpec, ...]) -> Bucket:
+    s = compiled.schedule
+    return Bucket(compiled.T, compiled.cut, graph_to_json(compiled.gm), [asdict(x) for x in specs],
+                  [i.to_list() for i in s.instrs],
+                  {"order": s.order_name, "predicted_us": round(s.timeline.makespan_us, 3),
+                   "serial_us": round(s.serial_us, 3), "overlap_us": round(s.timeline.overlap_us(), 3),
+                   "comm_ops": len(compiled.comm.ops)})
+
+
+def make_plan(buckets: list[Bucket], *, model_dir, mode: str, tokens_per_request: int,
+              parallel: dict, profile: str) -> dict:
+    return {
+        "kind": "tbo-plan",
+        "versions": versions(),
+        "config_sha256": config_hash(model_dir),
+        "policy": {"mode": mode, "tokens_per_request": tokens_per_request},
+        "parallel": parallel,
+        "profile": profile,
+        "buckets": [asdict(b) for b in sorted(buckets, key=lambda b: b.tokens)],
+    }
+
+
+def save_plan(plan: dict, path) -> None:
+    """Atomic: a temp file in the same directory, then a rename. A failure leaves no plan file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"json": json.dumps(plan, sort_keys=True, separators=(",", ":"))}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_plan(path) -> dict:
+    try:
+        payload = torch.load(path, weights_only=True)
+        plan = json.loads(payload["json"])
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no such plan file") from None
+    except Exception as e:
+        raise PlanError(f"{path}: not a tbo plan ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if plan.get("kind") != "tbo-plan":
+        raise PlanError(f"{path}: not a tbo plan")
+    return plan
+
+
+def check_plan(plan: dict, path, model_dir) -> None:
+    have, want = versions(), plan["versions"]
+    if want.get("format") != FORMAT_VERSION:
+        raise PlanError(f"{path}: plan format {want.get('format')} is not {FORMAT_VERSION}; recompile it")
+    if want.get("torch") != have["torch"]:
+        raise PlanError(f"{path}: plan was compiled with torch {want.get('torch')}, this is torch "
+                        f"{have['torch']}; recompile it")
+    if plan["config_sha256"] != config_hash(model_dir):
+        raise PlanError(f"{path}: plan was compiled for another model (config.json of {model_dir} differs)")
+
+
+def instrs_of(bucket: dict) -> tuple[Instr, ...]:
+    return tuple(Instr.from_list(x) for x in bucket["instrs"])
