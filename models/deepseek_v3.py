@@ -64,6 +64,9 @@ class DeepseekV3Config:
         if self.scoring_func != want[self.topk_method]:
             raise ValueError(f"scoring_func {self.scoring_func!r} does not go with topk_method "
                              f"{self.topk_method!r} (expects {want[self.topk_method]!r})")
+        kind = (self.rope_scaling or {}).get("type", (self.rope_scaling or {}).get("rope_type"))
+        if kind not in (None, "yarn", "default"):
+            raise ValueError(f"rope_scaling type {kind!r} not supported (have 'yarn')")
         if self.topk_method == "greedy":  # V2's plain top-k: group limiting with one group
             self.n_group, self.topk_group = 1, 1
         self.n_group, self.topk_group = self.n_group or 1, self.topk_group or 1
@@ -147,7 +150,7 @@ def apply_rope_interleaved(x_TxR: Tensor, positions_T: Tensor, inv_freq: Tensor,
     ang = positions_T.float()[:, None] * inv_freq[None, :]                  # [T, R/2]
     ang = ang.view(ang.shape[0], *([1] * (x_TxR.dim() - 2)), ang.shape[1])
     cos, sin = torch.cos(ang) * mul, torch.sin(ang) * mul
-    x = x_TxR.float().unflatten(-1, (2, -1)).transpose(-1, -2)
+    x = x_TxR.float().unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).to(x_TxR.dtype)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from tbo_compiler.models import quant
 from tbo_compiler.models.deepseek_v3 import DeepseekV3Config, DeepseekV3Model
-from tbo_compiler.models.moe import ParallelConfig
+from tbo_compiler.models.moe import MoEBlock, ParallelConfig
 from tbo_compiler.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeModel
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,12 @@ class _Checkpoint:
         file = self.weight_map.get(name)
         if file is None:
             raise ModelLoadError(f"{self.where}: missing tensor {name}")
-        return self._handle(file, name).get_tensor(name)
+        try:
+            return self._handle(file, name).get_tensor(name)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # e.g. an index that lists a tensor its shard does not hold
+            raise ModelLoadError(f"{self.dir / file}: cannot read tensor {name} ({' '.join(str(e).split())})") from None
 
     def file_of(self, name: str) -> Path:
         return self.dir / self.weight_map.get(name, self.where.name)
@@ -220,6 +225,9 @@ def load_model(model_dir, *, dtype=torch.float32, device="cpu", parallel: Parall
         model = model_cls(cfg, parallel or ParallelConfig(), block_size=block_size, dtype=dtype)
     model.to_empty(device=device)
     model.init_buffers()
+    for m in model.modules():  # per-rank buffers of the MoE blocks
+        if isinstance(m, MoEBlock):
+            m.init_buffers()
     _load_params(model, ckpt, prefix, _quant_settings(cfg))
     log.info("loaded %s (%d layers) from %s", cfg.model_type, cfg.num_hidden_layers, model_dir)
     # inference only: without grads, compile/export need no autograd formulas for the tbo ops

@@ -93,18 +93,19 @@ class Timeline:
     busy_us: dict
 
     def overlap_us(self) -> float:
-        """Time the comm stream is busy while the compute stream is busy too."""
-        comp = sorted((s, e) for _, _, st, s, e in self.spans if st == "compute")
-        ov = 0.0
+        """Time the comm stream is busy while the compute stream is busy too (one sweep)."""
+        edges = []
         for _, _, st, s, e in self.spans:
-            if st != "comm":
-                continue
-            for cs, ce in comp:
-                if ce <= s:
-                    continue
-                if cs >= e:
-                    break
-                ov += min(e, ce) - max(s, cs)
+            if e > s:
+                k = 0 if st == "compute" else 1
+                edges += [(s, 1, k), (e, -1, k)]
+        edges.sort()
+        busy, ov, last = [0, 0], 0.0, 0.0
+        for t, d, k in edges:
+            if busy[0] and busy[1]:
+                ov += t - last
+            busy[k] += d
+            last = t
         return ov
 
 

@@ -1,7 +1,10 @@
 """Capture a model as a functional ATen graph, the form every pass takes.
 
-Two fronts, one normal form:
-  * `capture_export(model, args)` - torch.export (what `tbo-compile` uses), decomposed to ATen;
+Three fronts, one normal form:
+  * `capture_make_fx(model, args)` - one make_fx trace with functionalization (what torch.export
+    runs underneath); `tbo-compile`'s default because it traces once: ~0.2 s per DeepSeek-V3
+    layer, where torch.export plus `run_decompositions` traces twice (~1.7 s per layer);
+  * `capture_export(model, args)` - torch.export, decomposed to ATen (`tbo-compile --capture export`);
   * the torch.compile backend (backend.py) - dynamo + aot_autograd, same ATen level.
 Normal form: placeholders in order [params/buffers..., user inputs...] described by `InputSpec`s;
 input mutations (KV-cache writes) as a trailing `aten.copy_(input, new_value)`; outputs are the
@@ -99,4 +102,70 @@ def normalize_export(ep) -> tuple[fx.GraphModule, tuple[InputSpec, ...]]:
         if s.kind == "constant":
             consts[s.target] = ep.constants[s.target]
     gm.meta["tbo_constants"] = consts
+    return gm, tuple(specs)
+
+
+class _ModuleStack:
+    """Record each node's module path (meta["nn_module_stack"], as dynamo/export do) with hooks:
+    make_fx copies fx_traceback.current_meta into every node it creates."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.handles, self.stack = model, [], []
+
+    def __enter__(self):
+        from torch.fx import traceback as fx_traceback
+
+        def pre(name, mod):
+            def hook(*_):
+                self.stack.append((name, type(mod).__qualname__))
+                fx_traceback.current_meta["nn_module_stack"] = {k: (k, t) for k, t in self.stack}
+            return hook
+
+        def post(*_):
+            self.stack.pop()
+            fx_traceback.current_meta["nn_module_stack"] = {k: (k, t) for k, t in self.stack}
+
+        for name, mod in self.model.named_modules():
+            if name:
+                self.handles.append(mod.register_forward_pre_hook(pre(name, mod)))
+                self.handles.append(mod.register_forward_hook(post))
+        self._ctx = fx_traceback.preserve_node_meta()
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        for h in self.handles:
+            h.remove()
+        return False
+
+
+def capture_make_fx(model: torch.nn.Module, args: tuple, *, stack_traces: bool = False
+                    ) -> tuple[fx.GraphModule, tuple[InputSpec, ...]]:
+    """One fake-tensor make_fx trace, functionalized (input mutations become a trailing copy_).
+
+    `stack_traces` records the user's source line on every node: it costs about half the trace
+    time, so the compiler re-traces with it only to word an error."""
+    from torch.func import functional_call, functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    state = {**params, **buffers}
+
+    def fn(state, *a):
+        return (functional_call(model, state, a),)
+
+    try:
+        with torch.no_grad(), _ModuleStack(model):
+            gm = make_fx(functionalize(fn, remove="mutations"), tracing_mode="fake",
+                         record_stack_traces=stack_traces)(state, *args)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptureError(f"could not trace the model: {first} (at {_where(e)})") from e
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    specs = [InputSpec(p.name, "param" if k in params else "buffer", k) for p, k in zip(phs, state)]
+    specs += [InputSpec(p.name, "user", str(i)) for i, p in enumerate(phs[len(state):])]
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     return gm, tuple(specs)

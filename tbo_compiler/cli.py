@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-blocks", type=int, default=64, help="block-table width (blocks per request)")
     p.add_argument("--profile", default="h200", help="cost-model device profile (cpu, h100, h200, h200-scaleout)")
     p.add_argument("--layers", type=int, default=None, help="compile only the first N layers")
+    p.add_argument("--capture", choices=("make_fx", "export"), default="make_fx",
+                   help="tracer: one make_fx trace (fast) or torch.export + decompositions")
     p.add_argument("--no-split", action="store_true", help="one ubatch (the no-TBO baseline)")
     p.add_argument("--dump-dir", default=os.environ.get("TBO_DUMP_DIR"),
                    help="write graph/schedule dumps here (default: $TBO_DUMP_DIR)")
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
                                      token_counts=counts, tokens_per_request=args.mtp, profile=args.profile,
                                      block_size=args.block_size, max_blocks=args.max_blocks,
                                      dtype=getattr(torch, args.dtype), num_layers=args.layers,
-                                     dump_dir=args.dump_dir, progress=progress, split=not args.no_split)
+                                     dump_dir=args.dump_dir, progress=progress, split=not args.no_split,
+                                     capture=args.capture)
     except KeyboardInterrupt:
         print("tbo-compile: interrupted; no plan written", file=sys.stderr)
         return 130

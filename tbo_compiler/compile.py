@@ -14,9 +14,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from tbo_compiler.capture import InputSpec, capture_export
+from tbo_compiler.capture import InputSpec, capture_export, capture_make_fx
 from tbo_compiler.models.batch import PagedKVCache
 from tbo_compiler.models.moe import MoEBlock, ParallelConfig
+from tbo_compiler.passes.errors import TboCompileError
 from tbo_compiler.passes.pipeline import CompileOptions, Compiled, compile_graph
 from tbo_compiler.plan import (Bucket, PlanError, bucket_from_compiled, check_plan, graph_from_json,
                                instrs_of, make_plan, read_plan, save_plan)
@@ -38,6 +39,9 @@ def build_model(model_dir, *, parallel: ParallelConfig, block_size: int = 16, dt
         model = model_cls(cfg, parallel, block_size=block_size, dtype=dtype)
     if device != "meta":
         model.init_buffers()
+        for m in model.modules():
+            if isinstance(m, MoEBlock):
+                m.init_buffers()
     return model.eval().requires_grad_(False)
 
 
@@ -55,16 +59,26 @@ def example_inputs(model, num_tokens: int, *, max_blocks: int, num_blocks: int, 
 
 def compile_model(model, token_counts: Sequence[int], options: CompileOptions, *, max_blocks: int = 64,
                   num_blocks: int = 64, device="meta", progress: Callable[[str], None] | None = None,
-                  dump_dir=None) -> list[tuple[Compiled, tuple[InputSpec, ...]]]:
+                  dump_dir=None, capture: str = "make_fx") -> list[tuple[Compiled, tuple[InputSpec, ...]]]:
+    cap = {"make_fx": capture_make_fx, "export": capture_export}[capture]
     out = []
     for T in token_counts:
         if progress:
             progress(f"capture T={T}")
-        gm, specs = capture_export(model, example_inputs(model, T, max_blocks=max_blocks,
-                                                         num_blocks=num_blocks, device=device))
+        inputs = example_inputs(model, T, max_blocks=max_blocks, num_blocks=num_blocks, device=device)
+        gm, specs = cap(model, inputs)
         users = [s.name for s in specs if s.kind == "user"]
-        compiled = compile_graph(gm, tuple(users[:TOKEN_INPUTS]), T, options,
-                                 progress=(lambda s, T=T: progress(f"{s} T={T}")) if progress else None)
+        try:
+            compiled = compile_graph(gm, tuple(users[:TOKEN_INPUTS]), T, options,
+                                     progress=(lambda s, T=T: progress(f"{s} T={T}")) if progress else None)
+        except TboCompileError:
+            if capture != "make_fx":
+                raise
+            # trace again with source lines so the error names the model's line (rare, slow path)
+            gm, specs = capture_make_fx(model, inputs, stack_traces=True)
+            users = [s.name for s in specs if s.kind == "user"]
+            compile_graph(gm, tuple(users[:TOKEN_INPUTS]), T, options)
+            raise
         if dump_dir is not None:
             from tbo_compiler.dumps import write_dumps
             write_dumps(compiled, Path(dump_dir) / f"T{T}", name=type(model).__name__)
@@ -76,13 +90,13 @@ def compile_model_dir(model_dir, out_path, *, ep: int = 1, moe_comm: str = "a2a"
                       token_counts: Sequence[int] = (64,), tokens_per_request: int = 1,
                       profile: str = "cpu", block_size: int = 16, max_blocks: int = 64,
                       dtype=torch.bfloat16, num_layers: int | None = None, dump_dir=None,
-                      progress=None, split: bool = True) -> dict:
+                      progress=None, split: bool = True, capture: str = "make_fx") -> dict:
     """Compile and write the plan atomically. Returns the plan dict."""
     par = ParallelConfig(ep_size=ep, ep_rank=0, group="ep", moe_comm=moe_comm)
     model = build_model(model_dir, parallel=par, block_size=block_size, dtype=dtype, num_layers=num_layers)
     opts = CompileOptions(mode=mode, tokens_per_request=tokens_per_request, profile=profile, split=split)
     results = compile_model(model, token_counts, opts, max_blocks=max_blocks, progress=progress,
-                            dump_dir=dump_dir)
+                            dump_dir=dump_dir, capture=capture)
     buckets = [bucket_from_compiled(c, specs) for c, specs in results]
     plan = make_plan(buckets, model_dir=model_dir, mode=mode, tokens_per_request=tokens_per_request,
                      parallel={"ep": ep, "moe_comm": moe_comm, "group": "ep", "block_size": block_size,
@@ -152,9 +166,6 @@ def load_plan(plan_path, model_dir, *, rank: int = 0, device="cpu", dtype=None, 
         raise PlanError(f"{plan_path}: plan was compiled for comm group {p['group']!r}")
     model = load_model(model_dir, dtype=dtype or getattr(torch, p["dtype"]), device=device, parallel=par,
                        block_size=p["block_size"], num_layers=p["num_layers"])
-    for m in model.modules():
-        if isinstance(m, MoEBlock):
-            m.init_buffers()
     return PlanModule(plan, model, device)
 
 

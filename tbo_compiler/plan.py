@@ -14,7 +14,7 @@ import math
 import operator
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -189,7 +189,9 @@ def make_plan(buckets: list[Bucket], *, model_dir, mode: str, tokens_per_request
         "policy": {"mode": mode, "tokens_per_request": tokens_per_request},
         "parallel": parallel,
         "profile": profile,
-        "buckets": [asdict(b) for b in sorted(buckets, key=lambda b: b.tokens)],
+        # a shallow dict per bucket: dataclasses.asdict would deep-copy the node lists
+        "buckets": [{f.name: getattr(b, f.name) for f in fields(b)}
+                    for b in sorted(buckets, key=lambda b: b.tokens)],
     }
 
 

@@ -1,0 +1,65 @@
+"""Run a function on N CPU processes joined by a real gloo process group (tests, demo).
+
+    results = run_ranks(fn, world, *args)   # fn(rank, world, *args) -> picklable result
+
+Each rank registers the group as "ep" for the tbo comm ops. Rendezvous through a file store,
+results come back through files, a rank's exception is re-raised in the caller with its rank.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _entry(rank, world, fn, args, tmp):
+    import torch
+    import torch.distributed as dist
+
+    from tbo_compiler.runtime import comm
+
+    torch.set_num_threads(1)
+    out = os.path.join(tmp, f"rank{rank}.pkl")
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}",
+                                rank=rank, world_size=world)
+        comm.register_group("ep", dist.group.WORLD)
+        res = ("ok", fn(rank, world, *args))
+    except BaseException as e:  # noqa: BLE001 - sent to the parent
+        res = ("error", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+    finally:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+    with open(out + ".tmp", "wb") as f:
+        pickle.dump(res, f)
+    os.replace(out + ".tmp", out)
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 600.0):
+    with tempfile.TemporaryDirectory(prefix="tbo_ranks_") as tmp:
+        ctx = mp.start_processes(_entry, args=(world, fn, args, tmp), nprocs=world, join=False,
+                                 start_method="spawn")
+        if not ctx.join(timeout=timeout):
+            # join returns False while processes still run: wait out the rest of the budget
+            import time
+
+            deadline = time.monotonic() + timeout
+            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    raise TimeoutError(f"ranks did not finish in {timeout} s")
+        results = []
+        for r in range(world):
+            with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as f:
+                status, val = pickle.load(f)
+            if status != "ok":
+                raise RuntimeError(val)
+            results.append(val)
+        return results

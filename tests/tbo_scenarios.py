@@ -1,0 +1,74 @@
+"""Serving steps shared by the TBO correctness tests (importable by spawned ranks).
+
+A sequence of engine steps against one paged KV cache, each with its token count T and the cut
+the policy gives it:
+  prefill  r0[:4]                                  T=4   cut 2
+  prefill  r0[4:7] (cached prefix 4) + r1 + r2      T=14  cut 7: r1 straddles the cut
+  decode   r0, r1, r2 one token each (odd count)    T=3   cut 2 (by request)
+  decode   r1 alone                                 T=1   no split
+  mtp      r0, r1, r2 two tokens each               T=6   cut 4 (requests kept whole)
+"""
+from __future__ import annotations
+
+import torch
+
+BLOCK_SIZE = 4
+MAX_BLOCKS = 8
+NUM_BLOCKS = 48
+PLANS = {"prefill": dict(mode="prefill", token_counts=(4, 14), tokens_per_request=1),
+         "decode": dict(mode="decode", token_counts=(1, 3), tokens_per_request=1),
+         "mtp": dict(mode="decode", token_counts=(6,), tokens_per_request=2)}
+
+
+def steps(seed: int, vocab: int):
+    g = torch.Generator().manual_seed(seed)
+
+    def toks(n):
+        return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+    r0, r1, r2 = toks(7), toks(5), toks(6)
+    return [
+        ("prefill", [("r0", r0[:4])]),
+        ("prefill", [("r0", r0[4:]), ("r1", r1), ("r2", r2)]),
+        ("decode", [("r0", toks(1)), ("r1", toks(1)), ("r2", toks(1))]),
+        ("decode", [("r1", toks(1))]),
+        ("mtp", [("r0", toks(2)), ("r1", toks(2)), ("r2", toks(2))]),
+    ]
+
+
+def run_steps(forward, kv, step_list):
+    """Logits of every step: forward(input_ids, positions, slot_mapping, block_table, caches)."""
+    out = []
+    for plan, reqs in step_list:
+        b = kv.make_batch(reqs, max_blocks=MAX_BLOCKS)
+        with torch.no_grad():
+            out.append((plan, forward(plan, b)))
+    return out
+
+
+def compare(model, plans: dict, seed: int, vocab: int):
+    """Run the steps eagerly (no TBO) and through the plans (TBO); return max abs differences."""
+    s = steps(seed, vocab)
+    kv_ref = model.new_kv_cache(NUM_BLOCKS)
+    kv_tbo = model.new_kv_cache(NUM_BLOCKS)
+    ref = run_steps(lambda p, b: model(*b.args(), kv_ref.caches), kv_ref, s)
+    tbo = run_steps(lambda p, b: plans[p](*b.args(), kv_tbo.caches), kv_tbo, s)
+    logit_diff = [float((a - b).abs().max()) for (_, a), (_, b) in zip(ref, tbo)]
+    cache_diff = max(float((a - b).abs().max()) for a, b in zip(kv_ref.caches, kv_tbo.caches))
+    scale = max(float(a.abs().max()) for _, a in ref)
+    return logit_diff, cache_diff, scale
+
+
+def rank_compare(rank, world, model_dir, plan_paths, moe_comm, seed):
+    """On one rank of an EP group: the eager EP model vs the loaded plans, own requests per rank."""
+    from tbo_compiler import load_plan
+    from tbo_compiler.models import ParallelConfig, load_model
+
+    model = load_model(model_dir, dtype=torch.float32, block_size=BLOCK_SIZE,
+                       parallel=ParallelConfig(world, rank, "ep", moe_comm))
+    plans = {k: load_plan(p, model_dir, rank=rank, dtype=torch.float32) for k, p in plan_paths.items()}
+    vocab = model.config.vocab_size
+    same_batch = moe_comm == "allreduce"  # every rank holds the same tokens there
+    logit_diff, cache_diff, scale = compare(model, plans, seed if same_batch else seed + 101 * rank, vocab)
+    cut_ok = {k: [(b[0], b[1]) for b in v.buckets] for k, v in plans.items()}
+    return logit_diff, cache_diff, scale, cut_ok
