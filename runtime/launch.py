@@ -1,6 +1,7 @@
 """Run a function on N CPU processes joined by a real gloo process group (tests, demo).
 
     results = run_ranks(fn, world, *args)   # fn(rank, world, *args) -> picklable result
+    run_ranks(fn, world, *args, backend="nccl")  # one GPU per rank
 
 Each rank registers the group as "ep" for the tbo comm ops. Rendezvous through a file store,
 results come back through files, a rank's exception is re-raised in the caller with its rank.
@@ -15,7 +16,7 @@ import traceback
 import torch.multiprocessing as mp
 
 
-def _entry(rank, world, fn, args, tmp):
+def _entry(rank, world, fn, args, tmp, backend):
     import torch
     import torch.distributed as dist
 
@@ -24,7 +25,9 @@ def _entry(rank, world, fn, args, tmp):
     torch.set_num_threads(1)
     out = os.path.join(tmp, f"rank{rank}.pkl")
     try:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}",
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{os.path.join(tmp, 'store')}",
                                 rank=rank, world_size=world)
         comm.register_group("ep", dist.group.WORLD)
         res = ("ok", fn(rank, world, *args))
@@ -41,9 +44,9 @@ def _entry(rank, world, fn, args, tmp):
     os.replace(out + ".tmp", out)
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 600.0):
+def run_ranks(fn, world: int, *args, timeout: float = 600.0, backend: str = "gloo"):
     with tempfile.TemporaryDirectory(prefix="tbo_ranks_") as tmp:
-        ctx = mp.start_processes(_entry, args=(world, fn, args, tmp), nprocs=world, join=False,
+        ctx = mp.start_processes(_entry, args=(world, fn, args, tmp, backend), nprocs=world, join=False,
                                  start_method="spawn")
         if not ctx.join(timeout=timeout):
             # join returns False while processes still run: wait out the rest of the budget

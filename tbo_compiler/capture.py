@@ -140,6 +140,16 @@ class _ModuleStack:
         return False
 
 
+def _has_record_stack_traces() -> bool:
+    import inspect
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+    return "record_stack_traces" in inspect.signature(make_fx).parameters
+
+
+_HAS_RECORD_ST = _has_record_stack_traces()
+
+
 def capture_make_fx(model: torch.nn.Module, args: tuple, *, stack_traces: bool = False
                     ) -> tuple[fx.GraphModule, tuple[InputSpec, ...]]:
     """One fake-tensor make_fx trace, functionalized (input mutations become a trailing copy_).
@@ -158,8 +168,8 @@ def capture_make_fx(model: torch.nn.Module, args: tuple, *, stack_traces: bool =
 
     try:
         with torch.no_grad(), _ModuleStack(model):
-            gm = make_fx(functionalize(fn, remove="mutations"), tracing_mode="fake",
-                         record_stack_traces=stack_traces)(state, *args)
+            extra = {"record_stack_traces": stack_traces} if _HAS_RECORD_ST else {}
+            gm = make_fx(functionalize(fn, remove="mutations"), tracing_mode="fake", **extra)(state, *args)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaptureError(f"could not trace the model: {first} (at {_where(e)})") from e

@@ -178,9 +178,9 @@ def rank_main(rank: int, world: int, model_dirs: dict[str, str]) -> dict:
 COMM_T, COMM_D, COMM_K, COMM_I = 6, 8, 2, 4
 
 
-def comm_inputs(rank: int, world: int):
-    """Rank `rank`'s tokens and routing (token 0 sends all its picks to rank 0's first expert
-    group, token 1 to the last rank's), and the full expert weights (the same on every rank)."""
+def comm_inputs(rank: int):
+    """Rank `rank`'s tokens and routing (token 0 picks only rank 0's experts, token 1 only the
+    last rank's, at EP=2 and EP=4), and the full expert weights (the same on every rank)."""
     E = NUM_EXPERTS
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(COMM_T, COMM_D, generator=g)
@@ -198,7 +198,7 @@ def comm_ops(rank: int, world: int) -> dict:
     """dispatch -> this rank's experts -> combine, and the plain collectives, on known inputs."""
     from tbo_compiler.runtime import comm
 
-    x, ids, w, w13, w2 = comm_inputs(rank, world)
+    x, ids, w, w13, w2 = comm_inputs(rank)
     e_loc = NUM_EXPERTS // world
     lo = rank * e_loc
     rx, rids, rw = comm.dispatch(x, ids, w, "ep", world, e_loc)

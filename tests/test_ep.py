@@ -122,7 +122,7 @@ def test_comm_ops_values(ranks):
     """The tbo comm ops on their own, on known inputs (shapes and fakes: test_comm.py)."""
     world, results = ranks
     T, e_loc = sc.COMM_T, sc.NUM_EXPERTS // world
-    inputs = [sc.comm_inputs(r, world) for r in range(world)]
+    inputs = [sc.comm_inputs(r) for r in range(world)]
     xs = [i[0] for i in inputs]
     for d, res in enumerate(r["comm"] for r in results):
         x, ids, w, w13, w2 = inputs[d]
@@ -132,12 +132,12 @@ def test_comm_ops_values(ranks):
         rx, rids, rw = res["recv"]
         assert rx.shape == (world * T, sc.COMM_D) and rids.shape == rw.shape == (world * T, sc.COMM_K)
         for s in range(world):
-            xs_, ids_s, w_s = inputs[s][:3]
+            x_s, ids_s, w_s = inputs[s][:3]
             rows = slice(s * T, (s + 1) * T)
             mine = ids_s // e_loc == d
             assert torch.equal(rids[rows], torch.where(mine, ids_s - d * e_loc, -1))
             assert torch.equal(rw[rows], torch.where(mine, w_s, 0.0))
-            assert torch.equal(rx[rows], torch.where(mine.any(-1, keepdim=True), xs_, 0.0))
+            assert torch.equal(rx[rows], torch.where(mine.any(-1, keepdim=True), x_s, 0.0))
         torch.testing.assert_close(res["all_gather"], torch.cat(xs), rtol=0, atol=0)
         torch.testing.assert_close(res["all_reduce"], sum(xs), **TOL)
         base = torch.arange(world * T * 3, dtype=torch.float32).view(world * T, 3)

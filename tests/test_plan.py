@@ -1,0 +1,94 @@
+"""The plan file and the CLI: safe loading, determinism, refusals, atomic writes, one-line errors."""
+from __future__ import annotations
+
+import json
+import pickletools
+
+import pytest
+import torch
+
+from tbo_compiler import load_plan
+from tbo_compiler.cli import main as cli_main
+from tbo_compiler.compile import compile_model_dir
+from tbo_compiler.models.tiny import make_tiny
+from tbo_compiler.plan import PlanError, read_plan, save_plan
+
+KW = dict(dtype=torch.float32, block_size=4, max_blocks=8, profile="cpu")
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return make_tiny("qwen3_moe", tmp_path_factory.mktemp("plan") / "q", seed=2, num_hidden_layers=2)
+
+
+def test_same_input_same_bytes_and_no_code(qwen, tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    compile_model_dir(qwen, a, token_counts=(6, 10), **KW)
+    compile_model_dir(qwen, b, token_counts=(6, 10), **KW)
+    assert a.read_bytes() == b.read_bytes()
+    # only plain containers: torch.load(weights_only=True) and no class references in the pickle
+    payload = torch.load(a, weights_only=True)
+    assert set(payload) == {"json"} and isinstance(payload["json"], str)
+    import zipfile
+    with zipfile.ZipFile(a) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    assert not [op for op, arg, _ in pickletools.genops(pkl) if op.name in ("GLOBAL", "STACK_GLOBAL")]
+    plan = read_plan(a)
+    assert [bk["tokens"] for bk in plan["buckets"]] == [6, 10]
+    assert "weight" not in json.dumps(plan["buckets"][0]["nodes"][:0]) and len(a.read_bytes()) < 2_000_000
+
+
+def test_plan_for_another_model_or_torch_is_refused(qwen, tmp_path):
+    p = tmp_path / "p.pt"
+    compile_model_dir(qwen, p, token_counts=(6,), **KW)
+    assert load_plan(p, qwen, dtype=torch.float32) is not None
+    other = make_tiny("qwen3_moe", tmp_path / "other", seed=2, num_hidden_layers=2, rms_norm_eps=1e-5)
+    with pytest.raises(PlanError, match="another model"):
+        load_plan(p, other)
+    plan = read_plan(p)
+    plan["versions"]["torch"] = "1.0.0"
+    old = tmp_path / "old.pt"
+    save_plan(plan, old)
+    with pytest.raises(PlanError, match="torch 1.0.0"):
+        load_plan(old, qwen)
+    (tmp_path / "junk.pt").write_bytes(b"not a plan")
+    with pytest.raises(PlanError, match="not a tbo plan"):
+        load_plan(tmp_path / "junk.pt", qwen)
+
+
+def test_bucket_too_small_is_a_clear_error(qwen, tmp_path):
+    p = tmp_path / "p.pt"
+    compile_model_dir(qwen, p, token_counts=(4,), **KW)
+    run = load_plan(p, qwen, dtype=torch.float32)
+    kv = run.new_kv_cache(16)
+    b = kv.make_batch([("r", list(range(1, 7)))], max_blocks=8)
+    with pytest.raises(ValueError, match="exceeds the plan's largest bucket"):
+        run(*b.args(), kv.caches)
+
+
+def test_cli_writes_plan_and_dumps(qwen, tmp_path, capsys):
+    out, dumps = tmp_path / "plan.pt", tmp_path / "dumps"
+    rc = cli_main([str(qwen), "-o", str(out), "--tokens", "8", "--dtype", "float32", "--profile", "cpu",
+                   "--dump-dir", str(dumps), "--block-size", "4", "--max-blocks", "8"])
+    assert rc == 0 and out.exists()
+    printed = capsys.readouterr().out
+    assert "T=8: cut 4/4" in printed and "wrote" in printed
+    for f in ("graph_before.svg", "graph_after.svg", "schedule.json", "summary.txt"):
+        assert (dumps / "T8" / f).stat().st_size > 100
+
+
+def test_cli_failure_is_one_line_and_leaves_no_plan(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    out = tmp_path / "plan.pt"
+    rc = cli_main([str(bad), "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and not out.exists()
+    assert err.count("\n") == 0 and "unknown model_type 'llama'" in err
+    # an existing plan is not clobbered by a failed compile
+    out.write_bytes(b"old plan")
+    assert cli_main([str(bad), "-o", str(out)]) == 1 and out.read_bytes() == b"old plan"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".plan.pt")]
+    assert cli_main([str(tmp_path / "missing"), "-o", str(out)]) == 1
+    assert "config.json" in capsys.readouterr().err
