@@ -53,20 +53,14 @@ def main():
         for L in [int(x) for x in args.layers.split(",")]:
             stages = {}
             t0 = time.perf_counter()
-            last = [t0]
-
-            def progress(msg):
-                now = time.perf_counter()
-                stages[msg.split(" T=")[0]] = 0.0
-                last[0] = now
-
             plan = compile_model_dir(d, os.path.join(d, "plan.pt"), ep=args.ep, moe_comm="a2a", mode="prefill",
                                      token_counts=(args.tokens,), profile="h200", num_layers=L,
-                                     capture=args.capture, progress=progress)
+                                     capture=args.capture, stats=stages)
             total = time.perf_counter() - t0
             b = plan["buckets"][0]
             rows.append({"layers": L, "seconds": round(total, 2), "graph_nodes": len(b["nodes"]),
-                         "comm_ops": b["summary"]["comm_ops"], "plan_bytes": os.path.getsize(os.path.join(d, "plan.pt"))})
+                         "comm_ops": b["summary"]["comm_ops"], "plan_bytes": os.path.getsize(os.path.join(d, "plan.pt")),
+                         "stages_s": {k: round(v, 2) for k, v in stages.items()}})
             print(json.dumps(rows[-1]), flush=True)
     out = {"bench": "compile_time", "model": "deepseek_v3 full config, meta weights", "ep": args.ep,
            "tokens": args.tokens, "capture": args.capture, "machine": platform.processor() or platform.machine(),
@@ -74,7 +68,6 @@ def main():
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
-    base = rows[0]
     for r in rows:
         print(f"{r['layers']:>3} layers: {r['seconds']:6.1f} s  ({r['seconds'] / r['layers']:.2f} s/layer, "
               f"{r['graph_nodes']} nodes)")

@@ -95,6 +95,10 @@ _COUNTER = itertools.count(1)
 
 def _new_handle(like: Tensor, works: list, finish: Callable[[], Any]) -> Tensor:
     handle = torch.full((1,), next(_COUNTER), dtype=torch.int64, device=like.device)
+    if handle.data_ptr() in _PENDING:
+        # the memory of a handle nobody waited on was reused: that handle is gone, so its entry
+        # can never be waited on; drop it rather than let it shadow this one
+        log.warning("tbo comm: a start's handle was dropped without its wait")
     _PENDING[handle.data_ptr()] = (works, finish)
     return handle
 
@@ -112,6 +116,17 @@ def _take(handle: Tensor):
 
 def pending_count() -> int:
     return len(_PENDING)
+
+
+def _all_gather_into(out, inp, **kw):
+    import torch.distributed as dist
+    # torch 2.13 renames these (the old names warn); the GPU image's 2.11 has only the old ones
+    return getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, inp, **kw)
+
+
+def _reduce_scatter_into(out, inp, **kw):
+    import torch.distributed as dist
+    return getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(out, inp, **kw)
 
 
 def _a2a(out: Tensor, inp: Tensor, grp: CommGroup):
@@ -215,7 +230,7 @@ def all_gather_start(x: Tensor, group: str, world: int) -> Tensor:
         out = x.clone()
         return _new_handle(x, [], lambda: out)
     out = x.new_empty(world * x.shape[0], *x.shape[1:])
-    works = [dist.all_gather_into_tensor(out, x.contiguous(), group=grp.pg, async_op=True)] if x.numel() else []
+    works = [_all_gather_into(out, x.contiguous(), group=grp.pg, async_op=True)] if x.numel() else []
     return _new_handle(x, works, lambda: out)
 
 
@@ -249,7 +264,7 @@ def reduce_scatter_start(x: Tensor, group: str, world: int) -> Tensor:
         recv = torch.empty_like(send)
         return _new_handle(x, _a2a(recv, send, grp), lambda: recv.sum(0))
     out = x.new_empty(T, *x.shape[1:])
-    works = [dist.reduce_scatter_tensor(out, x.contiguous(), group=grp.pg, async_op=True)] if x.numel() else []
+    works = [_reduce_scatter_into(out, x.contiguous(), group=grp.pg, async_op=True)] if x.numel() else []
     return _new_handle(x, works, lambda: out)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -46,23 +47,20 @@ def _entry(rank, world, fn, args, tmp, backend):
 
 def run_ranks(fn, world: int, *args, timeout: float = 600.0, backend: str = "gloo"):
     with tempfile.TemporaryDirectory(prefix="tbo_ranks_") as tmp:
+        deadline = time.monotonic() + timeout
         ctx = mp.start_processes(_entry, args=(world, fn, args, tmp, backend), nprocs=world, join=False,
                                  start_method="spawn")
-        if not ctx.join(timeout=timeout):
-            # join returns False while processes still run: wait out the rest of the budget
-            import time
-
-            deadline = time.monotonic() + timeout
-            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        p.kill()
-                    raise TimeoutError(f"ranks did not finish in {timeout} s")
-        results = []
+        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"ranks did not finish in {timeout} s")
+        loaded = []
         for r in range(world):
             with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as f:
-                status, val = pickle.load(f)
-            if status != "ok":
-                raise RuntimeError(val)
-            results.append(val)
-        return results
+                loaded.append(pickle.load(f))
+        # every rank's error: the first rank's is often only "connection closed" by the real culprit
+        errors = [val for status, val in loaded if status != "ok"]
+        if errors:
+            raise RuntimeError("\n\n".join(errors))
+        return [val for _, val in loaded]

