@@ -92,3 +92,24 @@ def test_cli_failure_is_one_line_and_leaves_no_plan(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".plan.pt")]
     assert cli_main([str(tmp_path / "missing"), "-o", str(out)]) == 1
     assert "config.json" in capsys.readouterr().err
+
+
+def test_export_capture_gives_the_same_program_results(qwen, tmp_path):
+    """`--capture export` (torch.export + decompositions) and the default make_fx capture compile
+    to plans that both equal the eager model."""
+    from tbo_compiler.models import load_model
+
+    model = load_model(qwen, dtype=torch.float32, block_size=4)
+    outs = {}
+    for cap in ("make_fx", "export"):
+        p = tmp_path / f"{cap}.pt"
+        compile_model_dir(qwen, p, token_counts=(9,), capture=cap, **KW)
+        run = load_plan(p, qwen, dtype=torch.float32)
+        kv = run.new_kv_cache(16)
+        b = kv.make_batch([("a", [5, 6, 7, 8]), ("b", [9, 10, 11, 12, 13])], max_blocks=8)
+        outs[cap] = run(*b.args(), kv.caches)
+    kv = model.new_kv_cache(16)
+    b = kv.make_batch([("a", [5, 6, 7, 8]), ("b", [9, 10, 11, 12, 13])], max_blocks=8)
+    with torch.no_grad():
+        ref = model(*b.args(), kv.caches)
+    assert (outs["make_fx"] - ref).abs().max() <= 2e-5 and (outs["export"] - ref).abs().max() <= 2e-5
