@@ -22,6 +22,7 @@ from tbo_compiler.passes.errors import TboCompileError
 from tbo_compiler.passes.pipeline import CompileOptions, Compiled, compile_graph
 from tbo_compiler.plan import (Bucket, PlanError, bucket_from_compiled, check_plan, graph_from_json,
                                instrs_of, make_plan, read_plan, save_plan)
+from tbo_compiler.runtime.comm import agree_num_tokens
 from tbo_compiler.runtime.executor import Executor
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class PlanModule:
         self.plan = plan
         self.model = model
         self.block_size = model.block_size
+        self.model_group = plan["parallel"]["group"]
         params = dict(model.named_parameters())
         params.update(dict(model.named_buffers()))
         self.buckets = []
@@ -150,9 +152,14 @@ class PlanModule:
 
     def __call__(self, input_ids, positions, slot_mapping, block_table, kv_caches):
         T = int(input_ids.shape[0])
-        fits = [b for b in self.buckets if b[0] >= T]
+        T_all = T
+        if self.plan["parallel"]["ep"] > 1:
+            # every rank must run the same bucket (same shapes, same split): agree on the largest
+            # token count with one collective, then pad to the same bucket
+            T_all = agree_num_tokens(T, self.model_group)
+        fits = [b for b in self.buckets if b[0] >= T_all]
         if not fits:
-            raise ValueError(f"batch of {T} tokens exceeds the plan's largest bucket "
+            raise ValueError(f"batch of {T_all} tokens exceeds the plan's largest bucket "
                              f"({max(b[0] for b in self.buckets)}); recompile with a larger --tokens")
         tokens, _, bound, run = min(fits, key=lambda b: b[0])
         pad = tokens - T

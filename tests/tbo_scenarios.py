@@ -72,3 +72,24 @@ def rank_compare(rank, world, model_dir, plan_paths, moe_comm, seed):
     logit_diff, cache_diff, scale = compare(model, plans, seed if same_batch else seed + 101 * rank, vocab)
     cut_ok = {k: [(b[0], b[1]) for b in v.buckets] for k, v in plans.items()}
     return logit_diff, cache_diff, scale, cut_ok
+
+
+def rank_uneven(rank, world, model_dir, plan_path):
+    """Ranks with different token counts (rank 1: none at all) agree on one bucket; the plan's
+    rows equal the eager EP model run on batches padded to the agreed count."""
+    from tbo_compiler import load_plan
+    from tbo_compiler.models import ParallelConfig, load_model
+    from tbo_compiler.runtime.comm import agree_num_tokens
+
+    model = load_model(model_dir, dtype=torch.float32, block_size=BLOCK_SIZE,
+                       parallel=ParallelConfig(world, rank, "ep", "a2a"))
+    run = load_plan(plan_path, model_dir, rank=rank, dtype=torch.float32)
+    reqs = [("a", [3, 4, 5, 6, 7]), ("b", [8, 9, 10])] if rank == 0 else []
+    kv_ref, kv_tbo = model.new_kv_cache(NUM_BLOCKS), model.new_kv_cache(NUM_BLOCKS)
+    T = sum(len(r) for _, r in reqs)
+    b_ref = kv_ref.make_batch(reqs, max_blocks=MAX_BLOCKS, pad_to=agree_num_tokens(T, "ep"))
+    b_tbo = kv_tbo.make_batch(reqs, max_blocks=MAX_BLOCKS)
+    with torch.no_grad():
+        ref = model(*b_ref.args(), kv_ref.caches)[:T]
+    out = run(*b_tbo.args(), kv_tbo.caches)
+    return tuple(out.shape), float((out - ref).abs().max()) if T else 0.0

@@ -69,3 +69,20 @@ def test_funcol_moe_over_gloo_matches_eager():
         assert scale > 0.1 and diff <= 1e-5
         assert cut == 3
         assert kinds == ["all_gather"] * 4 + ["reduce_scatter"] * 4  # 2 layers x 2 ubatches
+
+
+def test_graph_break_between_comm_halves_is_reported_with_source_line():
+    import tbo_compiler.runtime.comm  # noqa: F401  (the tbo ops)
+
+    class Breaks(torch.nn.Module):
+        def forward(self, x):
+            h = torch.ops.tbo.all_reduce_start(x * 2, "g1", 1)
+            torch._dynamo.graph_break()
+            return torch.ops.tbo.all_reduce_wait(h, x, "g1", 1) + 1
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as e, torch.no_grad():
+        torch.compile(Breaks(), backend="tbo", dynamic=False)(torch.randn(4, 3))
+    msg = str(e.value)
+    assert "graph break" in msg and "test_backend.py" in msg
+    assert isinstance(e.value, TboCompileError) or "TboCompileError" in msg

@@ -70,3 +70,17 @@ def test_tbo_equals_eager_ep2_gloo(tiny, tmp_path):
             assert max(logit_diff) <= ATOL, (arch, mode, rank, logit_diff)
             assert cache_diff <= 1e-5, (arch, mode, rank, cache_diff)
             assert cuts["prefill"] == [(4, 2), (14, 7)]
+
+
+@pytest.mark.slow
+def test_ranks_with_uneven_tokens_agree_on_one_bucket(tiny, tmp_path):
+    from tbo_compiler.runtime.launch import run_ranks
+
+    d = tiny["deepseek_v3"]
+    p = tmp_path / "uneven.pt"
+    compile_model_dir(d, p, ep=2, dtype=torch.float32, block_size=sc.BLOCK_SIZE, max_blocks=sc.MAX_BLOCKS,
+                      mode="prefill", token_counts=(4, 10), profile="cpu")
+    (shape0, diff0), (shape1, diff1) = run_ranks(sc.rank_uneven, 2, str(d), str(p))
+    V = load_model(d, dtype=torch.float32).config.vocab_size
+    assert shape0 == (8, V) and shape1 == (0, V)  # rank 1 had no tokens and still ran the step
+    assert diff0 <= ATOL
