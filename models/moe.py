@@ -13,7 +13,6 @@ Shared experts run on the rank's own tokens and are added once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -8,6 +8,7 @@ choose between schedules and to draw the predicted timeline, never to decide cor
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +76,7 @@ def node_flops(node: fx.Node) -> float:
 def node_cost_us(node: fx.Node, prof: DeviceProfile, comm_bytes: int | None = None) -> float:
     if comm_bytes is not None:
         return prof.link_latency_us + comm_bytes / prof.link_bw * 1e6
-    if node.op != "call_function" or node.target.__class__.__name__ == "builtin_function_or_method":
+    if node.op != "call_function" or node.target is operator.getitem:
         return 0.0
     if node.target in (aten.view.default, aten._unsafe_view.default, aten.permute.default, aten.t.default,
                        aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor,

@@ -23,15 +23,13 @@ Pseudo-code
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from tbo_compiler.passes.errors import SplitError, node_error
-from tbo_compiler.passes.token_axis import (PER_UBATCH, SHARED, STATE, TokenAxes, TokenDim,
-                                             is_token_dependent)
+from tbo_compiler.passes.token_axis import STATE, TokenAxes, TokenDim, is_token_dependent
 
 aten = torch.ops.aten
 _SCATTERS = {aten.index_put.default, aten.index_put_.default, aten.index_copy.default,
@@ -275,7 +273,7 @@ def propagate_meta(gm: fx.GraphModule) -> None:
                 out = _op.getitem(*args) if n.target is _op.getitem else n.target(*args, **kwargs)
             except Exception as e:
                 raise node_error(SplitError, n, f"does not type-check after the split "
-                                                f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+                                                f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
             env[n.name] = out
             n.meta["val"] = out
 
@@ -309,4 +307,4 @@ def split_ubatches(gm: fx.GraphModule, axes: TokenAxes, cut: int) -> fx.GraphMod
 
 
 __all__ = ["split_point", "SplitPlan", "plan_split", "apply_split", "verify_split", "split_ubatches",
-           "propagate_meta", "PER_UBATCH", "SHARED", "operator"]
+           "propagate_meta"]

@@ -452,10 +452,8 @@ def _rule_split(node, ctx):  # split / split_with_sizes / unbind / chunk -> tupl
 
 
 def _rule_factory(node, ctx):
-    return SHARED
-
-
-def _rule_new_like(node, ctx):  # new_zeros(x, size): no data dependence on x, shape given
+    """Factories and new_*(x, size): no data from tokens. A token-sized result made this way is
+    caught where it meets a token axis (see _rule_pointwise)."""
     return SHARED
 
 
@@ -493,10 +491,6 @@ def _scaled(ax, node, mul=1, div=1):
     if (ax.outer * mul) % div:
         _fail(node, f"reduce-scatter of {ax.outer * mul} token blocks over {div} ranks splits tokens")
     return TokenDim(0, ax.outer * mul // div, ax.inner)
-
-
-def _world(node):
-    return node.args[-1] if isinstance(node.args[-1], int) else node.kwargs["world"]
 
 
 def _rule_dispatch_wait(node, ctx):
@@ -546,7 +540,6 @@ def _rule_c10d_a2a(node, ctx):  # all_to_all_single(x, out_splits, in_splits, gr
 
 
 def _install_rules():
-    P = torch.Tag.pointwise
     R = register_rule
     for op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
         R(op, _rule_view)
@@ -600,7 +593,7 @@ def _install_rules():
                aten.empty_strided.default):
         R(op, _rule_factory)
     for op in (aten.new_zeros.default, aten.new_empty.default, aten.new_full.default, aten.new_ones.default):
-        R(op, _rule_new_like)
+        R(op, _rule_factory)
     R(operator.getitem, _rule_getitem)
 
     from tbo_compiler.runtime import comm, kernels
@@ -620,10 +613,8 @@ def _install_rules():
     R(c10d.all_gather_into_tensor.default, _rule_c10d_all_gather)
     R(c10d.reduce_scatter_tensor.default, _rule_c10d_reduce_scatter)
     R(c10d.all_to_all_single.default, _rule_c10d_a2a)
-    _POINTWISE_TAG[0] = P
 
 
-_POINTWISE_TAG = [None]
 _READS_STATE = (_rule_index, _rule_rowwise, _rule_scatter, _rule_gather, _rule_index_select, _rule_getitem)
 #: ops with no tensor output that carry no data (asserts); they are kept shared
 IGNORED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,

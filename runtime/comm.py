@@ -223,7 +223,6 @@ def _(handle, y, group, world):
 
 @torch.library.custom_op("tbo::all_gather_start", mutates_args=())
 def all_gather_start(x: Tensor, group: str, world: int) -> Tensor:
-    import torch.distributed as dist
 
     grp = get_group(group, world)
     if grp.world == 1:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,7 +19,7 @@ from tbo_compiler.models.batch import PagedKVCache
 from tbo_compiler.models.moe import MoEBlock, ParallelConfig
 from tbo_compiler.passes.errors import TboCompileError
 from tbo_compiler.passes.pipeline import CompileOptions, Compiled, compile_graph
-from tbo_compiler.plan import (Bucket, PlanError, bucket_from_compiled, check_plan, graph_from_json,
+from tbo_compiler.plan import (PlanError, bucket_from_compiled, check_plan, graph_from_json,
                                instrs_of, make_plan, read_plan, save_plan)
 from tbo_compiler.runtime.comm import agree_num_tokens
 from tbo_compiler.runtime.executor import Executor
@@ -189,4 +188,4 @@ def load_plan(plan_path, model_dir, *, rank: int = 0, device="cpu", dtype=None, 
 
 
 __all__ = ["build_model", "example_inputs", "compile_model", "compile_model_dir", "load_plan",
-           "PlanModule", "asdict"]
+           "PlanModule"]

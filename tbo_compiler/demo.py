@@ -54,7 +54,6 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     from tbo_compiler.compile import compile_model_dir
-    from tbo_compiler.dumps import summary_text  # noqa: F401  (the summary printed below)
     from tbo_compiler.models.tiny import make_tiny
     from tbo_compiler.runtime.launch import run_ranks
 
