@@ -55,6 +55,11 @@ class _Null:
 _NULL = _Null()
 
 
+def _copy_back(dst, src, *args, **kwargs):
+    """The mutation epilogue: nothing to do when the update was made in place."""
+    return dst if dst is src else dst.copy_(src, *args, **kwargs)
+
+
 def _tensors(v):
     if isinstance(v, torch.Tensor):
         return [v]
@@ -63,20 +68,59 @@ def _tensors(v):
     return []
 
 
+_INPLACE = {torch.ops.aten.index_put.default: torch.ops.aten.index_put_.default}
+
+
+def plan_inplace(gm: fx.GraphModule, instrs: Sequence[Instr]) -> set[str]:
+    """Functional state updates (`index_put` into a KV cache) that may write in place.
+
+    The graph is functional, so each cache update makes a new cache: a copy of the whole cache per
+    layer and ubatch. An update may instead write into its input when that input is a mutated
+    graph input (the caller's cache, copied back at the end anyway) or an earlier in-place update,
+    and every other reader of that input runs before it, on the same stream. The final
+    `copy_(input, value)` then finds the same tensor and is skipped."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    runs = [i for i in instrs if i.op == "run"]
+    pos = {i.node: k for k, i in enumerate(runs)}
+    stream = {i.node: i.stream for i in runs}
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = {a.name for a in out.all_input_nodes}
+    mutated = {n.args[0].name for n in gm.graph.nodes
+               if n.op == "call_function" and n.target == torch.ops.aten.copy_.default and n.args[0].op == "placeholder"}
+    inplace: set[str] = set()
+    for i in runs:
+        n = nodes[i.node]
+        if n.target not in _INPLACE:
+            continue
+        base = n.args[0]
+        if not (base.name in mutated or base.name in inplace) or base.name in outputs:
+            continue
+        readers = [u for u in base.users if u is not n and not (u.target == torch.ops.aten.copy_.default
+                                                                and u.args[0] is base)]
+        if all(pos.get(u.name, -1) < pos[n.name] and stream.get(u.name) == stream[n.name] for u in readers):
+            inplace.add(n.name)
+    return inplace
+
+
 class Executor:
     """Callable(*flat_inputs) -> outputs of the graph, running `instrs` in order."""
 
-    def __init__(self, gm: fx.GraphModule, instrs: Sequence[Instr], device: torch.device | str = "cpu"):
+    def __init__(self, gm: fx.GraphModule, instrs: Sequence[Instr], device: torch.device | str = "cpu",
+                 inplace: bool = True):
         self.gm = gm
         self.device = torch.device(device)
         self.placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         nodes = {n.name: n for n in gm.graph.nodes}
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
         self.program = []
+        self.inplace = plan_inplace(gm, instrs) if inplace else set()
         for ins in instrs:
             if ins.op == "run":
                 n = nodes[ins.node]
-                self.program.append(("run", ins.node, n.target, n.args, n.kwargs, ins.stream))
+                target = _INPLACE[n.target] if ins.node in self.inplace else n.target
+                if target == torch.ops.aten.copy_.default:
+                    target = _copy_back
+                self.program.append(("run", ins.node, target, n.args, n.kwargs, ins.stream))
             elif ins.op == "free":
                 self.program.append(("free", ins.node, ins.stream, ins.event))
             else:

@@ -84,3 +84,28 @@ def test_ranks_with_uneven_tokens_agree_on_one_bucket(tiny, tmp_path):
     V = load_model(d, dtype=torch.float32).config.vocab_size
     assert shape0 == (8, V) and shape1 == (0, V)  # rank 1 had no tokens and still ran the step
     assert diff0 <= ATOL
+
+
+def test_cache_updates_run_in_place(tiny, tmp_path):
+    """The executor writes KV-cache updates into the caller's cache (no per-layer cache copies);
+    outputs and caches equal those of the functional program."""
+    from tbo_compiler.plan import instrs_of, read_plan
+    from tbo_compiler.runtime.executor import Executor
+
+    d = tiny["qwen3_moe"]
+    p = tmp_path / "p.pt"
+    compile_model_dir(d, p, dtype=torch.float32, block_size=sc.BLOCK_SIZE, max_blocks=sc.MAX_BLOCKS,
+                      mode="prefill", token_counts=(14,), profile="cpu")
+    run = load_plan(p, d, dtype=torch.float32)
+    _, _, bound, ex = run.buckets[0]
+    assert len(ex.inplace) == 2 * run.model.config.num_hidden_layers  # each layer's write, both ubatches
+    functional = Executor(ex.gm, instrs_of(read_plan(p)["buckets"][0]), inplace=False)
+    reqs = [("a", list(range(1, 9))), ("b", list(range(9, 15)))]
+    kv, kv_f = run.new_kv_cache(sc.NUM_BLOCKS), run.new_kv_cache(sc.NUM_BLOCKS)
+    ptrs = [c.data_ptr() for c in kv.caches]
+    out = run(*kv.make_batch(reqs, max_blocks=sc.MAX_BLOCKS).args(), kv.caches)
+    assert [c.data_ptr() for c in kv.caches] == ptrs and all(c.abs().sum() > 0 for c in kv.caches)
+    user = [*kv_f.make_batch(reqs, max_blocks=sc.MAX_BLOCKS).args(), *kv_f.caches]
+    (out_f,) = functional(*[user[x] if isinstance(x, int) else x for x in bound])
+    assert torch.equal(out, out_f)
+    assert all(torch.equal(a, c) for a, c in zip(kv.caches, kv_f.caches))
