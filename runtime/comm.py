@@ -354,6 +354,11 @@ def agree_num_tokens(num_tokens: int, group: str) -> int:
     grp = _GROUPS.get(group)
     if grp is None or grp.world == 1:
         return num_tokens
-    t = torch.tensor([num_tokens], dtype=torch.int64)
+    backend = str(dist.get_backend(grp.pg))
+    # a group with a CPU backend (gloo, or "cpu:gloo,cuda:nccl") agrees on the host; an NCCL-only
+    # group needs a device tensor (and the .item() below then waits for the GPU)
+    on_cpu = "gloo" in backend or "cpu" in backend or not torch.cuda.is_available()
+    dev = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([num_tokens], dtype=torch.int64, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=grp.pg)
     return int(t.item())
