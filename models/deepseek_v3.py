@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tbo_compiler.models.batch import PagedKVCache, is_padding
-from tbo_compiler.models.moe import MoEBlock, ParallelConfig, SwiGLU
+from tbo_compiler.models.moe import MoEBlock, ParallelConfig, RMSNorm, SwiGLU
 
 ops = torch.ops.tbo
 
@@ -105,18 +105,6 @@ CHECKPOINT_NAMES = {
                                   "model.layers.{}.mlp.experts.{}.up_proj.weight"),
     "layers.{}.mlp.experts.w2": "model.layers.{}.mlp.experts.{}.down_proj.weight",
 }
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()  # statistics in fp32 whatever the activation dtype
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 # Step 1: rotary embedding (yarn) -------------------------------------------------------------

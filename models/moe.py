@@ -40,6 +40,20 @@ class ParallelConfig:
             raise ValueError(f"ep_rank {self.ep_rank} out of range for ep_size {self.ep_size}")
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm as both architectures use it (weight * normalised x)."""
+
+    def __init__(self, dim: int, eps: float, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()  # statistics in fp32 whatever the activation dtype
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
 class SwiGLU(nn.Module):
     """A dense SwiGLU MLP (dense layers, shared experts)."""
 
