@@ -1,6 +1,14 @@
 """Fixtures for the model and loader tests: one tiny checkpoint per architecture per session."""
-import pytest
+import os
+
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter (numpy) on CPU tensors; the flag must
+# be set before any kernel module is imported (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from tbo_compiler.models import load_model
 from tbo_compiler.models.tiny import ARCHS, make_tiny

@@ -1,0 +1,1 @@
+"""The op vocabulary (leaf: imports only torch)."""
