@@ -5,9 +5,9 @@
     batch = kv.make_batch([(req_id, token_ids), ...])
     logits_TV = model(*batch.args(), kv.caches)
 """
-from tbo_compiler.models.batch import Batch, PagedKVCache, is_padding
-from tbo_compiler.models.loader import ModelLoadError, load_model, read_config
+from tbo_compiler.models.batch import Batch, PagedKVCache, example_inputs, is_padding
+from tbo_compiler.models.loader import ModelLoadError, build_model, load_model, read_config
 from tbo_compiler.models.moe import ParallelConfig
 
-__all__ = ["Batch", "PagedKVCache", "ParallelConfig", "ModelLoadError", "is_padding",
-           "load_model", "read_config"]
+__all__ = ["Batch", "PagedKVCache", "ParallelConfig", "ModelLoadError", "is_padding", "example_inputs",
+           "build_model", "load_model", "read_config"]

@@ -128,3 +128,16 @@ class PagedKVCache:
         batch = Batch(torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64),
                       torch.tensor(slots, dtype=torch.int64), table, tuple(qlens), pad)
         return batch.to(device) if device is not None else batch
+
+
+def example_inputs(model, num_tokens: int, *, max_blocks: int, num_blocks: int, device="meta",
+                   cache_dtype=None) -> tuple:
+    """Shape-only inputs of a model's forward at `num_tokens` tokens: its `token_inputs` (each
+    [T] int64 but the block table, [T, max_blocks] int32), then its KV caches."""
+    T = num_tokens
+    dt = cache_dtype or next(model.parameters()).dtype
+    token = [torch.zeros(T, max_blocks, dtype=torch.int32, device=device) if name == "block_table"
+             else torch.zeros(T, dtype=torch.int64, device=device) for name in model.token_inputs]
+    caches = [torch.zeros(num_blocks * model.block_size, *s, dtype=dt, device=device)
+              for s in model.kv_cache_entry_shapes()]
+    return (*token, caches)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tbo_compiler.models.batch import PagedKVCache, is_padding
-from tbo_compiler.models.moe import MoEBlock, ParallelConfig, RMSNorm, SwiGLU
+from tbo_compiler.models.moe import MoEBlock, ParallelConfig, RMSNorm, SwiGLU, swiglu_checkpoint_names
 
 ops = torch.ops.tbo
 
@@ -91,16 +91,15 @@ _SAME_IN_LAYER = [
     "self_attn.q_proj.weight", "self_attn.q_a_proj.weight", "self_attn.q_a_layernorm.weight",
     "self_attn.q_b_proj.weight", "self_attn.kv_a_proj_with_mqa.weight",
     "self_attn.kv_a_layernorm.weight", "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",  # dense layers
     "mlp.gate.weight", "mlp.gate.e_score_correction_bias",
-    "mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
-    "mlp.shared_experts.down_proj.weight",
 ]
 CHECKPOINT_NAMES = {
     "embed_tokens.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
     **{f"layers.{{}}.{n}": f"model.layers.{{}}.{n}" for n in _SAME_IN_LAYER},
+    **swiglu_checkpoint_names("layers.{}.mlp", "model.layers.{}.mlp"),  # dense layers
+    **swiglu_checkpoint_names("layers.{}.mlp.shared_experts", "model.layers.{}.mlp.shared_experts"),
     "layers.{}.mlp.experts.w13": ("model.layers.{}.mlp.experts.{}.gate_proj.weight",
                                   "model.layers.{}.mlp.experts.{}.up_proj.weight"),
     "layers.{}.mlp.experts.w2": "model.layers.{}.mlp.experts.{}.down_proj.weight",
@@ -134,13 +133,8 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> tuple[Tensor,
 
 
 def apply_rope_interleaved(x_TxR: Tensor, positions_T: Tensor, inv_freq: Tensor, mul: float) -> Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) by positions * inv_freq[i]; x is [T, ..., R]."""
-    ang = positions_T.float()[:, None] * inv_freq[None, :]                  # [T, R/2]
-    ang = ang.view(ang.shape[0], *([1] * (x_TxR.dim() - 2)), ang.shape[1])
-    cos, sin = torch.cos(ang) * mul, torch.sin(ang) * mul
-    x = x_TxR.float().unflatten(-1, (-1, 2))
-    x0, x1 = x[..., 0], x[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).to(x_TxR.dtype)
+    """Rotate pairs (x[2i], x[2i+1]) by positions * inv_freq[i] (times `mul`); x is [T, ..., R]."""
+    return ops.rope_interleaved(x_TxR, positions_T, inv_freq, mul)
 
 
 # Step 2: MLA ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from tbo_compiler.models import quant
 from tbo_compiler.models.deepseek_v3 import DeepseekV3Config, DeepseekV3Model
 from tbo_compiler.models.moe import MoEBlock, ParallelConfig
 from tbo_compiler.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeModel
+from tbo_compiler.ops.errors import ModelLoadError, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ ARCHITECTURES = {
 #: multimodal wrappers: model_type -> prefix of the language model's tensor names
 WRAPPERS = {"kimi_k25": "language_model."}
 SUPPORTED = sorted([*ARCHITECTURES, *WRAPPERS])
-
-
-class ModelLoadError(ValueError):
-    """One line: the file, then what is wrong with which tensor or field."""
 
 
 # Step 1: config --------------------------------------------------------------------------------
@@ -60,7 +57,7 @@ def _read_json(path: Path) -> dict:
     return d
 
 
-def _resolve(model_dir) -> tuple[object, type, str]:
+def resolve_model(model_dir) -> tuple[object, type, str]:
     """-> (config dataclass, model class, tensor name prefix)."""
     path = Path(model_dir) / "config.json"
     raw = _read_json(path)
@@ -89,7 +86,7 @@ def _resolve(model_dir) -> tuple[object, type, str]:
 
 def read_config(model_dir):
     """The architecture's config dataclass (DeepseekV3Config or Qwen3MoeConfig) for `model_dir`."""
-    return _resolve(model_dir)[0]
+    return resolve_model(model_dir)[0]
 
 
 # Step 3 helpers: the tensor store ---------------------------------------------------------------
@@ -191,7 +188,7 @@ def _load_params(model: nn.Module, ckpt: _Checkpoint, prefix: str, qcfg: dict) -
     for pname, param in model.named_parameters():
         match = next(((m, v) for r, v in templates if (m := r.match(pname))), None)
         if match is None:  # a model/template mismatch, not a checkpoint problem
-            raise RuntimeError(f"parameter {pname} has no checkpoint name template")
+            raise RuntimeFailure(f"parameter {pname} has no checkpoint name template")
         m, sources = match
         idx = [int(g) for g in m.groups()]
         stacked = sources[0].count("{}") > len(idx)
@@ -210,6 +207,24 @@ def _load_params(model: nn.Module, ckpt: _Checkpoint, prefix: str, qcfg: dict) -
                 dst[part * rows:(part + 1) * rows].copy_(w.to(param.dtype))
 
 
+def build_model(model_dir, *, parallel: ParallelConfig | None = None, block_size: int = 16,
+                dtype=torch.float32, num_layers: int | None = None, device="meta") -> nn.Module:
+    """The model `model_dir`/config.json describes, with no weights read: on the meta device
+    (shapes only: what tracing needs) or materialised uninitialised on `device`."""
+    cfg, model_cls, _ = resolve_model(model_dir)
+    if num_layers is not None:
+        cfg.num_hidden_layers = min(num_layers, cfg.num_hidden_layers)
+    with torch.device("meta"):
+        model = model_cls(cfg, parallel or ParallelConfig(), block_size=block_size, dtype=dtype)
+    if str(device) != "meta":
+        model.to_empty(device=device)
+        model.init_buffers()
+        for m in model.modules():  # per-rank buffers of the MoE blocks
+            if isinstance(m, MoEBlock):
+                m.init_buffers()
+    return model.eval().requires_grad_(False)
+
+
 def load_model(model_dir, *, dtype=torch.float32, device="cpu", parallel: ParallelConfig | None = None,
                block_size: int = 16, num_layers: int | None = None) -> nn.Module:
     """Build the model described by `model_dir`/config.json and load its weights.
@@ -217,18 +232,10 @@ def load_model(model_dir, *, dtype=torch.float32, device="cpu", parallel: Parall
     `parallel` selects this rank's experts (expert parallelism); `num_layers` keeps only the
     first layers (tests, benchmarks)."""
     model_dir = Path(model_dir)
-    cfg, model_cls, prefix = _resolve(model_dir)
-    if num_layers is not None:
-        cfg.num_hidden_layers = min(num_layers, cfg.num_hidden_layers)
-    ckpt = _Checkpoint(model_dir)
-    with torch.device("meta"):
-        model = model_cls(cfg, parallel or ParallelConfig(), block_size=block_size, dtype=dtype)
-    model.to_empty(device=device)
-    model.init_buffers()
-    for m in model.modules():  # per-rank buffers of the MoE blocks
-        if isinstance(m, MoEBlock):
-            m.init_buffers()
-    _load_params(model, ckpt, prefix, _quant_settings(cfg))
-    log.info("loaded %s (%d layers) from %s", cfg.model_type, cfg.num_hidden_layers, model_dir)
+    model = build_model(model_dir, parallel=parallel, block_size=block_size, dtype=dtype,
+                        num_layers=num_layers, device=device)
+    cfg, _, prefix = resolve_model(model_dir)
+    _load_params(model, _Checkpoint(model_dir), prefix, _quant_settings(cfg))
+    log.info("loaded %s (%d layers) from %s", cfg.model_type, model.config.num_hidden_layers, model_dir)
     # inference only: without grads, compile/export need no autograd formulas for the tbo ops
-    return model.eval().requires_grad_(False)
+    return model

@@ -8,18 +8,22 @@ Parallel modes (`ParallelConfig.moe_comm`), all expressed with the `tbo` comm op
   allgather  DP attention; all_gather the (zero-padded) tokens -> route all -> local experts
              -> reduce_scatter back to their owners
   allreduce  every rank holds the same tokens (TP-style); local experts on all of them -> all_reduce
-Shared experts run on the rank's own tokens and are added once.
+Shared experts run on the rank's own tokens and are added once; in a2a mode they are computed
+after the dispatch starts, so they run while the tokens are on the wire.
+
+Everything between two comm points is compute: packing tokens per destination rank
+(`tbo::dispatch_pack`) before the dispatch, and summing the W partial results after the combine,
+so a compiled program keeps its comm stream for communication alone.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-import tbo_compiler.runtime.comm  # noqa: F401  (registers the tbo comm ops)
-import tbo_compiler.runtime.kernels  # noqa: F401  (registers the tbo kernel ops)
+import tbo_compiler.ops  # noqa: F401  (registers the tbo ops)
+from tbo_compiler.ops.kernels import unpack_meta
 
 ops = torch.ops.tbo
 
@@ -49,22 +53,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()  # statistics in fp32 whatever the activation dtype
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)  # statistics in fp32 whatever the dtype
 
 
 class SwiGLU(nn.Module):
-    """A dense SwiGLU MLP (dense layers, shared experts)."""
+    """A dense SwiGLU MLP (dense layers, shared experts). Gate and up are one GEMM: the checkpoint's
+    gate_proj and up_proj are concatenated into gate_up_proj when loaded."""
 
     def __init__(self, dim: int, inter: int, dtype=None):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(dim, inter, bias=False, dtype=dtype)
+        self.gate_up_proj = nn.Linear(dim, 2 * inter, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(inter, dim, bias=False, dtype=dtype)
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x_TD)))
+
+
+def swiglu_checkpoint_names(param_prefix: str, disk_prefix: str) -> dict:
+    """Checkpoint templates of a SwiGLU at `param_prefix` stored as HF's gate/up/down_proj."""
+    return {f"{param_prefix}.gate_up_proj.weight": (f"{disk_prefix}.gate_proj.weight", f"{disk_prefix}.up_proj.weight"),
+            f"{param_prefix}.down_proj.weight": f"{disk_prefix}.down_proj.weight"}
 
 
 class RoutedExperts(nn.Module):
@@ -106,22 +114,30 @@ class MoEBlock(nn.Module):
         mine = (ids_TK >= lo) & (ids_TK < lo + self.e_loc)
         return torch.where(mine, ids_TK - lo, -1), torch.where(mine, w_TK, 0.0)
 
+    def _shared(self, x_TD: Tensor) -> Tensor | None:
+        return self.shared_experts(x_TD) if self.shared_experts is not None else None
+
     def forward(self, x_TD: Tensor, pad_T: Tensor) -> Tensor:
         par, W = self.par, self.par.ep_size
-        shared = self.shared_experts(x_TD) if self.shared_experts is not None else None
         if W == 1:
+            shared = self._shared(x_TD)
             ids, w = self.gate(x_TD)
             y = self.experts(x_TD, ids, w)
         elif par.moe_comm == "a2a":
             ids, w = self.gate(x_TD)
-            h = ops.dispatch_start(x_TD, ids, w, par.group, W, self.e_loc)
-            rx, rids, rw = ops.dispatch_wait(h, x_TD, ids, par.group, W)
-            ry = self.experts(rx, rids, rw)
+            T, K = ids.shape
+            send_x, send_meta = ops.dispatch_pack(x_TD, ids, w, W, self.e_loc)
+            h = ops.dispatch_start(send_x, send_meta, par.group, W)
+            shared = self._shared(x_TD)  # on the compute stream while the tokens travel
+            rx, rmeta = ops.dispatch_wait(h, send_x, send_meta, par.group, W)
+            ry = self.experts(rx, *unpack_meta(rmeta, K))
             h = ops.combine_start(ry, par.group, W)
-            y = ops.combine_wait(h, ry, par.group, W)
+            parts = ops.combine_wait(h, ry, par.group, W)
+            y = parts.view(W, T, -1).sum(0, dtype=torch.float32).to(x_TD.dtype)
         elif par.moe_comm == "allgather":
             x0 = torch.where(pad_T.unsqueeze(-1), 0.0, x_TD).to(x_TD.dtype)  # padding rows are zero
             h = ops.all_gather_start(x0, par.group, W)
+            shared = self._shared(x_TD)
             gx = ops.all_gather_wait(h, x0, par.group, W)
             ids, w = self.gate(gx)
             lids, lw = self._local(ids, w)
@@ -133,5 +149,6 @@ class MoEBlock(nn.Module):
             lids, lw = self._local(ids, w)
             part = self.experts(x_TD, lids, lw)
             h = ops.all_reduce_start(part, par.group, W)
+            shared = self._shared(x_TD)
             y = ops.all_reduce_wait(h, part, par.group, W)
         return y if shared is None else y + shared

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tbo_compiler.models.batch import PagedKVCache, is_padding
-from tbo_compiler.models.moe import MoEBlock, ParallelConfig, RMSNorm, SwiGLU
+from tbo_compiler.models.moe import MoEBlock, ParallelConfig, RMSNorm, SwiGLU, swiglu_checkpoint_names
 
 ops = torch.ops.tbo
 
@@ -62,7 +62,6 @@ _SAME_IN_LAYER = [
     "input_layernorm.weight", "post_attention_layernorm.weight",
     *(f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")),
     "self_attn.q_norm.weight", "self_attn.k_norm.weight",
-    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",  # dense layers
     "mlp.gate.weight",
 ]
 CHECKPOINT_NAMES = {
@@ -70,6 +69,7 @@ CHECKPOINT_NAMES = {
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
     **{f"layers.{{}}.{n}": f"model.layers.{{}}.{n}" for n in _SAME_IN_LAYER},
+    **swiglu_checkpoint_names("layers.{}.mlp", "model.layers.{}.mlp"),  # dense layers
     "layers.{}.mlp.experts.w13": ("model.layers.{}.mlp.experts.{}.gate_proj.weight",
                                   "model.layers.{}.mlp.experts.{}.up_proj.weight"),
     "layers.{}.mlp.experts.w2": "model.layers.{}.mlp.experts.{}.down_proj.weight",
@@ -78,10 +78,7 @@ CHECKPOINT_NAMES = {
 
 def apply_rope_half(x_TxD: Tensor, positions_T: Tensor, inv_freq: Tensor) -> Tensor:
     """Rotate pairs (x[i], x[i + Dh/2]) by positions * inv_freq[i]; x is [T, heads, Dh]."""
-    ang = (positions_T.float()[:, None] * inv_freq[None, :]).unsqueeze(1)   # [T, 1, Dh/2]
-    cos, sin = torch.cos(ang), torch.sin(ang)
-    x1, x2 = x_TxD.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x_TxD.dtype)
+    return ops.rope_half(x_TxD, positions_T, inv_freq)
 
 
 class Attention(nn.Module):

@@ -2,7 +2,7 @@
 
 Contract
   requires   an ATen graph with meta["val"].
-  guarantees a frozen `CommPlan` listing every comm op as (start node, wait node, kind, group,
+  guarantees a frozen `CommOps` record listing every comm op as (start node, wait node, kind, group,
              world, bytes, layer); sets meta["tbo_comm"] = {"kind", "role": start|wait, "pair"} on
              both halves. Raises if a start has no wait or more than one (a graph break between
              the two halves shows up here).
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from tbo_compiler.passes.errors import TboCompileError, node_error
-from tbo_compiler.runtime.comm import START_OPS, WAIT_OPS
+from tbo_compiler.ops.comm import START_OPS, WAIT_OPS, group_world
+from tbo_compiler.ops.errors import TboCompileError, node_error
+from tbo_compiler.passes.cost_model import nbytes
 
 c10d = torch.ops._c10d_functional
 NATIVE_COLLECTIVES = {
@@ -49,7 +50,7 @@ class CommOp:
 
 
 @dataclass(frozen=True)
-class CommPlan:
+class CommOps:
     ops: tuple[CommOp, ...]
 
     def by_layer(self) -> dict:
@@ -81,22 +82,16 @@ def layer_of(node: fx.Node) -> int | None:
     return None
 
 
-def _nbytes(v) -> int:
-    return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
-
-
 def _group_world(node: fx.Node):
     if node.target in START_OPS:
-        if node.target == torch.ops.tbo.dispatch_start.default:
-            return node.args[3], node.args[4]
-        return node.args[1], node.args[2]
+        return group_world(node.args)
     # native: group name is the last positional arg; world where the op has it
     args = node.args
     world = {c10d.all_gather_into_tensor.default: 1, c10d.reduce_scatter_tensor.default: 2}.get(node.target)
     return str(args[-1]), (args[world] if world is not None else 0)
 
 
-def annotate_comm(gm: fx.GraphModule) -> CommPlan:
+def annotate_comm(gm: fx.GraphModule) -> CommOps:
     ops = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -115,19 +110,17 @@ def annotate_comm(gm: fx.GraphModule) -> CommPlan:
                                                     "(a graph break between its halves?)")
         wait = waits[0]
         # Step 3
-        payload = node.args[0].meta.get("val")
-        nbytes = _nbytes(payload)
         group, world = _group_world(node)
-        if kind == "dispatch":
-            nbytes = nbytes * world + _nbytes(node.args[1].meta.get("val")) * world * 2
-        elif kind == "all_gather":
-            nbytes = nbytes * max(1, world)
+        payload = [a.meta.get("val") for a in node.args if isinstance(a, fx.Node)]
+        size = sum(nbytes(v) for v in payload)  # what this rank sends
+        if kind == "all_gather":
+            size = size * max(1, world)
         info = {"kind": kind, "pair": wait.name}
         node.meta["tbo_comm"] = dict(info, role="start")
         wait.meta["tbo_comm"] = {"kind": kind, "pair": node.name, "role": "wait"}
-        ops.append(CommOp(node.name, wait.name, kind, group, int(world), int(nbytes), layer_of(node),
+        ops.append(CommOp(node.name, wait.name, kind, group, int(world), int(size), layer_of(node),
                           node.meta.get("tbo_ubatch")))
     for node in gm.graph.nodes:
         if is_wait(node) and "tbo_comm" not in node.meta:
             raise node_error(TboCompileError, node, "wait with no matching start in this graph")
-    return CommPlan(tuple(ops))
+    return CommOps(tuple(ops))

@@ -35,11 +35,11 @@ PROFILES = {
 }
 
 
-def _nbytes(v) -> int:
+def nbytes(v) -> int:
     if isinstance(v, torch.Tensor):
         return v.numel() * v.element_size()
     if isinstance(v, (tuple, list)):
-        return sum(_nbytes(x) for x in v)
+        return sum(nbytes(x) for x in v)
     return 0
 
 
@@ -47,7 +47,9 @@ def _shape(n):
     return tuple(n.meta["val"].shape)
 
 
-def node_flops(node: fx.Node) -> float:
+def node_flops(node: fx.Node, world: int = 1) -> float:
+    """FLOPs of a GEMM-like node; `world` is the expert-parallel size (a routed pair is local to
+    this rank with probability 1/world)."""
     t = node.target
     try:
         if t == aten.mm.default:
@@ -62,8 +64,8 @@ def node_flops(node: fx.Node) -> float:
         if t == torch.ops.tbo.moe_experts.default:
             (n, d), (_, k) = _shape(node.args[0]), _shape(node.args[1])
             e, i2, _ = _shape(node.args[3])
-            # each row runs the experts it routes to here; with EP, about k/W of them on average
-            return 2.0 * n * k * 1.5 * i2 * d
+            # each row runs the experts it routes to here: about k/W of them with EP over W ranks
+            return 2.0 * n * k / max(1, world) * 1.5 * i2 * d
         if t in (torch.ops.tbo.paged_attention.default, torch.ops.tbo.latent_attention.default):
             q = _shape(node.args[0])
             ctx = _shape(node.args[2])[1] * node.args[4]  # block-table width x block size
@@ -73,7 +75,7 @@ def node_flops(node: fx.Node) -> float:
     return 0.0
 
 
-def node_cost_us(node: fx.Node, prof: DeviceProfile, comm_bytes: int | None = None) -> float:
+def node_cost_us(node: fx.Node, prof: DeviceProfile, comm_bytes: int | None = None, world: int = 1) -> float:
     if comm_bytes is not None:
         return prof.link_latency_us + comm_bytes / prof.link_bw * 1e6
     if node.op != "call_function" or node.target is operator.getitem:
@@ -82,8 +84,8 @@ def node_cost_us(node: fx.Node, prof: DeviceProfile, comm_bytes: int | None = No
                        aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor,
                        aten.select.int, aten.transpose.int, aten.alias.default):
         return 0.5  # views: no kernel
-    moved = _nbytes(node.meta.get("val")) + sum(_nbytes(a.meta.get("val")) for a in node.all_input_nodes)
-    return prof.launch_us + max(node_flops(node) / prof.flops, moved / prof.mem_bw) * 1e6
+    moved = nbytes(node.meta.get("val")) + sum(nbytes(a.meta.get("val")) for a in node.all_input_nodes)
+    return prof.launch_us + max(node_flops(node, world) / prof.flops, moved / prof.mem_bw) * 1e6
 
 
 @dataclass(frozen=True)

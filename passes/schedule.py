@@ -27,26 +27,9 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch.fx as fx
 
-from tbo_compiler.passes.annotate_comm import CommPlan, is_comm, is_wait, layer_of
+from tbo_compiler.ops.instr import COMM, COMPUTE, Instr
+from tbo_compiler.passes.annotate_comm import CommOps, is_comm, is_wait, layer_of
 from tbo_compiler.passes.cost_model import PROFILES, Timeline, node_cost_us, simulate
-
-COMPUTE, COMM = "compute", "comm"
-
-
-@dataclass(frozen=True)
-class Instr:
-    op: str                     # run | record | wait | free
-    node: str | None = None
-    ubatch: int | None = None
-    stream: str = COMPUTE
-    event: int | None = None
-
-    def to_list(self):
-        return [self.op, self.node, self.ubatch, self.stream, self.event]
-
-    @staticmethod
-    def from_list(x):
-        return Instr(*x)
 
 
 @dataclass(frozen=True)
@@ -62,9 +45,11 @@ class Schedule:
 
 # Step 0: streams ----------------------------------------------------------------------------
 
-def assign_streams(gm: fx.GraphModule) -> fx.GraphModule:
+def assign_streams(gm: fx.GraphModule, *, split: bool = True) -> fx.GraphModule:
+    """Comm on the comm stream when there are two ubatches to overlap; with one ubatch nothing
+    could run beside the comm, so everything stays on the compute stream (no events at all)."""
     for n in gm.graph.nodes:
-        n.meta["tbo_stream"] = COMM if is_comm(n) else COMPUTE
+        n.meta["tbo_stream"] = COMM if split and is_comm(n) else COMPUTE
     return gm
 
 
@@ -176,13 +161,15 @@ def lower(gm: fx.GraphModule, order: list[str]) -> tuple[Instr, ...]:
     return tuple(instrs)
 
 
-def schedule(gm: fx.GraphModule, comm: CommPlan, *, profile: str = "cpu", prefer: str | None = None) -> Schedule:
+def schedule_ubatches(gm: fx.GraphModule, comm: CommOps, *, profile: str = "cpu",
+                      prefer: str | None = None) -> Schedule:
     prof = PROFILES[profile]
     dag = build_dag(gm)
     stage = assign_stages(gm, dag)
     nodes = {n.name: n for n in gm.graph.nodes}
     comm_bytes = {op.start: op.bytes for op in comm.ops}
-    costs = {name: node_cost_us(nodes[name], prof, comm_bytes.get(name)) for name in dag.nodes}
+    world = max((op.world for op in comm.ops), default=1)
+    costs = {name: node_cost_us(nodes[name], prof, comm_bytes.get(name), world) for name in dag.nodes}
     results = []
     for oname, order in _orders(gm, dag, stage).items():
         instrs = lower(gm, order)

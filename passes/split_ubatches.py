@@ -14,7 +14,7 @@ Contract
              (it only changes which rows each op sees).
 
 Pseudo-code
-  Step 1 (plan): classify nodes (shared / per-ubatch / join), list state chains per base tensor.
+  Step 1 (classify): classify nodes (shared / per-ubatch / join), list state chains per base tensor.
   Step 2 (apply): emit placeholders and per-ubatch row slices of token inputs; emit shared nodes
           and ubatch 0's copies in program order, then ubatch 1's, then the joins (mutation
           epilogue, output with cat); rewrite token-axis shape literals in each copy.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from tbo_compiler.passes.errors import SplitError, node_error
+from tbo_compiler.ops.errors import SplitError, node_error
 from tbo_compiler.passes.token_axis import STATE, TokenAxes, TokenDim, is_token_dependent
 
 aten = torch.ops.aten
@@ -56,7 +56,7 @@ def split_point(num_tokens: int, mode: str, tokens_per_request: int = 1) -> int:
 
 
 @dataclass(frozen=True)
-class SplitPlan:
+class SplitLayout:
     T: int
     cut: int
     per_ubatch: tuple[str, ...]
@@ -77,7 +77,7 @@ def _is_join(node: fx.Node, axes: TokenAxes) -> bool:
             and is_token_dependent(axes[node]))
 
 
-def plan_split(gm: fx.GraphModule, axes: TokenAxes, cut: int) -> SplitPlan:
+def classify_split(gm: fx.GraphModule, axes: TokenAxes, cut: int) -> SplitLayout:
     if not 0 < cut < axes.T:
         raise SplitError(f"cut {cut} is outside (0, {axes.T})")
     per, joins, chain_of, chains = [], [], {}, {}
@@ -97,7 +97,7 @@ def plan_split(gm: fx.GraphModule, axes: TokenAxes, cut: int) -> SplitPlan:
                                                        "write the cache tensor directly")
                 chain_of[node.name] = root
                 chains.setdefault(root, []).append(node.name)
-    return SplitPlan(axes.T, cut, tuple(per), tuple(joins), tuple(tuple(c) for c in chains.values()))
+    return SplitLayout(axes.T, cut, tuple(per), tuple(joins), tuple(tuple(c) for c in chains.values()))
 
 
 # Step 2 -------------------------------------------------------------------------------------
@@ -105,9 +105,6 @@ def plan_split(gm: fx.GraphModule, axes: TokenAxes, cut: int) -> SplitPlan:
 def _rewrite_shape_args(node: fx.Node, old: fx.Node, axes: TokenAxes, T: int, Tu: int) -> None:
     ax = axes[old]
     t = old.target
-
-    def scaled(n):  # a size literal along the token axis: o*T*i -> o*Tu*i
-        return n if n == -1 else (n // T) * Tu if n % T == 0 else n
 
     if t in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
              aten.new_zeros.default, aten.new_empty.default, aten.new_full.default, aten.new_ones.default):
@@ -135,13 +132,13 @@ def _rewrite_shape_args(node: fx.Node, old: fx.Node, axes: TokenAxes, T: int, Tu
         node.args = tuple(a)
 
 
-def apply_split(gm: fx.GraphModule, axes: TokenAxes, plan: SplitPlan) -> fx.GraphModule:
-    T, cut = plan.T, plan.cut
-    sizes = plan.sizes
-    per = set(plan.per_ubatch)
-    joins = set(plan.joins)
-    last_of_chain = {c[0]: c[-1] for c in plan.chains}
-    chain_root = {n: c[0] for c in plan.chains for n in c}
+def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.GraphModule:
+    T, cut = layout.T, layout.cut
+    sizes = layout.sizes
+    per = set(layout.per_ubatch)
+    joins = set(layout.joins)
+    last_of_chain = {c[0]: c[-1] for c in layout.chains}
+    chain_root = {n: c[0] for c in layout.chains for n in c}
     new = fx.Graph()
     shared: dict[str, fx.Node] = {}
     ub: list[dict[str, fx.Node]] = [{}, {}]
@@ -239,7 +236,6 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, plan: SplitPlan) -> fx.Grap
     new.lint()
     res = fx.GraphModule(gm, new)
     res.meta.update(getattr(gm, "meta", {}))
-    res.meta["tbo_split"] = plan
     return res
 
 
@@ -278,7 +274,7 @@ def propagate_meta(gm: fx.GraphModule) -> None:
             n.meta["val"] = out
 
 
-def verify_split(old: fx.GraphModule, new: fx.GraphModule, axes: TokenAxes, plan: SplitPlan) -> None:
+def verify_split(old: fx.GraphModule, new: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> None:
     propagate_meta(new)  # raises, naming the node, where a rewritten shape does not fit
     old_by = {n.name: n for n in old.graph.nodes}
     count = {0: 0, 1: 0}
@@ -291,20 +287,20 @@ def verify_split(old: fx.GraphModule, new: fx.GraphModule, axes: TokenAxes, plan
         ax = axes[old_by[origin]]
         v = n.meta.get("val")
         if isinstance(ax, TokenDim) and isinstance(v, torch.Tensor):
-            want = ax.size(plan.sizes[u])
+            want = ax.size(layout.sizes[u])
             if v.shape[ax.axis] != want:
                 raise node_error(SplitError, n, f"ubatch {u} has {v.shape[ax.axis]} rows on the token "
                                                 f"axis, expected {want}")
-    if count[0] != count[1] or count[0] != len(plan.per_ubatch):
-        raise SplitError(f"split emitted {count} per-ubatch nodes for {len(plan.per_ubatch)} token-dependent ones")
+    if count[0] != count[1] or count[0] != len(layout.per_ubatch):
+        raise SplitError(f"split emitted {count} per-ubatch nodes for {len(layout.per_ubatch)} token-dependent ones")
 
 
-def split_ubatches(gm: fx.GraphModule, axes: TokenAxes, cut: int) -> fx.GraphModule:
-    plan = plan_split(gm, axes, cut)
-    new = apply_split(gm, axes, plan)
-    verify_split(gm, new, axes, plan)
-    return new
+def split_ubatches(gm: fx.GraphModule, axes: TokenAxes, cut: int) -> tuple[fx.GraphModule, SplitLayout]:
+    layout = classify_split(gm, axes, cut)
+    new = apply_split(gm, axes, layout)
+    verify_split(gm, new, axes, layout)
+    return new, layout
 
 
-__all__ = ["split_point", "SplitPlan", "plan_split", "apply_split", "verify_split", "split_ubatches",
+__all__ = ["split_point", "SplitLayout", "classify_split", "apply_split", "verify_split", "split_ubatches",
            "propagate_meta"]

@@ -22,7 +22,7 @@ Pseudo-code
           dim-ops (the token axis must not be the op's dim), matmuls (token not contracted),
           indexing and scatters (token-indexed writes into shared tensors give STATE),
           tbo kernels (row-wise), comm ops (outer *= W or /= W), getitem.
-  Step 3: return the record; `explain()` prints it for dumps.
+  Step 3: return the record.
 """
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from tbo_compiler.passes.errors import TokenAxisError, node_error
+from tbo_compiler.ops.comm import START_OPS, TOKEN_BLOCKS, WAIT_OPS, group_world
+from tbo_compiler.ops.errors import TokenAxisError, node_error
+from tbo_compiler.ops.kernels import FAN_OUT_OPS, ROWWISE_OPS
 
 aten = torch.ops.aten
-tbo = torch.ops.tbo
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,6 @@ class TokenAxes:
     def __getitem__(self, node: fx.Node) -> Axis:
         return self.axes[node.name]
 
-    def explain(self) -> str:
-        return "\n".join(f"{k}: {v}" for k, v in self.axes.items())
 
 
 # Step 2 helpers ------------------------------------------------------------------------------
@@ -493,26 +492,20 @@ def _scaled(ax, node, mul=1, div=1):
     return TokenDim(0, ax.outer * mul // div, ax.inner)
 
 
-def _rule_dispatch_wait(node, ctx):
-    W = node.args[4]
-    x = _scaled(ctx.ax(node.args[1]), node, mul=W)
-    return (x, x, x)
+def _rule_comm_wait(node, ctx):
+    """wait(handle, payload..., group, world): each result holds the blocks TOKEN_BLOCKS says."""
+    _, world = group_world(node.args)
+    blocks = TOKEN_BLOCKS[WAIT_OPS[node.target]]
+    mul, div = {"same": (1, 1), "gather": (world, 1), "scatter": (1, world)}[blocks]
+    outs = tuple(_scaled(ctx.ax(a), node, mul=mul, div=div) for a in node.args[1:-2])
+    return outs if len(outs) > 1 else outs[0]
 
 
-def _rule_combine_wait(node, ctx):
-    return _scaled(ctx.ax(node.args[1]), node, div=node.args[3])
-
-
-def _rule_ag_wait(node, ctx):
-    return _scaled(ctx.ax(node.args[1]), node, mul=node.args[3])
-
-
-def _rule_rs_wait(node, ctx):
-    return _scaled(ctx.ax(node.args[1]), node, div=node.args[3])
-
-
-def _rule_ar_wait(node, ctx):
-    return ctx.ax(node.args[1])
+def _rule_fan_out(node, ctx):
+    """dispatch_pack(x, ...): every output holds `world` blocks of x's tokens."""
+    world = node.args[FAN_OUT_OPS[node.target]]
+    x = _scaled(ctx.ax(node.args[0]), node, mul=world)
+    return (x, x)
 
 
 # native functional collectives (torch.distributed._functional_collectives)
@@ -596,16 +589,14 @@ def _install_rules():
         R(op, _rule_factory)
     R(operator.getitem, _rule_getitem)
 
-    from tbo_compiler.runtime import comm, kernels
-    for op in kernels.ROWWISE_OPS:
+    for op in ROWWISE_OPS:
         R(op, _rule_rowwise)
-    for op in comm.START_OPS:
+    for op in FAN_OUT_OPS:
+        R(op, _rule_fan_out)
+    for op in START_OPS:
         R(op, _rule_comm_start)
-    R(tbo.dispatch_wait.default, _rule_dispatch_wait)
-    R(tbo.combine_wait.default, _rule_combine_wait)
-    R(tbo.all_gather_wait.default, _rule_ag_wait)
-    R(tbo.reduce_scatter_wait.default, _rule_rs_wait)
-    R(tbo.all_reduce_wait.default, _rule_ar_wait)
+    for op in WAIT_OPS:
+        R(op, _rule_comm_wait)
 
     c10d = torch.ops._c10d_functional
     R(c10d.all_reduce.default, _rule_c10d_same)
@@ -615,6 +606,7 @@ def _install_rules():
     R(c10d.all_to_all_single.default, _rule_c10d_a2a)
 
 
+_install_rules()  # the built-ins; register_rule adds to them, never replaces them
 _READS_STATE = (_rule_index, _rule_rowwise, _rule_scatter, _rule_gather, _rule_index_select, _rule_getitem)
 #: ops with no tensor output that carry no data (asserts); they are kept shared
 IGNORED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
@@ -633,8 +625,6 @@ def _rule_for(node: fx.Node) -> Rule | None:
 # Step 1 + 2 ----------------------------------------------------------------------------------
 
 def infer_token_axes(gm: fx.GraphModule, token_inputs: tuple[str, ...], T: int) -> TokenAxes:
-    if not _RULES:
-        _install_rules()
     axes: dict[str, Axis] = {}
     ctx = _Ctx(axes, T)
     for node in gm.graph.nodes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from tbo_compiler.passes.errors import ScheduleError
+from tbo_compiler.ops.errors import ScheduleError
 
 
 def verify_schedule(gm: fx.GraphModule, instrs) -> None:

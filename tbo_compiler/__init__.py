@@ -3,8 +3,13 @@
     torch.compile(model, backend="tbo")                       # the dynamo backend
     tbo-compile MODEL_DIR -o plan.pt                          # the CLI
     run = tbo_compiler.load_plan("plan.pt", MODEL_DIR)        # plan -> callable like the model
+
+Every error the project raises on bad input is a `tbo_compiler.TboError`.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+from tbo_compiler import runtime  # noqa: E402,F401  (binds the implementations of the tbo ops)
+from tbo_compiler.ops.errors import TboError  # noqa: E402
 
 
 def load_plan(plan_path, model_dir, **kw):
@@ -13,4 +18,4 @@ def load_plan(plan_path, model_dir, **kw):
     return _load(plan_path, model_dir, **kw)
 
 
-__all__ = ["load_plan", "__version__"]
+__all__ = ["load_plan", "TboError", "__version__"]

@@ -2,7 +2,9 @@
 
 Dynamo captures the graph, aot_autograd lowers it to functional ATen (input mutations kept as a
 trailing `copy_`), and the same pass pipeline as `tbo-compile` splits and schedules it; the
-returned callable replays the schedule.
+returned callable is the same generated program the plans run (runtime/program.py), captured in a
+CUDA graph on CUDA (token inputs copied into static buffers; weights and caches must stay the same
+tensors, else it captures again).
 
 options:
   token_inputs        names (e.g. ["input_ids", "positions"]) or indices of the user inputs whose
@@ -13,6 +15,8 @@ options:
   profile, order      cost-model profile; force "interleaved" or "sequential"
   split               False compiles one ubatch (the baseline, same runtime)
   dump_dir            write graph/schedule dumps (default $TBO_DUMP_DIR)
+  cuda_graphs         capture the program in a CUDA graph (default True on CUDA)
+  on_compile          callback(state) with each compiled graph's pipeline state (tests, tools)
 Shapes must be static (one compiled graph per batch-size bucket): use dynamic=False.
 """
 from __future__ import annotations
@@ -24,9 +28,10 @@ import re
 import torch
 import torch.fx as fx
 
-from tbo_compiler.passes.errors import TboCompileError
+from tbo_compiler.ops.errors import TboCompileError
 from tbo_compiler.passes.pipeline import CompileOptions, compile_graph
-from tbo_compiler.runtime.executor import Executor
+from tbo_compiler.runtime.graphs import GraphedProgram
+from tbo_compiler.runtime.program import Program
 
 log = logging.getLogger(__name__)
 _DYNAMO_NAME = re.compile(r"^L_(.*)_$")
@@ -93,13 +98,17 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
             from tbo_compiler.dumps import write_dumps
             write_dumps(compiled, os.path.join(dump_dir, f"graph{_counter()}_T{T}"), name="torch_compile")
         device = next((x.device for x in aot_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        ex = Executor(compiled.gm, compiled.schedule.instrs, device=device)
-        tbo_backend.last_compiled = compiled  # for tests and dumps
+        prog = Program(compiled.gm, compiled.schedule.instrs, device=device)
+        if opts.get("on_compile"):
+            opts["on_compile"](compiled)
+        graphed = device.type == "cuda" and opts.get("cuda_graphs", True)
+        if graphed:
+            prog = GraphedProgram(prog, [i + offset for i in picked], name=f"torch.compile T={T}")
 
         def run(args):
-            out = ex(*args)
+            out = prog(*args)
             args.clear()
-            return out
+            return tuple(o.clone() for o in out) if graphed else out
 
         run._boxed_call = True
         return run
@@ -117,6 +126,3 @@ _N = [0]
 def _counter() -> int:
     _N[0] += 1
     return _N[0]
-
-
-tbo_backend.last_compiled = None

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from tbo_compiler.passes.errors import TboCompileError
+from tbo_compiler.ops.errors import CaptureError, one_line
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class InputSpec:
     target: str    # parameter/buffer FQN, or the user input's flat index as a string
 
 
-class CaptureError(TboCompileError):
-    pass
+def _first_line(e: BaseException) -> str:
+    return one_line(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
 
 
 _USER_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
@@ -53,8 +53,7 @@ def capture_export(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
             ep = torch.export.export(model, args, kwargs or {}, strict=False)
             ep = ep.run_decompositions()
     except Exception as e:  # report the user's line, not torch's stack
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptureError(f"torch.export could not capture the model: {first} (at {_where(e)})") from e
+        raise CaptureError(f"torch.export could not capture the model: {_first_line(e)} (at {_where(e)})") from e
     return normalize_export(ep)
 
 
@@ -87,10 +86,11 @@ def normalize_export(ep) -> tuple[fx.GraphModule, tuple[InputSpec, ...]]:
         for spec, v in zip(sig.output_specs, vals):
             if spec.kind == OutputKind.USER_OUTPUT:
                 user_outs.append(v)
-            elif spec.kind == OutputKind.USER_INPUT_MUTATION:
-                g.call_function(torch.ops.aten.copy_.default, (placeholders[spec.target], v))
-            elif spec.kind == OutputKind.BUFFER_MUTATION:
-                g.call_function(torch.ops.aten.copy_.default, (placeholders[buffer_ph[spec.target]], v))
+            elif spec.kind in (OutputKind.USER_INPUT_MUTATION, OutputKind.BUFFER_MUTATION):
+                dst = placeholders[spec.target if spec.kind == OutputKind.USER_INPUT_MUTATION
+                                   else buffer_ph[spec.target]]
+                c = g.call_function(torch.ops.aten.copy_.default, (dst, v))
+                c.meta["val"] = dst.meta.get("val")
             else:
                 raise CaptureError(f"unsupported exported output kind {spec.kind}")
     out.args = (tuple(user_outs),)
@@ -171,8 +171,7 @@ def capture_make_fx(model: torch.nn.Module, args: tuple, *, stack_traces: bool =
             extra = {"record_stack_traces": stack_traces} if _HAS_RECORD_ST else {}
             gm = make_fx(functionalize(fn, remove="mutations"), tracing_mode="fake", **extra)(state, *args)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptureError(f"could not trace the model: {first} (at {_where(e)})") from e
+        raise CaptureError(f"could not trace the model: {_first_line(e)} (at {_where(e)})") from e
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     specs = [InputSpec(p.name, "param" if k in params else "buffer", k) for p, k in zip(phs, state)]
     specs += [InputSpec(p.name, "user", str(i)) for i, p in enumerate(phs[len(state):])]

@@ -38,9 +38,10 @@ from xml.sax.saxutils import escape, quoteattr
 import torch
 import torch.fx as fx
 
+from tbo_compiler.ops.instr import COMM, COMPUTE
+
 log = logging.getLogger(__name__)
 
-COMPUTE, COMM = "compute", "comm"
 FILL = {None: "#d9d9d9", 0: "#9ecae1", 1: "#fdae6b"}     # shared grey, ubatch 0 blue, 1 orange
 BORDER = {None: "#737373", 0: "#3182bd", 1: "#e6550d"}
 UB_CLASS = {None: "sh", 0: "u0", 1: "u1"}

@@ -1,10 +1,12 @@
 """The plan file: what `tbo-compile` writes and `load_plan` runs.
 
 A plan is `torch.save` of plain containers only (dicts, lists, strings, numbers), so it loads with
-`torch.load(weights_only=True)`: no pickled code runs. It holds, per bucket (token count), the
-split program as a JSON node list (ATen op names, no weights: parameters are placeholders named
-by their FQN in the model directory) and its schedule; plus the split policy, the parallel config,
-versions and a hash of the model's config.json. Same input, same bytes (no timestamps, sorted keys).
+`torch.load(weights_only=True)`: no pickled code runs. It holds, per bucket (token count), two
+programs: "tbo" (split into two ubatches) and "serial" (one ubatch), each as a JSON node list (ATen
+op names, no weights: parameters are placeholders named by their FQN in the model directory) with
+its schedule and predicted times; plus the split policy, the parallel config, versions and a hash
+of the model's config.json. Same input, same bytes (no timestamps, sorted keys). A loaded
+program's schedule is verified again before it runs (passes/pipeline.py `validate`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import math
 import operator
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,13 +24,11 @@ import torch.fx as fx
 
 import tbo_compiler
 from tbo_compiler.capture import InputSpec
-from tbo_compiler.passes.schedule import Instr
+from tbo_compiler.ops.errors import PlanError
+from tbo_compiler.ops.instr import Instr
+from tbo_compiler.passes.pipeline import validate
 
-FORMAT_VERSION = 1
-
-
-class PlanError(RuntimeError):
-    pass
+FORMAT_VERSION = 2
 
 
 # Step 1: values <-> JSON ----------------------------------------------------------------------
@@ -85,7 +85,7 @@ def _target_name(t) -> str:
     raise PlanError(f"cannot store call target {t} in a plan")
 
 
-def _resolve(name: str):
+def _op_from_name(name: str):
     if name == "getitem":
         return operator.getitem
     ns, op, overload = name.split(".")
@@ -129,7 +129,7 @@ def graph_from_json(nodes: list, device=None) -> fx.GraphModule:
             n = g.placeholder(rec["name"])
         elif rec["op"] == "call_function":
             kwargs = {k: _dec(v, env, device) for k, v in rec["kwargs"].items()}
-            n = g.create_node("call_function", _resolve(rec["target"]), _dec(rec["args"], env, device),
+            n = g.create_node("call_function", _op_from_name(rec["target"]), _dec(rec["args"], env, device),
                               kwargs, name=rec["name"])
         elif rec["op"] == "output":
             n = g.output(_dec(rec["args"], env, device)[0])
@@ -161,27 +161,22 @@ def versions() -> dict:
             "format": FORMAT_VERSION}
 
 
-@dataclass(frozen=True)
-class Bucket:
-    tokens: int
-    cut: int
-    nodes: list
-    inputs: list          # InputSpec as dicts
-    instrs: list
-    summary: dict
+def bucket_record(T: int, variant: str, state, specs: tuple[InputSpec, ...]) -> dict:
+    """One compiled program as plain containers: graph, inputs, instructions, predictions."""
+    s = state.schedule
+    return {"tokens": T, "variant": variant, "cut": state.cut, "nodes": graph_to_json(state.gm),
+            "inputs": [asdict(x) for x in specs], "instrs": [i.to_list() for i in s.instrs],
+            "summary": {"order": s.order_name, "predicted_us": round(s.timeline.makespan_us, 3),
+                        "serial_us": round(s.serial_us, 3), "overlap_us": round(s.timeline.overlap_us(), 3),
+                        "comm_ops": len(state.comm.ops)}}
 
 
-def bucket_from_compiled(compiled, specs: tuple[InputSpec, ...]) -> Bucket:
-    s = compiled.schedule
-    return Bucket(compiled.T, compiled.cut, graph_to_json(compiled.gm), [asdict(x) for x in specs],
-                  [i.to_list() for i in s.instrs],
-                  {"order": s.order_name, "predicted_us": round(s.timeline.makespan_us, 3),
-                   "serial_us": round(s.serial_us, 3), "overlap_us": round(s.timeline.overlap_us(), 3),
-                   "comm_ops": len(compiled.comm.ops)})
-
-
-def make_plan(buckets: list[Bucket], *, model_dir, mode: str, tokens_per_request: int,
+def make_plan(records: list[dict], *, model_dir, mode: str, tokens_per_request: int,
               parallel: dict, profile: str) -> dict:
+    buckets: dict[int, dict] = {}
+    for r in records:
+        buckets.setdefault(r["tokens"], {"tokens": r["tokens"], "programs": {}})["programs"][r["variant"]] = \
+            {k: v for k, v in r.items() if k not in ("tokens", "variant")}
     return {
         "kind": "tbo-plan",
         "versions": versions(),
@@ -189,9 +184,7 @@ def make_plan(buckets: list[Bucket], *, model_dir, mode: str, tokens_per_request
         "policy": {"mode": mode, "tokens_per_request": tokens_per_request},
         "parallel": parallel,
         "profile": profile,
-        # a shallow dict per bucket: dataclasses.asdict would deep-copy the node lists
-        "buckets": [{f.name: getattr(b, f.name) for f in fields(b)}
-                    for b in sorted(buckets, key=lambda b: b.tokens)],
+        "buckets": [buckets[t] for t in sorted(buckets)],
     }
 
 
@@ -235,5 +228,17 @@ def check_plan(plan: dict, path, model_dir) -> None:
         raise PlanError(f"{path}: plan was compiled for another model (config.json of {model_dir} differs)")
 
 
-def instrs_of(bucket: dict) -> tuple[Instr, ...]:
-    return tuple(Instr.from_list(x) for x in bucket["instrs"])
+def programs_of(plan: dict, device=None) -> dict:
+    """{tokens: {variant: BucketProgram}}, every schedule verified against its graph first."""
+    from tbo_compiler.runtime.plan_module import BucketProgram
+
+    out: dict = {}
+    for b in plan["buckets"]:
+        for variant, p in b["programs"].items():
+            gm = graph_from_json(p["nodes"], device=device)
+            instrs = tuple(Instr.from_list(x) for x in p["instrs"])
+            validate(gm, instrs)
+            inputs = tuple((s["kind"], s["target"]) for s in p["inputs"])
+            out.setdefault(b["tokens"], {})[variant] = BucketProgram(
+                b["tokens"], p["cut"], gm, instrs, inputs, p["summary"]["predicted_us"])
+    return out

@@ -196,17 +196,20 @@ def comm_inputs(rank: int):
 
 def comm_ops(rank: int, world: int) -> dict:
     """dispatch -> this rank's experts -> combine, and the plain collectives, on known inputs."""
+    from tbo_compiler.ops import comm as comm_ops_
+    from tbo_compiler.ops.kernels import unpack_meta
     from tbo_compiler.runtime import comm
 
     x, ids, w, w13, w2 = comm_inputs(rank)
     e_loc = NUM_EXPERTS // world
     lo = rank * e_loc
-    rx, rids, rw = comm.dispatch(x, ids, w, "ep", world, e_loc)
+    rx, rmeta = comm_ops_.dispatch(*torch.ops.tbo.dispatch_pack(x, ids, w, world, e_loc), "ep", world)
+    rids, rw = unpack_meta(rmeta, ids.shape[1])
     ry = torch.ops.tbo.moe_experts(rx, rids, rw, w13[lo:lo + e_loc], w2[lo:lo + e_loc])
-    y = comm.combine(ry, "ep", world)
+    y = comm_ops_.combine(ry, "ep", world).view(world, COMM_T, -1).sum(0)
     stacked = torch.arange(world * COMM_T * 3, dtype=torch.float32).view(world * COMM_T, 3) * (rank + 1)
-    return dict(recv=(rx, rids, rw), y=y,
-                all_gather=comm.all_gather(x, "ep", world),
-                reduce_scatter=comm.reduce_scatter(stacked, "ep", world),
-                all_reduce=comm.all_reduce(x, "ep", world),
+    return dict(recv=(rx, rids.long(), rw), y=y,
+                all_gather=comm_ops_.all_gather(x, "ep", world),
+                reduce_scatter=comm_ops_.reduce_scatter(stacked, "ep", world),
+                all_reduce=comm_ops_.all_reduce(x, "ep", world),
                 pending=comm.pending_count())

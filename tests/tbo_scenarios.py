@@ -59,6 +59,11 @@ def compare(model, plans: dict, seed: int, vocab: int, device=None):
     return logit_diff, cache_diff, scale
 
 
+def cuts(plan) -> list[tuple[int, int]]:
+    """(bucket, cut of its TBO program, 0 where the bucket has only the serial one)."""
+    return [(t, v["tbo"][0].cut if "tbo" in v else 0) for t, v in sorted(plan.buckets.items())]
+
+
 def rank_compare(rank, world, model_dir, plan_paths, moe_comm, seed):
     """On one rank of an EP group: the eager EP model vs the loaded plans, own requests per rank."""
     from tbo_compiler import load_plan
@@ -66,12 +71,11 @@ def rank_compare(rank, world, model_dir, plan_paths, moe_comm, seed):
 
     model = load_model(model_dir, dtype=torch.float32, block_size=BLOCK_SIZE,
                        parallel=ParallelConfig(world, rank, "ep", moe_comm))
-    plans = {k: load_plan(p, model_dir, rank=rank, dtype=torch.float32) for k, p in plan_paths.items()}
+    plans = {k: load_plan(p, model_dir, rank=rank, dtype=torch.float32, policy="tbo") for k, p in plan_paths.items()}
     vocab = model.config.vocab_size
     same_batch = moe_comm == "allreduce"  # every rank holds the same tokens there
     logit_diff, cache_diff, scale = compare(model, plans, seed if same_batch else seed + 101 * rank, vocab)
-    cut_ok = {k: [(b[0], b[1]) for b in v.buckets] for k, v in plans.items()}
-    return logit_diff, cache_diff, scale, cut_ok
+    return logit_diff, cache_diff, scale, {k: cuts(v) for k, v in plans.items()}
 
 
 def rank_uneven(rank, world, model_dir, plan_path):
@@ -83,7 +87,7 @@ def rank_uneven(rank, world, model_dir, plan_path):
 
     model = load_model(model_dir, dtype=torch.float32, block_size=BLOCK_SIZE,
                        parallel=ParallelConfig(world, rank, "ep", "a2a"))
-    run = load_plan(plan_path, model_dir, rank=rank, dtype=torch.float32)
+    run = load_plan(plan_path, model_dir, rank=rank, dtype=torch.float32, policy="tbo")
     reqs = [("a", [3, 4, 5, 6, 7]), ("b", [8, 9, 10])] if rank == 0 else []
     kv_ref, kv_tbo = model.new_kv_cache(NUM_BLOCKS), model.new_kv_cache(NUM_BLOCKS)
     T = sum(len(r) for _, r in reqs)

@@ -1,7 +1,8 @@
 """The tbo comm ops in one process: fake implementations give the real ops' shapes and dtypes
 (world 1 runs locally; worlds 2 and 4 run the real multi-rank code path over a fake process group,
 which moves no data, so only shapes are compared there: values are test_ep.py's job over gloo),
-the world-1 dispatch/combine round trip equals local experts, the pending-work registry, opcheck."""
+the world-1 dispatch/combine round trip equals local experts, the pending-work registry, opcheck,
+and the dispatch packing against a per-token loop."""
 from __future__ import annotations
 
 import itertools
@@ -12,34 +13,40 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from tbo_compiler import TboError
+from tbo_compiler.ops import comm as comm_ops
+from tbo_compiler.ops.kernels import unpack_meta
 from tbo_compiler.runtime import comm
 
 ops = torch.ops.tbo
 D, K, E = 6, 3, 8
 
 
+def _routing(T, g):
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.int64)
+    return ids, torch.rand(T, K, generator=g)
+
+
 def _inputs(T, world, dtype):
-    """Start-op args of every op for T tokens per rank."""
+    """Start-op payloads of every op for T tokens per rank."""
     g = torch.Generator().manual_seed(T)
     x = torch.randn(T, D, generator=g).to(dtype)
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.int64)
-    w = torch.rand(T, K, generator=g)
+    ids, w = _routing(T, g)
     y = torch.randn(world * T, D, generator=g).to(dtype)  # a [W*T, ...] input (combine, reduce_scatter)
-    return {"dispatch": (x, ids, w), "combine": (y,), "all_gather": (x,), "reduce_scatter": (y,),
+    send_x, send_meta = ops.dispatch_pack(x, ids, w, world, E // world)
+    return {"dispatch": (send_x, send_meta), "combine": (y,), "all_gather": (x,), "reduce_scatter": (y,),
             "all_reduce": (x,)}
 
 
-START = {k: s for s, (_, k) in comm.START_OPS.items()}
-WAIT = {k: w for s, (w, k) in comm.START_OPS.items()}
+START = {k: s for s, (_, k) in comm_ops.START_OPS.items()}
+WAIT = {k: w for s, (w, k) in comm_ops.START_OPS.items()}
 KINDS = sorted(START)
 
 
 def _run(kind, group, world, tensors):
-    """start + wait; -> (handle, outputs as a tuple). The wait gets the start's first tensor(s)."""
-    extra = (E // world,) if kind == "dispatch" else ()
-    h = START[kind](*tensors, group, world, *extra)
-    wait_tensors = tensors[:2] if kind == "dispatch" else tensors[:1]
-    out = WAIT[kind](h, *wait_tensors, group, world)
+    """start + wait; -> (handle, outputs as a tuple). The wait gets the start's payload again."""
+    h = START[kind](*tensors, group, world)
+    out = WAIT[kind](h, *tensors, group, world)
     return h, out if isinstance(out, tuple) else (out,)
 
 
@@ -82,54 +89,74 @@ def test_fake_matches_real(group, world, kind, T, dtype):
         assert (f.shape, f.dtype, f.device) == (r.shape, r.dtype, r.device)
     # the shapes the module docstring promises
     R = world * T
-    want = {"dispatch": [(R, D), (R, K), (R, K)], "combine": [(T, D)], "all_gather": [(R, D)],
+    want = {"dispatch": [(R, D), (R, 2 * K)], "combine": [(R, D)], "all_gather": [(R, D)],
             "reduce_scatter": [(T, D)], "all_reduce": [(T, D)]}[kind]
     assert [tuple(r.shape) for r in real] == want
     if kind == "dispatch":
-        assert [r.dtype for r in real] == [dtype, torch.int64, torch.float32]
+        assert [r.dtype for r in real] == [dtype, torch.int32]
 
 
 @pytest.mark.parametrize("world", [1], indirect=True)
 def test_world1_dispatch_combine_round_trip(group, world):
     T = 9
-    x, ids, w = _inputs(T, 1, torch.float32)["dispatch"]
     g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, D, generator=g)
+    ids, w = _routing(T, g)
     w13, w2 = torch.randn(E, 8, D, generator=g), torch.randn(E, D, 4, generator=g)
-    rx, rids, rw = comm.dispatch(x, ids, w, group, 1, E)
+    rx, rmeta = comm_ops.dispatch(*ops.dispatch_pack(x, ids, w, 1, E), group, 1)
+    rids, rw = unpack_meta(rmeta, K)
     # one rank owns every expert: the tokens, ids and weights come back as they went
-    assert torch.equal(rx, x) and torch.equal(rids, ids) and torch.equal(rw, w)
-    y = comm.combine(ops.moe_experts(rx, rids, rw, w13, w2), group, 1)
+    assert torch.equal(rx, x) and torch.equal(rids.long(), ids) and torch.equal(rw, w)
+    y = comm_ops.combine(ops.moe_experts(rx, rids, rw, w13, w2), group, 1)
     want = ops.moe_experts(x, ids, w, w13, w2)
     assert want.abs().max() > 0.1
     torch.testing.assert_close(y, want, rtol=0, atol=0)
-    for fn in (comm.all_gather, comm.reduce_scatter, comm.all_reduce):
+    for fn in (comm_ops.all_gather, comm_ops.reduce_scatter, comm_ops.all_reduce):
         out = fn(x, group, 1)
         assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()  # a fresh tensor, not x
+
+
+@pytest.mark.parametrize("W", [1, 2, 4])
+def test_dispatch_pack_matches_a_token_loop(W):
+    """Slab d row t: the token if any of its experts lives on rank d (else zeros), the expert's
+    rank-local id (else -1) and its weight (else 0)."""
+    T, e_loc = 7, E // W
+    g = torch.Generator().manual_seed(W)
+    x = torch.randn(T, D, generator=g)
+    ids, w = _routing(T, g)
+    send_x, meta = ops.dispatch_pack(x, ids, w, W, e_loc)
+    lids, lw = unpack_meta(meta, K)
+    for d in range(W):
+        for t in range(T):
+            row = d * T + t
+            here = [k for k in range(K) if ids[t, k] // e_loc == d]
+            assert torch.equal(send_x[row], x[t] if here else torch.zeros(D))
+            for k in range(K):
+                assert lids[row, k] == (ids[t, k] - d * e_loc if k in here else -1)
+                assert lw[row, k] == (w[t, k] if k in here else 0.0)
 
 
 @pytest.mark.parametrize("world", [1], indirect=True)
 @pytest.mark.parametrize("kind", KINDS)
 def test_pending_work_and_unknown_handles(group, world, kind):
     tensors = _inputs(4, 1, torch.float32)[kind]
-    extra = (E,) if kind == "dispatch" else ()
-    wait_tensors = tensors[:2] if kind == "dispatch" else tensors[:1]
-    h = START[kind](*tensors, group, 1, *extra)
+    h = START[kind](*tensors, group, 1)
     assert comm.pending_count() == 1
-    WAIT[kind](h, *wait_tensors, group, 1)
+    WAIT[kind](h, *tensors, group, 1)
     assert comm.pending_count() == 0
-    with pytest.raises(RuntimeError, match="no pending start"):  # waited twice
-        WAIT[kind](h, *wait_tensors, group, 1)
-    with pytest.raises(RuntimeError, match="no pending start"):  # never started
-        WAIT[kind](torch.zeros(1, dtype=torch.int64), *wait_tensors, group, 1)
+    with pytest.raises(TboError, match="no pending start"):  # waited twice
+        WAIT[kind](h, *tensors, group, 1)
+    with pytest.raises(TboError, match="no pending start"):  # never started
+        WAIT[kind](torch.zeros(1, dtype=torch.int64), *tensors, group, 1)
 
 
 @pytest.mark.parametrize("world", [2], indirect=True)
 def test_group_errors_name_the_group(group, world):
     x = torch.zeros(2, D)
-    with pytest.raises(RuntimeError, match="'nope'.*not registered"):
-        comm.all_reduce(x, "nope", 2)
-    with pytest.raises(RuntimeError, match="'g' has 2 ranks.*built for 4"):
-        comm.all_reduce(x, group, 4)
+    with pytest.raises(TboError, match="'nope'.*not registered"):
+        comm_ops.all_reduce(x, "nope", 2)
+    with pytest.raises(TboError, match="'g' has 2 ranks.*built for 4"):
+        comm_ops.all_reduce(x, group, 4)
     assert comm.pending_count() == 0
 
 
@@ -149,13 +176,12 @@ def test_opcheck(group, world, kind, half, monkeypatch):
     # outputs can be compared.
     monkeypatch.setattr(comm, "_COUNTER", itertools.repeat(7))
     tensors = _inputs(4, 1, torch.float32)[kind]
-    extra = (E,) if kind == "dispatch" else ()
     if half == "start":
-        op, args = START[kind], (*tensors, group, 1, *extra)
+        op, args = START[kind], (*tensors, group, 1)
     else:
         monkeypatch.setattr(comm, "_PENDING", _OneWork())
-        h = START[kind](*tensors, group, 1, *extra)
-        op, args = WAIT[kind], (h, *(tensors[:2] if kind == "dispatch" else tensors[:1]), group, 1)
+        h = START[kind](*tensors, group, 1)
+        op, args = WAIT[kind], (h, *tensors, group, 1)
     # test_autograd_registration left out: the ops have no autograd formula by design (the
     # models are inference-only; the loader turns grads off), so there is nothing to register.
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")

@@ -15,8 +15,6 @@ products in another order; the observed worst is ~1.2e-6 relative).
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
@@ -24,8 +22,7 @@ import torch
 from tbo_compiler.models.tiny import make_tiny
 from tbo_compiler.runtime.launch import run_ranks
 
-sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks inherit sys.path: they import it too
-import ep_scenarios as sc  # noqa: E402
+import ep_scenarios as sc
 
 pytestmark = pytest.mark.slow
 TOL = dict(rtol=1e-5, atol=1e-5)

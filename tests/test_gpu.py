@@ -2,8 +2,6 @@
 two-stream executor, and EP=2 over NCCL with TBO (needs 2 GPUs)."""
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
@@ -13,8 +11,7 @@ from tbo_compiler.compile import compile_model_dir
 from tbo_compiler.models import load_model
 from tbo_compiler.models.tiny import make_tiny
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tbo_scenarios as sc  # noqa: E402
+import tbo_scenarios as sc
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ARCHS = ["deepseek_v3", "deepseek_v2", "kimi_k25", "qwen3_moe"]

@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tbo_compiler.capture import capture_make_fx
-from tbo_compiler.compile import build_model, compile_model
-from tbo_compiler.models import ParallelConfig
+from tbo_compiler.compile import compile_model
+from tbo_compiler.models import ParallelConfig, build_model
 from tbo_compiler.models.tiny import make_tiny
+from tbo_compiler.ops.errors import InvariantError, ScheduleError, SplitError, TokenAxisError
 from tbo_compiler.passes.annotate_comm import layer_of
-from tbo_compiler.passes.errors import ScheduleError, SplitError, TokenAxisError
-from tbo_compiler.passes.pipeline import CompileOptions, compile_graph
+from tbo_compiler.passes.pipeline import PASSES, CompileOptions, Pass, compile_graph
 from tbo_compiler.passes.split_ubatches import split_point
 from tbo_compiler.passes.token_axis import TokenDim, _view_map
 from tbo_compiler.passes.verify_schedule import verify_schedule
@@ -92,8 +92,51 @@ def compiled_dsv3(tmp_path_factory):
     d = make_tiny("deepseek_v3", tmp_path_factory.mktemp("s") / "m", seed=0, n_routed_experts=8,
                   num_hidden_layers=3)
     model = build_model(d, parallel=ParallelConfig(2, 0, "ep", "a2a"), block_size=4, dtype=torch.float32)
-    (c, _), = compile_model(model, [16], CompileOptions(mode="prefill"), max_blocks=8)
-    return c
+    (c,) = compile_model(model, [16], CompileOptions(mode="prefill"), max_blocks=8, variants=("tbo",))
+    return c.state
+
+
+@pytest.fixture(scope="module")
+def dsv3_graph(tmp_path_factory):
+    d = make_tiny("deepseek_v3", tmp_path_factory.mktemp("g") / "m", seed=0, n_routed_experts=8,
+                  num_hidden_layers=2)
+    model = build_model(d, parallel=ParallelConfig(2, 0, "ep", "a2a"), block_size=4, dtype=torch.float32)
+    from tbo_compiler.models import example_inputs
+    gm, specs = capture_make_fx(model, example_inputs(model, 8, max_blocks=8, num_blocks=8))
+    return gm, tuple(s.name for s in specs if s.kind == "user")[:4]
+
+
+def _corrupt_pass(name, fn):
+    def run(st, o):
+        fn(st.gm)
+        return {}
+    return Pass(name, run)
+
+
+def _drop_a_wait(gm):
+    """A comm wait replaced by its payload: the start's handle is then read by nothing."""
+    w = next(n for n in gm.graph.nodes if n.op == "call_function" and "combine_wait" in str(n.target))
+    w.replace_all_uses_with(w.args[1])
+    gm.graph.erase_node(w)
+
+
+def _forget_ubatch(gm):
+    next(n for n in gm.graph.nodes if n.op == "call_function").meta.pop("tbo_ubatch")
+
+
+@pytest.mark.parametrize("after, breaker, invariant", [
+    ("token_axis", _drop_a_wait, "comm_paired"),
+    ("split_ubatches", _forget_ubatch, "ubatches_marked"),
+])
+def test_driver_catches_a_pass_breaking_an_invariant(dsv3_graph, after, breaker, invariant):
+    """A pass inserted into the list breaks the graph: the driver names that pass and the invariant."""
+    gm, users = dsv3_graph
+    import copy
+    gm = copy.deepcopy(gm)
+    k = [p.name for p in PASSES].index(after) + 1
+    passes = PASSES[:k] + (_corrupt_pass("breaker", breaker),) + PASSES[k:]
+    with pytest.raises(InvariantError, match=f"after pass breaker: invariant '{invariant}'"):
+        compile_graph(gm, users, 8, CompileOptions(), passes=passes)
 
 
 def test_every_comm_op_once_per_ubatch_on_comm_stream(compiled_dsv3):

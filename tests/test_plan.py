@@ -7,7 +7,7 @@ import pickletools
 import pytest
 import torch
 
-from tbo_compiler import load_plan
+from tbo_compiler import TboError, load_plan
 from tbo_compiler.cli import main as cli_main
 from tbo_compiler.compile import compile_model_dir
 from tbo_compiler.models.tiny import make_tiny
@@ -31,11 +31,19 @@ def test_same_input_same_bytes_and_no_code(qwen, tmp_path):
     assert set(payload) == {"json"} and isinstance(payload["json"], str)
     import zipfile
     with zipfile.ZipFile(a) as z:
-        pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        names = z.namelist()
+        pkl = z.read(next(n for n in names if n.endswith("data.pkl")))
     assert not [op for op, arg, _ in pickletools.genops(pkl) if op.name in ("GLOBAL", "STACK_GLOBAL")]
+    assert not [n for n in names if "/data/" in n]  # no tensor storage at all: no weights
     plan = read_plan(a)
     assert [bk["tokens"] for bk in plan["buckets"]] == [6, 10]
-    assert "weight" not in json.dumps(plan["buckets"][0]["nodes"][:0]) and len(a.read_bytes()) < 2_000_000
+    for bk in plan["buckets"]:  # both programs per bucket; parameters are placeholders named by FQN
+        assert set(bk["programs"]) == {"tbo", "serial"}
+        tbo = bk["programs"]["tbo"]
+        assert tbo["cut"] == bk["tokens"] // 2 and bk["programs"]["serial"]["cut"] == 0
+        params = [i for i in tbo["inputs"] if i["kind"] == "param"]
+        assert params and all(i["target"].endswith(("weight", "bias", "w13", "w2")) for i in params)
+    assert len(a.read_bytes()) < 2_000_000
 
 
 def test_plan_for_another_model_or_torch_is_refused(qwen, tmp_path):
@@ -62,7 +70,7 @@ def test_bucket_too_small_is_a_clear_error(qwen, tmp_path):
     run = load_plan(p, qwen, dtype=torch.float32)
     kv = run.new_kv_cache(16)
     b = kv.make_batch([("r", list(range(1, 7)))], max_blocks=8)
-    with pytest.raises(ValueError, match="exceeds the plan's largest bucket"):
+    with pytest.raises(TboError, match="exceeds the plan's largest bucket"):
         run(*b.args(), kv.caches)
 
 
@@ -72,7 +80,7 @@ def test_cli_writes_plan_and_dumps(qwen, tmp_path, capsys):
                    "--dump-dir", str(dumps), "--block-size", "4", "--max-blocks", "8"])
     assert rc == 0 and out.exists()
     printed = capsys.readouterr().out
-    assert "T=8: cut 4/4" in printed and "wrote" in printed
+    assert "T=8: TBO cut 4/4" in printed and "wrote" in printed
     for f in ("graph_before.svg", "graph_after.svg", "schedule.json", "summary.txt"):
         assert (dumps / "T8" / f).stat().st_size > 100
 
@@ -104,7 +112,7 @@ def test_export_capture_gives_the_same_program_results(qwen, tmp_path):
     for cap in ("make_fx", "export"):
         p = tmp_path / f"{cap}.pt"
         compile_model_dir(qwen, p, token_counts=(9,), capture=cap, **KW)
-        run = load_plan(p, qwen, dtype=torch.float32)
+        run = load_plan(p, qwen, dtype=torch.float32, policy="tbo")
         kv = run.new_kv_cache(16)
         b = kv.make_batch([("a", [5, 6, 7, 8]), ("b", [9, 10, 11, 12, 13])], max_blocks=8)
         outs[cap] = run(*b.args(), kv.caches)

@@ -6,9 +6,6 @@ GEMMs), and the KV caches the two write agree to 1e-5.
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
@@ -17,8 +14,7 @@ from tbo_compiler.compile import compile_model_dir
 from tbo_compiler.models import load_model
 from tbo_compiler.models.tiny import make_tiny
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tbo_scenarios as sc  # noqa: E402
+import tbo_scenarios as sc
 
 ATOL = 2e-5
 ARCHS = ["deepseek_v3", "kimi_k25", "qwen3_moe"]
@@ -45,14 +41,17 @@ def tiny(tmp_path_factory):
 def test_tbo_equals_eager_single_rank(tiny, arch, tmp_path):
     paths = _plans(tiny[arch], tmp_path)
     model = load_model(tiny[arch], dtype=torch.float32, block_size=sc.BLOCK_SIZE)
-    plans = {k: load_plan(p, tiny[arch], dtype=torch.float32) for k, p in paths.items()}
-    # the policy cut every bucket as documented in tbo_scenarios
-    cuts = {k: [(b[0], b[1]) for b in v.buckets] for k, v in plans.items()}
-    assert cuts == {"prefill": [(4, 2), (14, 7)], "decode": [(1, 0), (3, 2)], "mtp": [(6, 4)]}
-    logit_diff, cache_diff, scale = sc.compare(model, plans, seed=3, vocab=model.config.vocab_size)
-    assert scale > 0.5  # the logits are not trivially small
-    assert max(logit_diff) <= ATOL, logit_diff
-    assert cache_diff <= 1e-5
+    for policy in ("tbo", "serial"):  # both programs of every bucket
+        plans = {k: load_plan(p, tiny[arch], dtype=torch.float32, policy=policy) for k, p in paths.items()}
+        # the policy cut every bucket as documented in tbo_scenarios
+        cuts = {k: sc.cuts(v) for k, v in plans.items()}
+        assert cuts == {"prefill": [(4, 2), (14, 7)], "decode": [(1, 0), (3, 2)], "mtp": [(6, 4)]}
+        logit_diff, cache_diff, scale = sc.compare(model, plans, seed=3, vocab=model.config.vocab_size)
+        assert scale > 0.5  # the logits are not trivially small
+        assert max(logit_diff) <= ATOL, (policy, logit_diff)
+        assert cache_diff <= 1e-5
+        ran = {v["variant"] for p in plans.values() for v in p.decisions.values()}
+        assert ran == ({"tbo", "serial"} if policy == "tbo" else {"serial"})  # 1-token buckets: serial
 
 
 @pytest.mark.slow
@@ -87,19 +86,18 @@ def test_ranks_with_uneven_tokens_agree_on_one_bucket(tiny, tmp_path):
 
 
 def test_cache_updates_run_in_place(tiny, tmp_path):
-    """The executor writes KV-cache updates into the caller's cache (no per-layer cache copies);
+    """The program writes KV-cache updates into the caller's cache (no per-layer cache copies);
     outputs and caches equal those of the functional program."""
-    from tbo_compiler.plan import instrs_of, read_plan
-    from tbo_compiler.runtime.executor import Executor
+    from tbo_compiler.runtime.program import Program
 
     d = tiny["qwen3_moe"]
     p = tmp_path / "p.pt"
     compile_model_dir(d, p, dtype=torch.float32, block_size=sc.BLOCK_SIZE, max_blocks=sc.MAX_BLOCKS,
                       mode="prefill", token_counts=(14,), profile="cpu")
-    run = load_plan(p, d, dtype=torch.float32)
-    _, _, bound, ex = run.buckets[0]
+    run = load_plan(p, d, dtype=torch.float32, policy="tbo")
+    bp, bound, ex, _ = run.buckets[14]["tbo"]
     assert len(ex.inplace) == 2 * run.model.config.num_hidden_layers  # each layer's write, both ubatches
-    functional = Executor(ex.gm, instrs_of(read_plan(p)["buckets"][0]), inplace=False)
+    functional = Program(bp.gm, bp.instrs, inplace=False)
     reqs = [("a", list(range(1, 9))), ("b", list(range(9, 15)))]
     kv, kv_f = run.new_kv_cache(sc.NUM_BLOCKS), run.new_kv_cache(sc.NUM_BLOCKS)
     ptrs = [c.data_ptr() for c in kv.caches]

@@ -1,1 +1,182 @@
-"""Communication backends."""
+"""Comm groups and their backends; the eager implementations of the `tbo` comm ops.
+
+A group is registered under the name the ops' `group` argument uses, with a torch.distributed
+process group (or none: one rank). Its backend is chosen from the process group, one module each:
+    local       one rank: no communication
+    torch_dist  async work handles (gloo on CPU; eager use)
+    nccl        stream-ordered, capturable in a CUDA graph (what compiled programs use on NCCL)
+    null        no communication at all: timing compute alone (bench), never for results
+A backend object has one method per comm kind (dispatch, combine, all_gather, reduce_scatter,
+all_reduce); each starts the collective and returns an object whose `wait()` gives the result.
+
+Compiled programs call those methods directly. The eager custom ops (a model called as plain
+PyTorch) need a tensor to carry between their start and wait halves: the start returns a one-element
+*handle* tensor whose storage address keys the pending result here.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tbo_compiler.ops import impl as op_impl
+from tbo_compiler.ops.errors import RuntimeFailure
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CommGroup", "register_group", "get_group", "clear_groups", "pending_count", "backend_for",
+           "agree_num_tokens", "register_default_group"]
+
+
+# Step 1: groups and their backends ------------------------------------------------------------
+
+@dataclass
+class CommGroup:
+    name: str
+    world: int
+    rank: int
+    pg: Any = None           # torch.distributed ProcessGroup, None for a single process
+    backend_name: str = "local"
+
+    def backend(self, name: str | None = None):
+        return _make_backend(name or self.backend_name, self)
+
+
+def _make_backend(name: str, group: CommGroup):
+    if name == "local":
+        from tbo_compiler.runtime.comm.local import LocalBackend as B
+    elif name == "torch_dist":
+        from tbo_compiler.runtime.comm.torch_dist import TorchDistBackend as B
+    elif name == "nccl":
+        from tbo_compiler.runtime.comm.nccl import NcclBackend as B
+    elif name == "null":
+        from tbo_compiler.runtime.comm.null import NullBackend as B
+    else:
+        raise RuntimeFailure(f"unknown comm backend {name!r} (local, torch_dist, nccl, null)")
+    return B(group)
+
+
+_GROUPS: dict[str, CommGroup] = {}
+
+
+def _default_backend(pg) -> str:
+    import torch.distributed as dist
+
+    if pg is None or dist.get_world_size(pg) == 1:
+        return "local"
+    return "nccl" if "nccl" in str(dist.get_backend(pg)) else "torch_dist"
+
+
+def register_group(name: str, pg=None, backend: str | None = None) -> CommGroup:
+    """Register a process group under `name` (what the ops' `group` argument refers to).
+
+    `pg=None` registers a one-rank group (no communication)."""
+    import torch.distributed as dist
+
+    if pg is None:
+        grp = CommGroup(name, 1, 0, None, "local")
+    else:
+        grp = CommGroup(name, dist.get_world_size(pg), dist.get_rank(pg), pg, backend or _default_backend(pg))
+    _make_backend(grp.backend_name, grp)  # an unknown name fails here, not at the first collective
+    _GROUPS[name] = grp
+    log.info("comm group %s: %d ranks, backend %s", name, grp.world, grp.backend_name)
+    return grp
+
+
+def register_default_group(name: str, world: int) -> CommGroup | None:
+    """If torch.distributed is initialised with `world` ranks and `name` is not registered yet,
+    register the default (WORLD) process group under it. None when that is not possible."""
+    import torch.distributed as dist
+
+    if name in _GROUPS:
+        return _GROUPS[name]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == world:
+        return register_group(name, dist.group.WORLD)
+    return None
+
+
+def get_group(name: str, world: int) -> CommGroup:
+    grp = _GROUPS.get(name)
+    if grp is None:
+        if world == 1:
+            return CommGroup(name, 1, 0, None, "local")
+        raise RuntimeFailure(f"tbo comm group {name!r} (world {world}) is not registered: initialise "
+                             "torch.distributed with that many ranks, or call "
+                             "tbo_compiler.runtime.comm.register_group first")
+    if grp.world != world:
+        raise RuntimeFailure(f"tbo comm group {name!r} has {grp.world} ranks, the op was built for {world}")
+    return grp
+
+
+def backend_for(group: str, world: int, override: str | None = None):
+    return get_group(group, world).backend(override)
+
+
+def clear_groups() -> None:
+    _GROUPS.clear()
+    _PENDING.clear()
+
+
+# Step 2: the eager ops: pending results keyed by the handle's storage ---------------------------
+
+_PENDING: dict[int, Any] = {}
+_COUNTER = itertools.count(1)
+
+
+def _new_handle(like: Tensor, pending) -> Tensor:
+    handle = torch.full((1,), next(_COUNTER), dtype=torch.int64, device=like.device)
+    if handle.data_ptr() in _PENDING:
+        # the memory of a handle nobody waited on was reused: that handle is gone, so its entry
+        # can never be waited on; drop it rather than let it shadow this one
+        log.warning("tbo comm: a start's handle was dropped without its wait")
+    _PENDING[handle.data_ptr()] = pending
+    return handle
+
+
+def _wait(handle: Tensor):
+    try:
+        pending = _PENDING.pop(handle.data_ptr())
+    except KeyError:
+        raise RuntimeFailure("tbo wait op got a handle with no pending start (waited twice, or the "
+                             "start ran in another process)") from None
+    return pending.wait()
+
+
+def _eager_start(kind: str):
+    def start(*args):
+        *tensors, group, world = args
+        return _new_handle(tensors[0], getattr(backend_for(group, world), kind)(*tensors))
+    return start
+
+
+def pending_count() -> int:
+    return len(_PENDING)
+
+
+for _kind in ("dispatch", "combine", "all_gather", "reduce_scatter", "all_reduce"):
+    op_impl.bind(f"{_kind}_start", _eager_start(_kind))
+op_impl.bind("wait", _wait)
+
+
+# Step 3: the one agreement per step ----------------------------------------------------------
+
+def agree_num_tokens(num_tokens: int, group: str) -> int:
+    """The token count every rank of `group` pads to: the max over ranks (one collective, and the
+    one host synchronisation of a step)."""
+    import torch.distributed as dist
+
+    grp = _GROUPS.get(group)
+    if grp is None or grp.world == 1:
+        return num_tokens
+    backend = str(dist.get_backend(grp.pg))
+    # a group with a CPU backend (gloo, or "cpu:gloo,cuda:nccl") agrees on the host; an NCCL-only
+    # group needs a device tensor (and the .item() below then waits for the GPU)
+    on_cpu = "gloo" in backend or "cpu" in backend or not torch.cuda.is_available()
+    dev = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([num_tokens], dtype=torch.int64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=grp.pg)
+    return int(t.item())

@@ -1,0 +1,140 @@
+"""Compute kernels as `tbo` custom ops: schemas and fake implementations (shapes only).
+
+Legend: T tokens, H query heads, G kv heads, Dh head dim, C cache entry width, NB blocks per
+request, BS block size, N rows (tokens as the experts see them), K experts per token, E experts
+on this rank, I expert ffn width, D hidden, R rope dims, W ranks.
+
+Row-wise ops: row t of every output depends only on row t of the token-axis inputs (and on shared
+tensors: caches, weights). The split pass relies on it (passes/README.md, invariant 5).
+
+  paged_attention(q_THD, kv_cache_N2GD, block_table_TNB, positions_T, block_size, scale) -> o_THD
+      token t attends to the cache slots of its own request (its row of block_table) at logical
+      positions <= positions[t]. The cache must already hold this step's keys/values.
+  latent_attention(q_THC, cache_NC, block_table_TNB, positions_T, block_size, v_dim, scale) -> o_TH(v_dim)
+      MQA over a shared latent cache (MLA's absorbed form): keys = cache[:, :C], values = cache[:, :v_dim].
+  moe_experts(x_ND, topk_ids_NK, topk_w_NK, w13_E2ID, w2_EDI) -> y_ND
+      sum over k of w[n,k] * expert_{ids[n,k]}(x[n]); ids < 0 contribute nothing. SwiGLU experts.
+  rms_norm(x_xD, weight_D, eps) -> weight * (x / rms(x)) (statistics in fp32, product in x's dtype)
+  silu_mul(gu_x2I) -> silu(gu[..., :I]) * gu[..., I:]
+  rope_interleaved(x_TxR, positions_T, inv_freq, mul) -> x rotated on pairs (x[2i], x[2i+1])
+  rope_half(x_THD, positions_T, inv_freq) -> x rotated on pairs (x[i], x[i + D/2])
+
+Not row-wise, the one op that lays tokens out per destination rank:
+  dispatch_pack(x_TD, topk_ids_TK, topk_w_TK, world, experts_per_rank) -> (send_x_WTD, send_meta_WT2K)
+      Slab d (rows d*T..d*T+T-1) holds, for every token, x if the token has an expert on rank d
+      (else zeros), and int32 meta: [:K] the expert's id local to rank d or -1, [K:] its weight's
+      fp32 bits (0.0 where -1). The slabs are what dispatch_start sends.
+
+Implementations are bound by the runtime (ops/impl.py); backends live in runtime/kernels/.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tbo_compiler.ops.impl import impl
+
+
+@torch.library.custom_op("tbo::paged_attention", mutates_args=())
+def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions: Tensor,
+                    block_size: int, scale: float) -> Tensor:
+    return impl("paged_attention")(q, kv_cache, block_table, positions, block_size, scale)
+
+
+@paged_attention.register_fake
+def _(q, kv_cache, block_table, positions, block_size, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("tbo::latent_attention", mutates_args=())
+def latent_attention(q: Tensor, cache: Tensor, block_table: Tensor, positions: Tensor,
+                     block_size: int, v_dim: int, scale: float) -> Tensor:
+    return impl("latent_attention")(q, cache, block_table, positions, block_size, v_dim, scale)
+
+
+@latent_attention.register_fake
+def _(q, cache, block_table, positions, block_size, v_dim, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v_dim)
+
+
+@torch.library.custom_op("tbo::moe_experts", mutates_args=())
+def moe_experts(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+    return impl("moe_experts")(x, topk_ids, topk_w, w13, w2)
+
+
+@moe_experts.register_fake
+def _(x, topk_ids, topk_w, w13, w2):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("tbo::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return impl("rms_norm")(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+@torch.library.custom_op("tbo::silu_mul", mutates_args=())
+def silu_mul(gu: Tensor) -> Tensor:
+    return impl("silu_mul")(gu)
+
+
+@silu_mul.register_fake
+def _(gu):
+    return gu.new_empty(*gu.shape[:-1], gu.shape[-1] // 2)
+
+
+@torch.library.custom_op("tbo::rope_interleaved", mutates_args=())
+def rope_interleaved(x: Tensor, positions: Tensor, inv_freq: Tensor, mul: float) -> Tensor:
+    return impl("rope_interleaved")(x, positions, inv_freq, mul)
+
+
+@rope_interleaved.register_fake
+def _(x, positions, inv_freq, mul):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("tbo::rope_half", mutates_args=())
+def rope_half(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    return impl("rope_half")(x, positions, inv_freq)
+
+
+@rope_half.register_fake
+def _(x, positions, inv_freq):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("tbo::dispatch_pack", mutates_args=())
+def dispatch_pack(x: Tensor, topk_ids: Tensor, topk_w: Tensor, world: int,
+                  experts_per_rank: int) -> tuple[Tensor, Tensor]:
+    return impl("dispatch_pack")(x, topk_ids, topk_w, world, experts_per_rank)
+
+
+@dispatch_pack.register_fake
+def _(x, topk_ids, topk_w, world, experts_per_rank):
+    T, K = topk_ids.shape
+    return x.new_empty(world * T, x.shape[1]), x.new_empty(world * T, 2 * K, dtype=torch.int32)
+
+
+_ops = torch.ops.tbo
+#: ops whose output rows follow the rows of their first argument (the split pass's rule)
+ROWWISE_OPS = frozenset({_ops.paged_attention.default, _ops.latent_attention.default,
+                         _ops.moe_experts.default, _ops.rms_norm.default, _ops.silu_mul.default,
+                         _ops.rope_interleaved.default, _ops.rope_half.default})
+#: ops that reduce over their input's last axis (that axis must not carry tokens)
+LAST_AXIS_OPS = frozenset({_ops.rms_norm.default, _ops.silu_mul.default, _ops.rope_interleaved.default,
+                           _ops.rope_half.default})
+#: op -> positional index of its `world` argument: outputs hold `world` blocks of the input's tokens
+FAN_OUT_OPS = {_ops.dispatch_pack.default: 3}
+#: every kernel op, by name, with its overload (what the backend registry implements)
+KERNEL_OPS = {name: getattr(_ops, name).default for name in
+              ("paged_attention", "latent_attention", "moe_experts", "rms_norm", "silu_mul",
+               "rope_interleaved", "rope_half", "dispatch_pack")}
+
+
+def unpack_meta(meta: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """[R, 2K] int32 dispatch meta -> (local ids [R, K] int32, weights [R, K] fp32): views, no copy."""
+    return meta[:, :k], meta[:, k:].view(torch.float32)

@@ -1,0 +1,75 @@
+"""Whole programs captured as CUDA graphs: both streams, fork and join inside one graph.
+
+A `GraphedProgram` wraps a `Program` for one bucket. Its arguments are of two kinds:
+  copied   per-step inputs (token ids, positions, ...): copied into static buffers before replay
+  static   tensors that must be the same tensors every call (weights, KV caches): checked by
+           address; a call with other tensors captures again (and logs it)
+The first call warms the program up on a side stream (Triton compiles, NCCL and cuBLAS initialise
+there, outside the capture), then captures it into a graph that draws on one memory pool shared by
+every bucket of a plan (capture the largest bucket first so the smaller ones fit in its memory).
+Replay issues no Python per op: this is what makes small decode steps and the two-stream
+schedule cheap on the host.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class GraphedProgram:
+    def __init__(self, program, copied: Sequence[int], pool=None, name: str = "program"):
+        self.program, self.copied, self.pool, self.name = program, frozenset(copied), pool, name
+        self.graph = None
+        self.static: dict[int, torch.Tensor] = {}
+        self.ptrs: tuple = ()
+        self.out = None
+
+    def _static_ptrs(self, args) -> tuple:
+        return tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a
+                     for i, a in enumerate(args) if i not in self.copied)
+
+    def capture(self, args) -> None:
+        if self.graph is not None:
+            log.info("%s: static inputs moved (new KV caches?); capturing again", self.name)
+        self.graph = self.out = None
+        self.static = {i: args[i].clone() for i in self.copied}
+        run_args = [self.static.get(i, a) for i, a in enumerate(args)]
+        cur = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):  # warm-up: lazy initialisation must not land in the graph
+            self.program(*run_args)
+        cur.wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            self.out = self.program(*run_args)
+        self.graph, self.ptrs = g, self._static_ptrs(args)
+
+    def __call__(self, *args):
+        if self.graph is None or self._static_ptrs(args) != self.ptrs:
+            self.capture(args)
+        for i in self.copied:
+            self.static[i].copy_(args[i])
+        self.graph.replay()
+        return self.out
+
+
+def time_replays(fns: dict, reps: int = 5) -> dict[str, float]:
+    """Median ms of each callable, interleaved so clocks and caches treat them alike."""
+    times: dict[str, list] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times[k].append(s.elapsed_time(e))
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+__all__ = ["GraphedProgram", "time_replays"]

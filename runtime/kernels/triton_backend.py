@@ -1,0 +1,50 @@
+"""The project's Triton kernels as one backend (CUDA tensors; the kernel modules hold the code).
+
+    latent_attention  triton_mla.py         MLA absorbed form, flash-style, split-KV for small T
+    paged_attention   triton_gqa.py         GQA over the paged cache
+    moe_experts       triton_moe.py         fused MoE (indirect row loads, SwiGLU in the epilogue)
+    rms_norm, silu_mul, rope_interleaved, rope_half   triton_elementwise.py
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+NAME = "triton"
+_WHERE = {"latent_attention": "triton_mla", "paged_attention": "triton_gqa", "moe_experts": "triton_moe",
+          "rms_norm": "triton_elementwise", "silu_mul": "triton_elementwise",
+          "rope_interleaved": "triton_elementwise", "rope_half": "triton_elementwise"}
+
+
+def available() -> bool:
+    import triton  # noqa: F401  (the probe: Triton must import)
+    return torch.cuda.is_available()
+
+
+def _mod(op: str):
+    return importlib.import_module(f".{_WHERE[op]}", __package__)
+
+
+def supports(op: str, args: tuple) -> bool:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not all(t.is_cuda for t in tensors):
+        return False
+    return bool(_mod(op).supported(*tensors))
+
+
+class _Lazy(dict):
+    """op -> the kernel function, importing its module on first use."""
+
+    def __missing__(self, op):
+        if op not in _WHERE:
+            raise KeyError(op)
+        fn = getattr(_mod(op), op)
+        self[op] = fn
+        return fn
+
+    def __contains__(self, op):
+        return op in _WHERE
+
+
+IMPLS = _Lazy()

@@ -1,0 +1,254 @@
+"""A schedule becomes a program: straight-line Python generated once, no interpreter at run time.
+
+Contract
+  requires   a split (or unsplit) ATen graph with meta["tbo_stream"] on every node and a verified
+             instruction list over it (passes/verify_schedule.py).
+  guarantees `Program(*inputs)` returns the graph's outputs. On CUDA (a HIP stream on ROCm) it runs
+             on the caller's current stream (the compute stream) and one side stream (comm): the
+             side stream forks from the compute stream at entry and joins it at exit, so a call can
+             be captured whole in a CUDA graph. No host synchronisation is added (no .item(), no
+             event queries): the only syncs are those of the ops themselves, and the kernels and
+             comm backends used on CUDA have none.
+  must not   change values: the program computes what the graph does.
+
+Pseudo-code
+  Step 1: decide which functional KV-cache updates may write in place (`inplace_updates`).
+  Step 2: bind each node's callable: ATen overloads as they are, kernel ops through the kernel
+          selector (resolved on the first call, with real tensors), comm starts as the group's
+          backend method (dispatch, combine, ...), comm waits as `pending.wait()`.
+  Step 3: emit one line per instruction: run -> `v = f(args)` under the stream it names (a stream
+          switch only where the stream changes); record -> `E[i].record(S)`; wait ->
+          `S.wait_event(E[i])`; free -> `del v` (after `record_stream` on the other stream when a
+          reader there is ordered by an event, so the allocator cannot hand the memory out early).
+  Step 4: compile the source with `exec` and keep it (`Program.source`) for reading and dumps.
+
+Modes for timing the parts alone (bench): "compute" runs everything with a comm backend that does
+no communication (shapes right, values not); "comm" runs only the comm ops, on preallocated
+payloads of the right shapes, one after the other on the current stream.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from tbo_compiler.ops.comm import START_OPS, WAIT_OPS
+from tbo_compiler.ops.instr import COMM, COMPUTE, Instr, other_stream
+from tbo_compiler.ops.kernels import KERNEL_OPS
+from tbo_compiler.runtime import kernels
+from tbo_compiler.runtime.comm import backend_for
+
+aten = torch.ops.aten
+_KERNEL_NAMES = {v: k for k, v in KERNEL_OPS.items()}
+_INPLACE = {aten.index_put.default: aten.index_put_.default}
+
+
+# Step 1 --------------------------------------------------------------------------------------
+
+def inplace_updates(gm: fx.GraphModule, instrs: Sequence[Instr]) -> set[str]:
+    """Functional state updates (`index_put` into a KV cache) that may write in place.
+
+    The graph is functional, so each cache update makes a new cache: a copy of the whole cache per
+    layer and ubatch. An update may instead write into its input when that input is a mutated
+    graph input (the caller's cache, copied back at the end anyway) or an earlier in-place update,
+    and every other reader of that input runs before it, on the same stream. The final
+    `copy_(input, value)` then finds the same tensor and is skipped."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    runs = [i for i in instrs if i.op == "run"]
+    pos = {i.node: k for k, i in enumerate(runs)}
+    stream = {i.node: i.stream for i in runs}
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = {a.name for a in out.all_input_nodes}
+    mutated = {n.args[0].name for n in gm.graph.nodes
+               if n.op == "call_function" and n.target == aten.copy_.default and n.args[0].op == "placeholder"}
+    inplace: set[str] = set()
+    for i in runs:
+        n = nodes[i.node]
+        if n.target not in _INPLACE:
+            continue
+        base = n.args[0]
+        if not (base.name in mutated or base.name in inplace) or base.name in outputs:
+            continue
+        readers = [u for u in base.users if u is not n and not (u.target == aten.copy_.default
+                                                                and u.args[0] is base)]
+        if all(pos.get(u.name, -1) < pos[n.name] and stream.get(u.name) == stream[n.name] for u in readers):
+            inplace.add(n.name)
+    return inplace
+
+
+# Step 2 helpers: what the generated code calls --------------------------------------------------
+
+def _copy_back(dst, src):
+    """The mutation epilogue: nothing to do when the update was made in place."""
+    return dst if dst is src else dst.copy_(src)
+
+
+def _record_stream(v, stream) -> None:
+    if isinstance(v, torch.Tensor):
+        if v.is_cuda:
+            v.record_stream(stream)
+    elif isinstance(v, (tuple, list)):
+        for t in v:
+            _record_stream(t, stream)
+
+
+class _Kernel:
+    """A kernel op bound to its backend on the first call (with real tensors), then called directly."""
+
+    def __init__(self, op: str):
+        self.op, self.fn, self.backend = op, None, None
+
+    def __call__(self, *args):
+        if self.fn is None:
+            self.backend, self.fn = kernels.select(self.op, args)
+        return self.fn(*args)
+
+
+def _meta_of(n: fx.Node):
+    """(shape, dtype) of a node's value: meta['val'] from a capture, meta['tbo_val'] from a plan."""
+    v = n.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        return tuple(v.shape), v.dtype
+    tv = n.meta.get("tbo_val")
+    if tv and isinstance(tv[0], list) and isinstance(tv[1], str):
+        return tuple(tv[0]), getattr(torch, tv[1])
+    raise ValueError(f"node {n.name} has no tensor shape recorded")
+
+
+# Step 3 + 4 ------------------------------------------------------------------------------------
+
+class Program:
+    """Callable(*flat_inputs) -> outputs of the graph, the schedule compiled to Python."""
+
+    def __init__(self, gm: fx.GraphModule, instrs: Sequence[Instr], device: torch.device | str = "cpu",
+                 *, inplace: bool = True, mode: str = "full", comm_backend: str | None = None):
+        if mode not in ("full", "compute", "comm"):
+            raise ValueError(f"unknown program mode {mode!r}")
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.mode = mode
+        self.placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        self.inplace = inplace_updates(gm, instrs) if inplace and mode == "full" else set()
+        self.glob: dict[str, Any] = {"_copy_back": _copy_back, "_rs": _record_stream, "getitem": operator.getitem}
+        self.kernels: dict[str, _Kernel] = {}
+        self._comm_backend = "null" if mode == "compute" else comm_backend
+        self.events = 0
+        lines = self._emit(gm, instrs)
+        self.source = "\n".join(lines) + "\n"
+        if self.cuda:
+            self.glob["SM"] = torch.cuda.Stream(self.device)
+            self.glob["E"] = [torch.cuda.Event() for _ in range(self.events + 1)]
+            self.glob["_set"] = torch.cuda.set_stream
+            self.glob["_current"] = torch.cuda.current_stream
+        exec(compile(self.source, f"<tbo program {id(self)}>", "exec"), self.glob)
+        self.fn = self.glob["program"]
+
+    # -- naming
+    def _bind(self, prefix: str, obj) -> str:
+        name = f"{prefix}{len(self.glob)}"
+        self.glob[name] = obj
+        return name
+
+    def _target(self, n: fx.Node) -> str:
+        t = n.target
+        if t in _KERNEL_NAMES:
+            k = self.kernels.setdefault(_KERNEL_NAMES[t], _Kernel(_KERNEL_NAMES[t]))
+            return self._bind("k", k)
+        if n.name in self.inplace:
+            t = _INPLACE[t]
+        if t == aten.copy_.default:
+            return "_copy_back"
+        return self._bind("f", t)
+
+    def _arg(self, a) -> str:
+        if isinstance(a, fx.Node):
+            return f"v_{a.name}"
+        if isinstance(a, (list, tuple)):
+            inner = ", ".join(self._arg(x) for x in a)
+            return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
+        if isinstance(a, (int, bool, str)) or a is None:
+            return repr(a)
+        if isinstance(a, float) and math.isfinite(a):
+            return repr(a)
+        return self._bind("c", a)  # inf/nan, dtypes, devices, layouts, memory formats
+
+    def _call(self, n: fx.Node) -> str:
+        t = n.target
+        if t is operator.getitem:
+            return f"v_{n.args[0].name}[{n.args[1]!r}]"
+        if t in START_OPS:
+            kind = START_OPS[t][1]
+            group, world = n.args[-2], n.args[-1]
+            be = self._bind("B", backend_for(group, world, self._comm_backend))
+            payload = ", ".join(self._arg(a) for a in n.args[:-2])
+            return f"{be}.{kind}({payload})"
+        if t in WAIT_OPS:
+            return f"v_{n.args[0].name}.wait()"
+        args = [self._arg(a) for a in n.args] + [f"{k}={self._arg(v)}" for k, v in n.kwargs.items()]
+        return f"{self._target(n)}({', '.join(args)})"
+
+    # -- the body
+    def _emit(self, gm: fx.GraphModule, instrs: Sequence[Instr]) -> list[str]:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        params = ", ".join(f"v_{p}" for p in self.placeholders)
+        body: list[str] = []
+        if self.mode == "comm":
+            return self._emit_comm_only(nodes, instrs, params)
+        cur = COMPUTE
+        streams = {COMPUTE: "SC", COMM: "SM"}
+        for ins in instrs:
+            if ins.op == "run":
+                if self.cuda and ins.stream != cur:
+                    body.append(f"_set({streams[ins.stream]})")
+                    cur = ins.stream
+                body.append(f"v_{ins.node} = {self._call(nodes[ins.node])}")
+            elif ins.op == "record" and self.cuda:
+                self.events = max(self.events, ins.event)
+                body.append(f"E[{ins.event}].record({streams[ins.stream]})")
+            elif ins.op == "wait" and self.cuda:
+                body.append(f"{streams[ins.stream]}.wait_event(E[{ins.event}])")
+            elif ins.op == "free":
+                if self.cuda and ins.event is not None:
+                    body.append(f"_rs(v_{ins.node}, {streams[other_stream(ins.stream)]})")
+                body.append(f"del v_{ins.node}")
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        ret = f"return {self._arg(tuple(out.args[0]) if isinstance(out.args[0], (list, tuple)) else out.args[0])}"
+        if self.cuda:
+            head = ["SC = _current()", "SM.wait_stream(SC)"]  # fork: the side stream sees the inputs
+            tail = ["_set(SC)", "SC.wait_stream(SM)"]         # join: the caller sees everything
+        else:
+            head, tail = [], []
+        return [f"def program({params}):"] + ["    " + x for x in head + body + tail + [ret]]
+
+    def _emit_comm_only(self, nodes, instrs, params) -> list[str]:
+        body = []
+        for ins in instrs:
+            if ins.op != "run":
+                continue
+            n = nodes[ins.node]
+            if n.target in START_OPS:
+                dummies = []
+                for a in n.args[:-2]:
+                    shape, dtype = _meta_of(a)
+                    dummies.append(self._bind("D", torch.zeros(shape, dtype=dtype, device=self.device)))
+                kind = START_OPS[n.target][1]
+                be = self._bind("B", backend_for(n.args[-2], n.args[-1], self._comm_backend))
+                body.append(f"v_{n.name} = {be}.{kind}({', '.join(dummies)})")
+            elif n.target in WAIT_OPS:
+                body.append(f"v_{n.name} = v_{n.args[0].name}.wait()")
+        return [f"def program({params}):"] + ["    " + x for x in body + ["return None"]]
+
+    def __call__(self, *inputs) -> Any:
+        if len(inputs) != len(self.placeholders):
+            raise TypeError(f"program takes {len(self.placeholders)} inputs, got {len(inputs)}")
+        return self.fn(*inputs)
+
+    def backends(self) -> dict[str, str]:
+        """Kernel op -> backend chosen (after the first call)."""
+        return {op: k.backend for op, k in self.kernels.items() if k.backend}
+
+
+__all__ = ["Program", "inplace_updates"]
