@@ -112,8 +112,11 @@ class Timeline:
         return ov
 
 
-def simulate(instrs, costs: dict, prof: DeviceProfile) -> Timeline:
-    """Replay an instruction list on two streams and one host thread issuing in order."""
+def simulate(instrs, costs: dict, prof: DeviceProfile | None = None) -> Timeline:
+    """Replay an instruction list on two streams and one host thread issuing in order.
+    `prof=None`: a CUDA graph replay, where the host issues nothing per op (costs measured on the
+    GPU, e.g. by runtime/profile.py, are then the whole story)."""
+    launch = prof.launch_us if prof is not None else 0.0
     clock = {"compute": 0.0, "comm": 0.0}
     host = 0.0
     events: dict[int, float] = {}
@@ -126,7 +129,7 @@ def simulate(instrs, costs: dict, prof: DeviceProfile) -> Timeline:
             clock[ins.stream] = max(clock[ins.stream], events.get(ins.event, 0.0))
         elif ins.op == "run":
             c = costs.get(ins.node, 0.0)
-            host += min(c, prof.launch_us)
+            host += min(c, launch)
             start = max(clock[ins.stream], host)
             end = start + c
             clock[ins.stream] = end

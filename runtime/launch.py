@@ -2,6 +2,7 @@
 
     results = run_ranks(fn, world, *args)   # fn(rank, world, *args) -> picklable result
     run_ranks(fn, world, *args, backend="nccl")  # one GPU per rank
+    run_ranks(fn, world, *args, env={"NCCL_P2P_DISABLE": "1"})  # set in each rank before init
 
 Each rank registers the group as "ep" for the tbo comm ops. Rendezvous through a file store,
 results come back through files, a rank's exception is re-raised in the caller with its rank.
@@ -16,8 +17,11 @@ import traceback
 
 import torch.multiprocessing as mp
 
+from tbo_compiler.ops.errors import RuntimeFailure
 
-def _entry(rank, world, fn, args, tmp, backend):
+
+def _entry(rank, world, fn, args, tmp, backend, env):
+    os.environ.update(env)  # before anything reads it (NCCL reads its variables at init)
     import torch
     import torch.distributed as dist
 
@@ -45,10 +49,10 @@ def _entry(rank, world, fn, args, tmp, backend):
     os.replace(out + ".tmp", out)
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 600.0, backend: str = "gloo"):
+def run_ranks(fn, world: int, *args, timeout: float = 600.0, backend: str = "gloo", env: dict | None = None):
     with tempfile.TemporaryDirectory(prefix="tbo_ranks_") as tmp:
         deadline = time.monotonic() + timeout
-        ctx = mp.start_processes(_entry, args=(world, fn, args, tmp, backend), nprocs=world, join=False,
+        ctx = mp.start_processes(_entry, args=(world, fn, args, tmp, backend, dict(env or {})), nprocs=world, join=False,
                                  start_method="spawn")
         while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
             if time.monotonic() > deadline:
@@ -62,5 +66,5 @@ def run_ranks(fn, world: int, *args, timeout: float = 600.0, backend: str = "glo
         # every rank's error: the first rank's is often only "connection closed" by the real culprit
         errors = [val for status, val in loaded if status != "ok"]
         if errors:
-            raise RuntimeError("\n\n".join(errors))
+            raise RuntimeFailure("\n\n".join(errors))
         return [val for _, val in loaded]

@@ -24,7 +24,9 @@ Pseudo-code
 
 Modes for timing the parts alone (bench): "compute" runs everything with a comm backend that does
 no communication (shapes right, values not); "comm" runs only the comm ops, on preallocated
-payloads of the right shapes, one after the other on the current stream.
+payloads of the right shapes, one after the other on the current stream; "profile" runs every
+instruction in order on the current stream with a timing event after each op (runtime/profile.py
+turns that into each op's time: the measured costs the cost model replays).
 """
 from __future__ import annotations
 
@@ -103,7 +105,8 @@ class _Kernel:
 
     def __call__(self, *args):
         if self.fn is None:
-            self.backend, self.fn = kernels.select(self.op, args)
+            self.backend, self.fn, out = kernels.call_checked(self.op, args)
+            return out
         return self.fn(*args)
 
 
@@ -125,7 +128,7 @@ class Program:
 
     def __init__(self, gm: fx.GraphModule, instrs: Sequence[Instr], device: torch.device | str = "cpu",
                  *, inplace: bool = True, mode: str = "full", comm_backend: str | None = None):
-        if mode not in ("full", "compute", "comm"):
+        if mode not in ("full", "compute", "comm", "profile"):
             raise ValueError(f"unknown program mode {mode!r}")
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -136,9 +139,12 @@ class Program:
         self.kernels: dict[str, _Kernel] = {}
         self._comm_backend = "null" if mode == "compute" else comm_backend
         self.events = 0
+        self.profiled: list[str] = []   # profile mode: the node timed by each event
         lines = self._emit(gm, instrs)
         self.source = "\n".join(lines) + "\n"
-        if self.cuda:
+        if mode == "profile":
+            self.glob["P"] = [torch.cuda.Event(enable_timing=True) for _ in range(len(self.profiled) + 1)]
+        elif self.cuda:
             self.glob["SM"] = torch.cuda.Stream(self.device)
             self.glob["E"] = [torch.cuda.Event() for _ in range(self.events + 1)]
             self.glob["_set"] = torch.cuda.set_stream
@@ -197,6 +203,8 @@ class Program:
         body: list[str] = []
         if self.mode == "comm":
             return self._emit_comm_only(nodes, instrs, params)
+        if self.mode == "profile":
+            return self._emit_profile(nodes, instrs, params)
         cur = COMPUTE
         streams = {COMPUTE: "SC", COMM: "SM"}
         for ins in instrs:
@@ -222,6 +230,17 @@ class Program:
         else:
             head, tail = [], []
         return [f"def program({params}):"] + ["    " + x for x in head + body + tail + [ret]]
+
+    def _emit_profile(self, nodes, instrs, params) -> list[str]:
+        body = ["P[0].record()"]
+        for ins in instrs:
+            if ins.op == "run":
+                body.append(f"v_{ins.node} = {self._call(nodes[ins.node])}")
+                self.profiled.append(ins.node)
+                body.append(f"P[{len(self.profiled)}].record()")
+            elif ins.op == "free":
+                body.append(f"del v_{ins.node}")
+        return [f"def program({params}):"] + ["    " + x for x in body + ["return None"]]
 
     def _emit_comm_only(self, nodes, instrs, params) -> list[str]:
         body = []

@@ -13,6 +13,10 @@ Adding a backend (aiter on ROCm, say) is one module and one entry in PREFERENCE.
 
 Override with TBO_KERNELS="op=backend,..." (e.g. "moe_experts=triton") or `prefer(op, backend)`:
 the preferred backend is tried first, and the list continues if it does not take the arguments.
+
+A backend whose first call for an op fails (a kernel that does not compile on this GPU, say) is
+dropped for that op with one warning naming the error, and the call goes to the next backend:
+`call_checked` wraps that first call; later calls go straight to the kernel.
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ PREFERENCE: dict[str, list[str]] = {
 _LOADED: dict[str, object | None] = {}
 _PREFER: dict[str, str] = {}
 _CHOSEN: dict[tuple, str] = {}
+_BROKEN: set[tuple[str, str]] = set()   # (op, backend) whose first call raised
+_PROVEN: set[tuple] = set()             # (op, backend, signature) that ran once
 
 
 def _module(name: str):
@@ -87,6 +93,8 @@ def select(op: str, args: tuple) -> tuple[str, Callable]:
     if op in _PREFER:
         order = [_PREFER[op]] + [b for b in order if b != _PREFER[op]]
     for name in order:
+        if (op, name) in _BROKEN:
+            continue
         mod = _module(name)
         if mod is not None and op in mod.IMPLS and mod.supports(op, args):
             key = (op, name, _signature(args[:1]))
@@ -97,9 +105,28 @@ def select(op: str, args: tuple) -> tuple[str, Callable]:
     raise RuntimeFailure(f"no kernel backend takes {op} with {_signature(args)}")
 
 
+def call_checked(op: str, args: tuple) -> tuple[str, Callable, object]:
+    """Select and call; a backend's failing first call drops it and tries the next one.
+    -> (backend name, function, result)."""
+    while True:
+        name, fn = select(op, args)
+        key = (op, name, _signature(args))
+        if name == "torch" or key in _PROVEN:
+            return name, fn, fn(*args)
+        try:
+            out = fn(*args)
+        except Exception as e:  # noqa: BLE001 - a broken backend falls back, never crashes
+            log.warning("kernel %s: backend %s failed on first use (%s); falling back",
+                        op, name, " ".join(f"{type(e).__name__}: {e}".split())[:300])
+            _BROKEN.add((op, name))
+            continue
+        _PROVEN.add(key)
+        return name, fn, out
+
+
 def _eager(op: str) -> Callable:
     def run(*args):
-        return select(op, args)[1](*args)
+        return call_checked(op, args)[2]
     run.__name__ = f"tbo_{op}"
     return run
 
@@ -108,4 +135,4 @@ _env_preferences()
 for _op in KERNEL_OPS:
     op_impl.bind(_op, _eager(_op))
 
-__all__ = ["select", "prefer", "PREFERENCE", "MODULES"]
+__all__ = ["select", "call_checked", "prefer", "PREFERENCE", "MODULES"]

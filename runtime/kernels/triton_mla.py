@@ -206,11 +206,15 @@ def _config(dtype: torch.dtype, H: int, v_pad: int) -> dict:
 
     16-bit inputs (tensor cores): BH = 64 heads is one wgmma M tile, so 128 heads take 2 programs
     per token (all 128 would need a [128, 512] fp32 accumulator = the whole register file). Warps
-    are sized so the accumulator costs <= 128 fp32 registers per thread ([64, 512] over 8 warps),
-    leaving room for the [BH, BN] scores. BN = 32 keeps shared memory at q (64x576x2 = 74 KB) +
-    2 stages of K (2 x 32x576x2 = 74 KB), well under Hopper's 227 KB, while 2 stages overlap the
-    next tile's gather with the current dots. fp32 inputs (exact `ieee` dots run on FMA units, a
-    correctness path only): small tiles, one stage, to bound registers and shared memory.
+    are sized so the accumulator costs <= 128 fp32 registers per thread ([64, 512] over 8 warps:
+    two warpgroups, each owning 256 of the 512 value columns), leaving room for the [BH, BN]
+    scores; an sm_90 build of the DeepSeek shape takes 252 registers per thread, no spills. BN = 32
+    keeps shared memory at q (64x576x2 = 72 KiB, read by wgmma from shared memory) + 2 stages of K
+    (2 x 32x576x2 = 72 KiB) = 144 KiB, under Hopper's 227 KiB; 2 stages let the next tile's
+    gather (cp.async) overlap the current dots. BN = 64 would fit shared memory (216 KiB) but its
+    scores need registers the accumulator already holds. Narrow V (tiny models): BN = 64.
+    fp32 inputs (exact `ieee` dots run on FMA units, a correctness path only): small tiles, one
+    stage, to bound registers and shared memory.
     """
     if dtype == torch.float32:
         return dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1, DOT_PREC="ieee")
@@ -251,6 +255,7 @@ def latent_attention(q: Tensor, cache: Tensor, block_table: Tensor, positions: T
     assert block_table.shape[0] == T and positions.shape[0] == T
     if out is None:
         out = q.new_empty(T, H, v_dim)
+    assert out.shape == (T, H, v_dim) and out.stride(2) == 1, (out.shape, out.stride())
     if T == 0:
         return out
     q = q if q.stride(2) == 1 else q.contiguous()
@@ -263,7 +268,8 @@ def latent_attention(q: Tensor, cache: Tensor, block_table: Tensor, positions: T
     cfg = _config(q.dtype, H, v_pad)
     head_blocks = triton.cdiv(H, cfg["BLOCK_H"])
     if num_splits is None:
-        sms = _sm_count(q.device.index or 0) if q.is_cuda else 1
+        sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+            if q.is_cuda else 1                      # interpreter: splitting only costs time
         num_splits = _num_splits(T, head_blocks, block_table.shape[1] * block_size, sms)
     consts = dict(BLOCK_SIZE=block_size, V_DIM=v_dim, R_DIM=r_dim, V_PAD=v_pad, R_PAD=r_pad,
                   INTERPRET=_interpreting(), **cfg)
@@ -289,10 +295,11 @@ def latent_attention(q: Tensor, cache: Tensor, block_table: Tensor, positions: T
 
 # Step 5: micro-benchmark on the DeepSeek-V3 shapes (GPU; `python -m ...triton_mla`) ------------
 
-def _bench_case(T: int, req_len: int, causal: bool, block_size: int = 64, table_blocks: int = 256):
+def _bench_case(T: int, req_len: int, causal: bool, block_size: int = 64, table_blocks: int = 256,
+                dev: str = "cuda"):
     """Inputs for T tokens in requests of req_len tokens; decode = each token at position req_len-1."""
     H, C, V = 128, 576, 512
-    dev, dt = "cuda", torch.bfloat16
+    dt = torch.bfloat16
     reqs = T // req_len if causal else T
     per_req = triton.cdiv(req_len, block_size)
     num_blocks = reqs * per_req + 1
@@ -316,13 +323,16 @@ def _bench() -> None:
     H, C, V = 128, 576, 512
     cases = [(f"decode T={T} ctx=512", T, 512, False) for T in (64, 128, 256, 512)]
     cases.append(("prefill T=4096 (8 x 512, causal)", 4096, 512, True))
-    print(f"{'case':36s} {'ms':>8s} {'TFLOP/s':>8s} {'GB/s':>8s}")
+    sms = _sm_count(torch.cuda.current_device())
+    print(f"{torch.cuda.get_device_name()}, {sms} SMs; H={H} C={C} V={V} bf16, block_size 64")
+    print(f"{'case':36s} {'splits':>6s} {'ms':>8s} {'TFLOP/s':>8s} {'GB/s':>8s}")
     for name, T, L, causal in cases:
         args, pairs, unique_keys = _bench_case(T, L, causal)
+        splits = _num_splits(T, triton.cdiv(H, 64), args[2].shape[1] * args[4], sms)
         ms = do_bench(lambda: latent_attention(*args))
         tflops = 2 * H * (C + V) * pairs / (ms * 1e-3) / 1e12
         gbs = unique_keys * C * 2 / (ms * 1e-3) / 1e9    # distinct cache bytes the call must read
-        print(f"{name:36s} {ms:8.3f} {tflops:8.1f} {gbs:8.1f}")
+        print(f"{name:36s} {splits:6d} {ms:8.3f} {tflops:8.1f} {gbs:8.1f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device session, on the GPU machine, from the repo root: install as documented, then the
+# stages asked for, each logged under $OUT.
+#   bash bench/gpu_run.sh tests        # the whole test suite (GPU tests included)
+#   bash bench/gpu_run.sh kernels      # the kernel micro-benchmarks
+#   bash bench/gpu_run.sh bench ARGS   # bench/tbo_bench.py ARGS
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning | tail -2
+python3 -c "import torch, triton, platform; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0), 'python', platform.python_version())" | tee "$OUT/env.txt"
+stage=${1:-tests}; shift || true
+case "$stage" in
+  tests)   python3 -m pytest -q -p no:cacheprovider -rs -x tests "$@" 2>&1 | tee "$OUT/pytest_gpu.log"; exit ${PIPESTATUS[0]} ;;
+  gputests) python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests "$@" 2>&1 | tee "$OUT/pytest_gpu_only.log"; exit ${PIPESTATUS[0]} ;;
+  kernels) for m in triton_mla triton_elementwise triton_moe triton_gqa; do
+             timeout 120 python3 -m tbo_compiler.runtime.kernels.$m 2>&1 | tee -a "$OUT/kernels.log"; done ;;
+  bench)   python3 bench/tbo_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"; exit ${PIPESTATUS[0]} ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac

@@ -1,0 +1,358 @@
+"""Fused row-wise Triton kernels (RMSNorm, SiLU-and-mul, RoPE) that reproduce torch eager bit for bit.
+
+Each kernel replaces a chain of small torch ops (one launch and one HBM round trip each) by one
+launch that reads its input once and writes its output once. They exist to be swapped in for the
+eager expressions in models/ without changing a single output bit, so every kernel reproduces
+the *rounding sequence* of the torch code it replaces, not just its mathematical value:
+
+  rms_norm(x, w, eps)      torch: xf = x.float(); xf = xf * rsqrt(xf.pow(2).mean(-1) + eps)
+                                  out = w * xf.to(x.dtype)
+      fp32 sum of squares; mean = sum * fp32(1/D) (CUDA's MeanOps multiplies by a factor; the CPU
+      path divides, sum / D, and the kernel follows whichever device it runs on); rsqrt; the
+      normalised row rounded to x.dtype *before* the weight product, which is then done in fp32
+      and rounded once to the result dtype (torch's promotion of x and w).
+  silu_mul(gu)             torch: F.silu(gu[..., :I]) * gu[..., I:]
+      silu = g / (1 + exp(-g)) in fp32 (IEEE division, full-precision expf, like torch's CUDA
+      kernel), rounded to the input dtype, then the product in fp32 rounded again.
+  rope_interleaved(x, pos, inv_freq, mul)   (DeepSeek) pairs (x[2i], x[2i+1]) rotated by
+      pos * inv_freq[i]; cos and sin each multiplied by `mul` in fp32 first.
+  rope_half(x, pos, inv_freq)               (Qwen, rotate_half) pairs (x[i], x[i + R/2]).
+      Both: angle = fp32(pos) * inv_freq, full-range-reduction cos/sin (libdevice, as torch's
+      cosf/sinf; Triton's own tl.cos is an approximation that degrades for large angles), every
+      product and sum rounded to fp32 separately, one rounding to x.dtype at the end.
+
+Kernels launch with enable_fp_fusion=False: torch computes a*b - c*d in separate kernels, so
+every product is rounded; letting the compiler contract it into an FMA would change last bits.
+
+What "bit for bit" can and cannot mean: elementwise kernels (silu_mul, rope) match exactly when
+the transcendental functions are the same implementation (libdevice on CUDA). rms_norm sums a row
+in a different order than torch's reduction, so the fp32 mean can differ in its last bit, and the
+bf16 output then differs by one ulp in roughly one element in 2^16; with inputs whose sum of
+squares is exact in fp32 (any order) it matches exactly.
+
+On CPU (TRITON_INTERPRET=1, the tests) three interpreter shortcuts are worked around behind the
+INTERP constexpr: fp32 -> bf16 casts there truncate instead of rounding to nearest even (so the
+kernel rounds by hand), libdevice is unavailable (numpy's exp/cos/sin are used), and the reference
+is torch's CPU code (mean = sum / D, rsqrt = 1 / sqrt).
+
+All functions: any leading dims (flattened into rows; a row stride, or two nested ones, is taken
+as is, so slices of wider tensors are read in place), last dim contiguous, outputs contiguous,
+no host sync (CUDA-graph capturable), zero rows -> empty output without a launch.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.language.extra import libdevice
+
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+_TILE = 4096  # elements per program: enough in flight per SM without spilling registers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supported(*tensors: Tensor) -> bool:
+    """True when the kernels can take these tensors: on CUDA (or CPU under the interpreter),
+    floating dtype bf16/fp16/fp32 (integer tensors, e.g. positions, pass if int32/int64), last
+    dim contiguous."""
+    for t in tensors:
+        if not (t.is_cuda or (_interpreting() and t.device.type == "cpu")):
+            return False
+        if t.dtype not in _FLOATS and t.dtype not in (torch.int32, torch.int64):
+            return False
+        if t.dim() and t.size(-1) > 1 and t.stride(-1) != 1:
+            return False
+    return True
+
+
+# Host-side helpers --------------------------------------------------------------------------
+
+def _lead_dims(x: Tensor, skip: int = 0) -> list[tuple[int, int]] | None:
+    """(size, stride) of x's leading dims after dims[:skip], merged where memory allows; None if
+    more than two remain (the kernels index rows with at most two strides)."""
+    dims = [(s, st) for s, st in zip(x.shape[skip:-1], x.stride()[skip:-1]) if s != 1]
+    merged: list[tuple[int, int]] = []
+    for s, st in dims:
+        if merged and merged[-1][1] == s * st:
+            merged[-1] = (merged[-1][0] * s, st)
+        else:
+            merged.append((s, st))
+    return merged if len(merged) <= 2 else None
+
+
+def _rows(x: Tensor) -> tuple[Tensor, int, int, int]:
+    """-> (x, inner, outer_stride, inner_stride): row r of x starts at
+    (r // inner) * outer_stride + (r % inner) * inner_stride."""
+    dims = _lead_dims(x)
+    if dims is None:  # three or more unmergeable strides: rare, pay for a copy
+        x = x.contiguous()
+        dims = _lead_dims(x)
+    if not dims:
+        return x, 1, 0, 0
+    if len(dims) == 1:
+        return x, 1, dims[0][1], 0
+    return x, dims[1][0], dims[0][1], dims[1][1]
+
+
+def _tokens_heads(x: Tensor) -> tuple[Tensor, int, int, int]:
+    """x [T, ..., R] -> (x, heads, token_stride, head_stride), the dims between T and R merged."""
+    dims = _lead_dims(x, skip=1)
+    if dims is None or len(dims) > 1:
+        x = x.contiguous()
+        dims = _lead_dims(x, skip=1)
+    heads, head_stride = dims[0] if dims else (1, 0)
+    return x, heads, x.stride(0), head_stride
+
+
+def _num_warps(elems: int) -> int:
+    # about 16 elements per thread: 16-byte vector accesses for 2-byte dtypes, few registers
+    return min(8, max(1, elems // 512))
+
+
+def _launch_opts(elems: int) -> dict:
+    return dict(num_warps=_num_warps(elems), enable_fp_fusion=False)
+
+
+# Device-side helpers ------------------------------------------------------------------------
+
+@triton.jit
+def _bf16_rne(v):
+    """fp32 -> bf16, round to nearest even, in integer ops (the interpreter's cast truncates)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(v != v, 0x7FC0, rounded)  # NaN stays a quiet NaN
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _f32(v, INTERP: tl.constexpr):
+    """Exact upcast to fp32 (the interpreter mangles bf16 subnormals, so shift the bits there)."""
+    if INTERP and v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _round_to(v, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 -> dtype, round to nearest even (what torch's .to() does)."""
+    if INTERP and dtype == tl.bfloat16:
+        return _bf16_rne(v)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
+def _row_offsets(rows, inner, s_outer, s_inner):
+    r = rows.to(tl.int64)  # rows * stride can pass 2^31 on large batches
+    return (r // inner) * s_outer + (r % inner) * s_inner
+
+
+@triton.jit
+def _exp(v, INTERP: tl.constexpr):
+    if INTERP:
+        return tl.exp(v)
+    else:
+        return libdevice.exp(v)  # = CUDA expf; tl.exp is ex2.approx, a different last bit
+
+
+@triton.jit
+def _cos_sin(ang, INTERP: tl.constexpr):
+    if INTERP:
+        return tl.cos(ang), tl.sin(ang)
+    else:
+        return libdevice.cos(ang), libdevice.sin(ang)
+
+
+# 1. RMSNorm ---------------------------------------------------------------------------------
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, D, inner, s_outer, s_inner, eps, inv_d,
+                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = (rows < n_rows)[:, None] & cmask[None, :]
+    x_off = _row_offsets(rows, inner, s_outer, s_inner)
+    x = _f32(tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0), INTERP)
+    ss = tl.sum(x * x, axis=1)
+    if INTERP:  # torch CPU: sum(...).div_(D), rsqrt as 1 / sqrt
+        r = 1.0 / tl.sqrt_rn(ss / D + eps)
+    else:       # torch CUDA: MeanOps multiplies by fp32(1/D); rsqrt is rsqrtf
+        r = libdevice.rsqrt(ss * inv_d + eps)
+    y = _f32(_round_to(x * r[:, None], x_ptr.dtype.element_ty, INTERP), INTERP)
+    w = _f32(tl.load(w_ptr + cols, mask=cmask, other=0.0), INTERP)
+    out = _round_to(w[None, :] * y, o_ptr.dtype.element_ty, INTERP)
+    o_off = rows.to(tl.int64) * D
+    tl.store(o_ptr + o_off[:, None] + cols[None, :], out, mask=mask)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * normalise(x) over the last dim; result dtype = torch.promote_types(x, weight)."""
+    D = x.shape[-1]
+    assert weight.shape == (D,), f"weight {tuple(weight.shape)} for rows of {D}"
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    n_rows = x.numel() // D if D else 0
+    if n_rows == 0:
+        return out
+    x, inner, s_outer, s_inner = _rows(x)
+    block_d = triton.next_power_of_2(D)
+    rows = min(max(1, _TILE // block_d), triton.next_power_of_2(n_rows))
+    inv_d = float(np.float32(1.0) / np.float32(D))
+    _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
+        x, weight.contiguous(), out, n_rows, D, inner, s_outer, s_inner, eps, inv_d,
+        ROWS=rows, BLOCK_D=block_d, INTERP=_interpreting(), **_launch_opts(rows * block_d))
+    return out
+
+
+# 2. SiLU(gate) * up -------------------------------------------------------------------------
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, o_ptr, n_rows, I, inner, s_outer, s_inner,
+                     ROWS: tl.constexpr, BLOCK_I: tl.constexpr, INTERP: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (rows < n_rows)[:, None] & (cols < I)[None, :]
+    g_ptrs = gu_ptr + _row_offsets(rows, inner, s_outer, s_inner)[:, None] + cols[None, :]
+    g = _f32(tl.load(g_ptrs, mask=mask, other=0.0), INTERP)
+    u = _f32(tl.load(g_ptrs + I, mask=mask, other=0.0), INTERP)
+    silu = tl.div_rn(g, 1.0 + _exp(-g, INTERP))
+    silu = _f32(_round_to(silu, gu_ptr.dtype.element_ty, INTERP), INTERP)  # F.silu returns x.dtype
+    out = _round_to(silu * u, o_ptr.dtype.element_ty, INTERP)
+    o_off = rows.to(tl.int64) * I
+    tl.store(o_ptr + o_off[:, None] + cols[None, :], out, mask=mask)
+
+
+def silu_mul(gu: Tensor) -> Tensor:
+    """gu [..., 2I] -> silu(gu[..., :I]) * gu[..., I:], [..., I] in gu's dtype."""
+    two_i = gu.shape[-1]
+    assert two_i % 2 == 0, f"last dim {two_i} is not gate|up"
+    I = two_i // 2
+    out = torch.empty(*gu.shape[:-1], I, dtype=gu.dtype, device=gu.device)
+    n_rows = gu.numel() // two_i if two_i else 0
+    if n_rows == 0:
+        return out
+    gu, inner, s_outer, s_inner = _rows(gu)
+    block_i = min(triton.next_power_of_2(I), _TILE)
+    rows = min(max(1, _TILE // block_i), triton.next_power_of_2(n_rows))
+    grid = (triton.cdiv(n_rows, rows), triton.cdiv(I, block_i))
+    _silu_mul_kernel[grid](gu, out, n_rows, I, inner, s_outer, s_inner,
+                           ROWS=rows, BLOCK_I=block_i, INTERP=_interpreting(),
+                           **_launch_opts(rows * block_i))
+    return out
+
+
+# 3./4. Rotary embeddings --------------------------------------------------------------------
+
+@triton.jit
+def _rope_kernel(x_ptr, pos_ptr, f_ptr, o_ptr, H, R, s_tok, s_head, mul,
+                 BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+                 INTERLEAVED: tl.constexpr, INTERP: tl.constexpr):
+    """One token, BLOCK_H heads: cos/sin of the token's R/2 angles once, applied to all heads."""
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pairs = tl.arange(0, BLOCK_P)
+    P = R // 2
+    pmask = pairs < P
+    ang = tl.load(pos_ptr + t).to(tl.float32) * tl.load(f_ptr + pairs, mask=pmask, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(ang, INTERP)
+    cos, sin = (cos * mul)[None, :], (sin * mul)[None, :]
+    mask = (heads < H)[:, None] & pmask[None, :]
+    x_row = x_ptr + t.to(tl.int64) * s_tok + heads.to(tl.int64)[:, None] * s_head
+    o_row = o_ptr + (t.to(tl.int64) * H + heads[:, None]) * R
+    if INTERLEAVED:
+        cols = tl.arange(0, 2 * BLOCK_P)[None, :]
+        mask2 = (heads < H)[:, None] & (cols < R)
+        xx = _f32(tl.load(x_row + cols, mask=mask2, other=0.0), INTERP)
+        x0, x1 = tl.split(tl.reshape(xx, (BLOCK_H, BLOCK_P, 2)))
+        o0, o1 = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+        oo = tl.reshape(tl.join(o0, o1), (BLOCK_H, 2 * BLOCK_P))
+        tl.store(o_row + cols, _round_to(oo, o_ptr.dtype.element_ty, INTERP), mask=mask2)
+    else:
+        cols = pairs[None, :]
+        x1 = _f32(tl.load(x_row + cols, mask=mask, other=0.0), INTERP)
+        x2 = _f32(tl.load(x_row + cols + P, mask=mask, other=0.0), INTERP)
+        tl.store(o_row + cols, _round_to(x1 * cos - x2 * sin, o_ptr.dtype.element_ty, INTERP), mask=mask)
+        tl.store(o_row + cols + P, _round_to(x2 * cos + x1 * sin, o_ptr.dtype.element_ty, INTERP), mask=mask)
+
+
+def _rope(x: Tensor, positions: Tensor, inv_freq: Tensor, mul: float, interleaved: bool) -> Tensor:
+    T, R = x.shape[0], x.shape[-1]
+    assert x.dim() >= 2 and R % 2 == 0, f"x {tuple(x.shape)}: need [T, ..., R] with R even"
+    assert positions.shape == (T,) and inv_freq.shape == (R // 2,)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    x, heads, s_tok, s_head = _tokens_heads(x)
+    block_p = triton.next_power_of_2(R // 2)
+    block_h = min(max(1, _TILE // (2 * block_p)), triton.next_power_of_2(heads))
+    grid = (T, triton.cdiv(heads, block_h))
+    _rope_kernel[grid](x, positions.contiguous(), inv_freq.contiguous(), out, heads, R, s_tok, s_head,
+                       float(mul), BLOCK_H=block_h, BLOCK_P=block_p, INTERLEAVED=interleaved,
+                       INTERP=_interpreting(), **_launch_opts(block_h * 2 * block_p))
+    return out
+
+
+def rope_interleaved(x: Tensor, positions: Tensor, inv_freq: Tensor, mul: float) -> Tensor:
+    """x [T, ..., R]: rotate (x[2i], x[2i+1]) by positions[t] * inv_freq[i], cos/sin scaled by mul."""
+    return _rope(x, positions, inv_freq, mul, interleaved=True)
+
+
+def rope_half(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """x [T, ..., R]: rotate (x[i], x[i + R/2]) by positions[t] * inv_freq[i] (rotate_half)."""
+    return _rope(x, positions, inv_freq, 1.0, interleaved=False)
+
+
+# Micro-benchmark (GPU only) -----------------------------------------------------------------
+
+def _torch_rms_norm(x, w, eps):
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _torch_silu_mul(gu):
+    g, u = gu.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+def _torch_rope_interleaved(x, positions, inv_freq, mul):
+    ang = positions.float()[:, None] * inv_freq[None, :]
+    ang = ang.view(ang.shape[0], *([1] * (x.dim() - 2)), ang.shape[1])
+    cos, sin = torch.cos(ang) * mul, torch.sin(ang) * mul
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).to(x.dtype)
+
+
+def _bench() -> None:
+    from triton.testing import do_bench
+
+    dev, bf = "cuda", torch.bfloat16
+    x = torch.randn(4096, 7168, device=dev, dtype=bf)
+    w = torch.randn(7168, device=dev, dtype=bf)
+    gu = torch.randn(32768, 4096, device=dev, dtype=bf)
+    q = torch.randn(4096, 128, 192, device=dev, dtype=bf)[..., 128:]
+    pos = torch.randint(0, 32768, (4096,), device=dev)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 64, 2, device=dev, dtype=torch.float32) / 64)
+    cases = [
+        ("rms_norm [4096, 7168]", 2 * x.numel() * 2, lambda: rms_norm(x, w, 1e-6), lambda: _torch_rms_norm(x, w, 1e-6)),
+        ("silu_mul [32768, 4096]", gu.numel() * 2 * 3 // 2, lambda: silu_mul(gu), lambda: _torch_silu_mul(gu)),
+        ("rope_interleaved [4096, 128, 64] strided", 2 * q.numel() * 2,
+         lambda: rope_interleaved(q, pos, inv_freq, 1.0), lambda: _torch_rope_interleaved(q, pos, inv_freq, 1.0)),
+    ]
+    for name, nbytes, ours, ref in cases:
+        for label, fn in (("triton", ours), ("torch", ref)):
+            ms = do_bench(fn)
+            print(f"{name:42s} {label:6s} {ms * 1e3:9.1f} us {nbytes / ms / 1e6:8.0f} GB/s")
+
+
+if __name__ == "__main__":
+    _bench()

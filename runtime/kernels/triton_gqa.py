@@ -1,0 +1,290 @@
+"""Paged GQA attention in Triton: flash-style online softmax over each token's own request's blocks.
+
+Dims: T tokens, H query heads, G kv heads, R = H // G query heads per kv head, Dh head dim,
+S cache slots (num_blocks * BS), BS block size, NB blocks per block-table row, SP kv splits.
+
+Contract (same as the torch reference in runtime/kernels/__init__.py):
+  paged_attention(q_THD, kv_cache_S2GD, block_table_TNB, positions_T, block_size, scale) -> o_THD
+      token t attends logical positions j = 0..positions[t] of its row of block_table:
+      slot(t, j) = block_table[t, j // BS] * BS + j % BS; head h reads kv head h // R;
+      o[t, h] = softmax_j(scale * q[t, h] . k[slot, g]) @ v[slot, g], fp32 accumulation, q's dtype.
+  No host sync; allocations depend on shapes only (CUDA-graph capturable); the context length is
+  read from positions inside the kernel.
+
+Algorithm:
+  1. One program per (token, kv head, split). Its R query heads are the M rows of the tile (padded
+     to 16 for tl.dot, padding rows masked), so K/V are read once per group, not once per head.
+  2. The program walks its share of positions 0..positions[t] in BLOCK_N tiles: block ids come from
+     the token's block-table row, K and V rows are gathered by slot; scores use exp2 with
+     scale * log2(e) folded in, and the online softmax keeps a running max m, sum l and fp32 acc.
+  3. Without splits (enough tokens to fill the GPU) the program writes acc / l. With SP splits
+     (few tokens, e.g. small decode batches) the context is cut into SP equal tile-aligned chunks,
+     computed from positions[t] in the kernel so they stay balanced for any length; each split
+     writes (acc, m, l) and a second kernel merges them with weights exp2(m_s - max m).
+
+The context loop is an scf.for over bounds read on the device, which Triton's software pipeliner
+prefetches (the block-table load a stage ahead of the K/V gathers). Triton 3.6's interpreter cannot
+take such a bound under NumPy >= 2.4; `_fix_interpreter_loop_bounds` repairs that in the
+interpreter instead of giving the CPU tests a different loop than the GPU compiles.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supported(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions: Tensor,
+              block_size: int = 1, scale: float = 1.0) -> bool:
+    """Whether paged_attention can run these inputs (CUDA, or CPU under Triton's interpreter)."""
+    ts = (q, kv_cache, block_table, positions)
+    if not all(isinstance(t, Tensor) for t in ts):
+        return False
+    on_gpu = all(t.is_cuda for t in ts)
+    on_cpu = _interpreting() and all(t.device.type == "cpu" for t in ts)
+    if not (on_gpu or on_cpu):
+        return False
+    if q.dtype not in _DTYPES or kv_cache.dtype != q.dtype:
+        return False
+    if on_cpu and q.dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot is wrong (Triton 3.6)
+        return False
+    ints = (torch.int32, torch.int64)
+    if block_table.dtype not in ints or positions.dtype not in ints:
+        return False
+    if q.dim() != 3 or kv_cache.dim() != 4 or block_table.dim() != 2 or positions.dim() != 1:
+        return False
+    T, H, Dh = q.shape
+    S, two, G, Dk = kv_cache.shape
+    return (two == 2 and Dk == Dh and G > 0 and H % G == 0 and H // G <= 128 and Dh <= 256
+            and block_table.shape[0] == T and positions.shape[0] == T and block_size > 0
+            and S % block_size == 0)
+
+
+# Step 1: launch parameters -----------------------------------------------------------------------
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:  # host-side property, cached: nothing touches the stream
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _num_splits(programs: int, max_ctx: int, device: torch.device) -> int:
+    """Splits per (token, kv head): enough programs for ~2 per SM, each split >= 256 positions.
+
+    Decided from shapes only (max_ctx = NB * BS, the block table's capacity), so it is fixed for a
+    captured graph; the split boundaries themselves follow the real length inside the kernel.
+    """
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device)
+    if programs >= sms:
+        return 1
+    want = min(triton.cdiv(2 * sms, programs), max(max_ctx // 256, 1), 32)
+    return 1 << (want.bit_length() - 1)  # a power of two: the merge kernel aranges over splits
+
+
+def _block_n(dtype: torch.dtype, head_dim: int) -> int:
+    """Positions per tile. Hopper, Dh = 128 bf16: 64 rows of K and of V are 32 KB per stage, so 3
+    stages fit easily and 4 warps keep enough loads in flight with several CTAs per SM."""
+    if _interpreting():
+        return 16  # small tiles: the tests' short contexts still span several tiles
+    if dtype == torch.float32 or head_dim > 128:
+        return 32
+    return 64
+
+
+# Step 2: kernels ---------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_kernel(q_ptr, kv_ptr, bt_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
+                 qk_scale, H, s_qt, s_qh, s_ks, s_kv, s_kg, s_bt, s_ot, s_oh,
+                 R: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PREC: tl.constexpr):
+    t = tl.program_id(0)  # fastest: neighbouring programs are tokens of one request, sharing K/V in L2
+    g = tl.program_id(1)
+    sp = tl.program_id(2)
+    ctx = tl.load(pos_ptr + t).to(tl.int32) + 1
+    if SPLITS == 1:
+        lo = 0
+        hi = ctx
+    else:
+        chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+        lo = sp * chunk
+        hi = tl.minimum(lo + chunk, ctx)  # lo >= hi: empty split, writes m = -inf, l = 0
+
+    i = tl.arange(0, BLOCK_M)
+    heads = g * R + i
+    m_ok = i < R
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < DH
+    q = tl.load(q_ptr + t.to(tl.int64) * s_qt + heads[:, None] * s_qh + d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = kv_ptr + g * s_kg
+    bt_row = bt_ptr + t.to(tl.int64) * s_bt
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        j_ok = j < hi
+        blk = tl.load(bt_row + j // BS, mask=j_ok, other=0)
+        rows = (blk.to(tl.int64) * BS + j % BS) * s_ks
+        kv_ok = j_ok[:, None] & d_ok[None, :]  # never read past the context: slots there may hold NaN
+        k = tl.load(k_base + rows[:, None] + d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(k_base + s_kv + rows[:, None] + d[None, :], mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(j_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds position j0 < hi
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    if SPLITS == 1:
+        o = acc / l_i[:, None]
+        o_ptrs = o_ptr + t.to(tl.int64) * s_ot + heads[:, None] * s_oh + d[None, :]
+        tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    else:
+        row = (t.to(tl.int64) * H + heads) * SPLITS + sp  # partials [T, H, SP, Dh] and [T, H, SP, 2]
+        tl.store(part_ptr + row[:, None] * DH + d[None, :], acc, mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(ml_ptr + row * 2, m_i, mask=m_ok)
+        tl.store(ml_ptr + row * 2 + 1, l_i, mask=m_ok)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, ml_ptr, o_ptr, H, s_ot, s_oh,
+                  DH: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    row = (t.to(tl.int64) * H + h) * SPLITS + tl.arange(0, SPLITS)
+    m = tl.load(ml_ptr + row * 2)
+    l = tl.load(ml_ptr + row * 2 + 1)
+    w = tl.exp2(m - tl.max(m, 0))  # split 0 always holds position 0, so max m is finite
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < DH
+    part = tl.load(part_ptr + row[:, None] * DH + d[None, :], mask=d_ok[None, :], other=0.0)
+    o = tl.sum(part * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(o_ptr + t.to(tl.int64) * s_ot + h * s_oh + d, o.to(o_ptr.dtype.element_ty), mask=d_ok)
+
+
+# Step 3: the op ----------------------------------------------------------------------------------
+
+def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions: Tensor,
+                    block_size: int, scale: float, *, block_n: int | None = None,
+                    num_splits: int | None = None) -> Tensor:
+    """GQA over a paged cache; see the module docstring. No host sync."""
+    T, H, Dh = q.shape
+    G = kv_cache.shape[2]
+    R = H // G
+    out = q.new_empty(T, H, Dh)
+    if T == 0:
+        return out
+    if _interpreting():
+        _fix_interpreter_loop_bounds()
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kv_cache = kv_cache if kv_cache.stride(-1) == 1 else kv_cache.contiguous()
+    block_table = block_table.contiguous()
+    splits = num_splits or _num_splits(T * G, block_table.shape[1] * block_size, q.device)
+    assert splits & (splits - 1) == 0, "num_splits must be a power of two"
+    bn = block_n or _block_n(q.dtype, Dh)
+    block_d = max(16, triton.next_power_of_2(Dh))
+    meta = dict(R=R, DH=Dh, BS=block_size, SPLITS=splits, BLOCK_M=max(16, triton.next_power_of_2(R)),
+                BLOCK_N=bn, BLOCK_D=block_d, PREC="ieee" if q.dtype == torch.float32 else None,
+                num_warps=4, num_stages=3)
+    if splits == 1:
+        part = ml = out  # unused: the kernel writes the output itself
+    else:
+        part = torch.empty(T, H, splits, Dh, dtype=torch.float32, device=q.device)
+        ml = torch.empty(T, H, splits, 2, dtype=torch.float32, device=q.device)
+    _attn_kernel[(T, G, splits)](
+        q, kv_cache, block_table, positions, out, part, ml, scale * _LOG2E, H,
+        q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        block_table.stride(0), out.stride(0), out.stride(1), **meta)
+    if splits > 1:
+        _merge_kernel[(T, H)](part, ml, out, H, out.stride(0), out.stride(1),
+                              DH=Dh, SPLITS=splits, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+_INTERP_FIXED = False
+
+
+def _fix_interpreter_loop_bounds() -> None:
+    """Make Triton 3.6's interpreter accept runtime loop bounds under NumPy >= 2.4.
+
+    The interpreter holds scalars as 1-element arrays and turns a `range` bound into an int with
+    int(array), which NumPy 2.4 refuses for arrays of ndim > 0. Its patch of tl.tensor.__index__ is
+    wrapped to use .item() instead. Interpreter only; compiled kernels never see this.
+    """
+    global _INTERP_FIXED
+    if _INTERP_FIXED:
+        return
+    _INTERP_FIXED = True
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return  # this NumPy still converts size-1 arrays: nothing to fix
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+# Step 4: GPU micro-benchmark (python -m tbo_compiler.runtime.kernels.triton_gqa, on an H200) ------
+
+def _bench_case(n_req: int, new: int, ctx: int, H=64, G=4, Dh=128, BS=16) -> None:
+    """n_req requests, each with `new` tokens at positions ctx - new .. ctx - 1 (new = 1: decode)."""
+    from triton.testing import do_bench
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    per_req = triton.cdiv(ctx, BS)
+    num_blocks = n_req * per_req + 1  # block 0: the null block
+    kv = torch.randn(num_blocks * BS, 2, G, Dh, device="cuda", generator=g).bfloat16()
+    perm = torch.randperm(num_blocks - 1, device="cuda", generator=g) + 1  # scattered blocks
+    tables = perm.view(n_req, per_req).int()
+    T = n_req * new
+    req = torch.arange(T, device="cuda") // new
+    bt = tables[req]
+    pos = ctx - new + torch.arange(T, device="cuda") % new
+    q = torch.randn(T, H, Dh, device="cuda", generator=g).bfloat16()
+    fn = lambda: paged_attention(q, kv, bt, pos, BS, Dh ** -0.5)  # noqa: E731
+    fn()
+    ms = do_bench(fn, warmup=25, rep=100)
+    n_pairs = float((pos + 1).sum())
+    flop = 4 * n_pairs * H * Dh
+    kv_gb = n_pairs * 2 * G * Dh * 2 / 1e9  # K/V bytes as each token reads them (L2 serves repeats)
+    splits = _num_splits(T * G, bt.shape[1] * BS, q.device)
+    print(f"reqs={n_req:4d} new={new:5d} ctx={ctx:6d} T={T:5d} splits={splits:2d} {ms:8.3f} ms "
+          f"{flop / ms / 1e9:7.2f} TFLOP/s {kv_gb / ms * 1e3:8.1f} GB/s K/V read per token")
+
+
+if __name__ == "__main__":
+    for _args in [(1, 1, 4096), (8, 1, 4096), (64, 1, 2048), (64, 1, 8192), (256, 1, 4096),
+                  (1, 2048, 2048), (2, 4096, 8192)]:
+        _bench_case(*_args)

@@ -1,0 +1,166 @@
+"""The runtime on CPU: the generated program, its timing modes, the kernel selector's fallback, a
+plan's schedule verified again at load, one error root, and the import layering."""
+from __future__ import annotations
+
+import ast
+import logging
+import pathlib
+import types
+
+import pytest
+import torch
+
+from tbo_compiler import TboError, load_plan
+from tbo_compiler.compile import compile_model_dir
+from tbo_compiler.models.tiny import make_tiny
+from tbo_compiler.ops.errors import ScheduleError
+from tbo_compiler.plan import programs_of, read_plan
+from tbo_compiler.runtime import kernels
+from tbo_compiler.runtime.program import Program
+
+import tbo_scenarios as sc
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def plan_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    d = make_tiny("deepseek_v3", root / "m", seed=3, num_hidden_layers=2)
+    p = root / "p.pt"
+    compile_model_dir(d, p, dtype=torch.float32, block_size=sc.BLOCK_SIZE, max_blocks=sc.MAX_BLOCKS,
+                      token_counts=(8,), profile="cpu")
+    return d, p
+
+
+def test_program_is_straight_line_code(plan_path):
+    """One line of source per run instruction and per free; no interpreter loop, no dispatch."""
+    _, p = plan_path
+    bp = programs_of(read_plan(p))[8]["tbo"]
+    prog = Program(bp.gm, bp.instrs)
+    runs = sum(i.op == "run" for i in bp.instrs)
+    frees = sum(i.op == "free" for i in bp.instrs)
+    lines = prog.source.splitlines()
+    assert lines[0].startswith("def program(")
+    assert sum(" = " in x and not x.strip().startswith("del") for x in lines) == runs
+    assert sum(x.strip().startswith("del ") for x in lines) == frees
+    assert not any(w in prog.source for w in ("for ", "while ", "_set(", "wait_event"))  # CPU: no streams
+
+
+def test_timing_modes_run_the_parts_alone(plan_path):
+    """compute: every node, no communication (a world-1 plan still runs); comm: only comm ops."""
+    d, p = plan_path
+    run = load_plan(p, d, dtype=torch.float32, policy="tbo")
+    bp = run.buckets[8]["tbo"][0]
+    comm_only = Program(bp.gm, bp.instrs, mode="comm")
+    body = comm_only.source.splitlines()[1:-1]
+    assert all(".wait()" in x or any(k in x for k in ("dispatch", "combine", "all_")) for x in body)
+    kv = run.new_kv_cache(sc.NUM_BLOCKS)
+    b = kv.make_batch([("a", list(range(1, 9)))], max_blocks=sc.MAX_BLOCKS)
+    args = run.args_for(8, "tbo", [*b.args(), *kv.caches])
+    (out,) = run.run_mode(8, "tbo", "compute")(*args)
+    assert out.shape == (8, run.model.config.vocab_size) and torch.isfinite(out).all()
+
+
+def test_failing_backend_falls_back_once(monkeypatch, caplog):
+    calls = []
+
+    def broken(*a):
+        calls.append(1)
+        raise RuntimeError("no kernel image for this GPU")
+
+    fake = types.SimpleNamespace(NAME="fake", available=lambda: True, supports=lambda op, a: True,
+                                 IMPLS={"silu_mul": broken})
+    monkeypatch.setitem(kernels._LOADED, "fake", fake)
+    monkeypatch.setitem(kernels.MODULES, "fake", ".fake")
+    monkeypatch.setitem(kernels.PREFERENCE, "silu_mul", ["fake", "torch"])
+    monkeypatch.setattr(kernels, "_BROKEN", set())
+    x = torch.randn(3, 8)
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        y = torch.ops.tbo.silu_mul(x)
+        y2 = torch.ops.tbo.silu_mul(x)
+    torch.testing.assert_close(y, torch.nn.functional.silu(x[:, :4]) * x[:, 4:])
+    assert torch.equal(y, y2) and len(calls) == 1  # tried once, then never again
+    assert sum("backend fake failed on first use" in r.message for r in caplog.records) == 1
+
+
+def test_loaded_schedule_is_verified_again(plan_path, tmp_path):
+    from tbo_compiler.plan import save_plan
+
+    _, p = plan_path
+    plan = read_plan(p)
+    prog = plan["buckets"][0]["programs"]["tbo"]
+    first_run = next(k for k, i in enumerate(prog["instrs"]) if i[0] == "run")
+    prog["instrs"].insert(first_run, prog["instrs"][-1])  # a free before anything ran
+    bad = tmp_path / "bad.pt"
+    save_plan(plan, bad)
+    with pytest.raises(ScheduleError):
+        programs_of(read_plan(bad))
+
+
+def test_every_bad_input_is_a_tbo_error(plan_path, tmp_path):
+    """`except TboError` catches each failure a user can cause, with a one-line message."""
+    import json
+
+    from tbo_compiler.models import load_model
+    from tbo_compiler.ops.comm import all_reduce
+    from tbo_compiler.runtime.kernels import prefer
+    d, p = plan_path
+    bad_cfg = tmp_path / "bad"
+    bad_cfg.mkdir()
+    (bad_cfg / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    run = load_plan(p, d, dtype=torch.float32)
+    kv = run.new_kv_cache(sc.NUM_BLOCKS)
+    big = kv.make_batch([("a", list(range(1, 12)))], max_blocks=sc.MAX_BLOCKS)
+
+    class MixesTokens(torch.nn.Module):
+        def forward(self, x):
+            return x - x.mean(0, keepdim=True)
+
+    cases = {
+        "unknown model": lambda: load_model(bad_cfg),
+        "missing dir": lambda: load_model(tmp_path / "nope"),
+        "junk plan": lambda: load_plan(junk, d),
+        "plan for another model": lambda: load_plan(p, bad_cfg),
+        "batch over the largest bucket": lambda: run(*big.args(), kv.caches),
+        "unknown policy": lambda: load_plan(p, d, policy="sometimes"),
+        "unregistered group": lambda: all_reduce(torch.zeros(2), "nope", 2),
+        "unknown kernel backend": lambda: prefer("rms_norm", "cuda-magic"),
+        "token mixing": lambda: torch.compile(MixesTokens(), backend="tbo", dynamic=False)(torch.randn(4, 3)),
+    }
+    for name, fn in cases.items():
+        torch._dynamo.reset()
+        with pytest.raises(Exception) as e:
+            fn()
+        err = e.value
+        while not isinstance(err, TboError) and (getattr(err, "inner_exception", None) or err.__cause__):
+            err = getattr(err, "inner_exception", None) or err.__cause__  # dynamo wraps backend errors
+        assert isinstance(err, TboError), (name, type(e.value), e.value)
+        assert "\n" not in str(err), name
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    mods = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            mods |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods.add(node.module)
+    return mods
+
+
+@pytest.mark.parametrize("folder, forbidden", [
+    ("ops", ("tbo_compiler.models", "tbo_compiler.passes", "tbo_compiler.runtime", "tbo_compiler.compile",
+             "tbo_compiler.plan", "tbo_compiler.backend", "tbo_compiler.capture")),
+    ("passes", ("tbo_compiler.runtime", "tbo_compiler.models")),
+    ("runtime", ("tbo_compiler.passes", "tbo_compiler.models")),
+    ("models", ("tbo_compiler.runtime", "tbo_compiler.passes")),
+])
+def test_layering(folder, forbidden):
+    """The op vocabulary is a leaf; passes and runtime never import each other; models never
+    import runtime or passes."""
+    bad = [(f.name, m) for f in (ROOT / folder).rglob("*.py") for m in _imports(f)
+           if m.startswith(forbidden)]
+    assert not bad

@@ -1,0 +1,138 @@
+"""Triton paged GQA attention against a float64 gather + softmax reference.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1): fp32 and fp16
+only (the interpreter's bf16 tl.dot is wrong). bf16 at Qwen3-MoE dims and CUDA-graph replay: GPU only.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tbo_compiler.runtime.kernels import triton_gqa as tg
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def reference(q, kv_cache, block_table, positions, block_size, scale):
+    """Per token: gather its slots 0..positions[t], float64 softmax attention per head."""
+    T, H, Dh = q.shape
+    G = kv_cache.shape[2]
+    out = torch.empty(T, H, Dh, dtype=torch.float64, device=q.device)
+    for t in range(T):
+        j = torch.arange(int(positions[t]) + 1, device=q.device)
+        slots = block_table[t, j // block_size].long() * block_size + j % block_size
+        k = kv_cache[slots, 0].double().repeat_interleave(H // G, dim=1)  # [j, H, Dh]
+        v = kv_cache[slots, 1].double().repeat_interleave(H // G, dim=1)
+        p = (torch.einsum("hd,jhd->hj", q[t].double(), k) * scale).softmax(-1)
+        out[t] = torch.einsum("hj,jhd->hd", p, v)
+    return out
+
+
+def make_batch(requests, *, H=4, G=2, Dh=32, BS=4, NB=12, num_blocks=40, dtype=torch.float32,
+               pad=0, seed=0, device=DEV):
+    """requests: (cached, new) per request -> q, cache, block_table, positions.
+
+    Each request gets shuffled, non-contiguous blocks (block 0 is the null block); its `new`
+    tokens sit at positions cached .. cached + new - 1. `pad` padding tokens follow: position 0,
+    all-zero block-table row (they attend slot 0)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    rows, pos = [], []
+    for cached, new in requests:
+        need = -(-(cached + new) // BS)
+        assert need <= NB and len(perm) >= need
+        row = [perm.pop() for _ in range(need)] + [0] * (NB - need)
+        for p in range(cached, cached + new):
+            rows.append(row)
+            pos.append(p)
+    rows += [[0] * NB] * pad
+    pos += [0] * pad
+    T = len(pos)
+    q = torch.randn(T, H, Dh, generator=g)
+    kv = torch.randn(num_blocks * BS, 2, G, Dh, generator=g)
+    return (q.to(device, dtype), kv.to(device, dtype), torch.tensor(rows, dtype=torch.int32, device=device),
+            torch.tensor(pos, dtype=torch.int64, device=device))
+
+
+def check(batch, BS=4, scale=0.3, **kw):
+    q = batch[0]
+    out = tg.paged_attention(*batch, BS, scale, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = reference(*batch, BS, scale)
+    tol = TOL[q.dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_shuffled_blocks_and_padding(dtype):
+    batch = make_batch([(4, 1), (12, 1), (0, 1), (37, 1), (22, 1)], pad=2, dtype=dtype)
+    assert tg.supported(*batch, 4, 0.3)
+    check(batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_with_cached_prefix(dtype):
+    batch = make_batch([(6, 7), (0, 5), (20, 1)], pad=1, dtype=dtype, seed=1)
+    check(batch)
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_kv_matches(splits):
+    """Splits: balanced chunks of each token's own length, empty splits for short contexts."""
+    batch = make_batch([(40, 1), (3, 1), (17, 2), (0, 1)], pad=1, seed=2)
+    check(batch, num_splits=splits)
+
+
+def test_group_of_one_and_wide_head():
+    """R = 1 (MHA) and a head dim that is not a power of two (masked D)."""
+    batch = make_batch([(9, 2), (30, 1)], H=3, G=3, Dh=48, seed=3)
+    check(batch, block_n=32)
+
+
+def test_no_tokens_and_supported():
+    q, kv, bt, pos = make_batch([(3, 1)])
+    assert tg.paged_attention(q[:0], kv, bt[:0], pos[:0], 4, 0.3).shape == (0, 4, 32)
+    assert not tg.supported(q.double(), kv.double(), bt, pos, 4)
+    assert not tg.supported(q, kv[:, :, :1].expand(-1, -1, 3, -1), bt, pos, 4)  # H % G != 0
+    assert not tg.supported(q, kv, bt.float(), pos, 4)
+    if not GPU:
+        assert not tg.supported(q.bfloat16(), kv.bfloat16(), bt, pos, 4)
+
+
+# GPU only ----------------------------------------------------------------------------------------
+
+QWEN = dict(H=64, G=4, Dh=128, BS=16, NB=160, num_blocks=8192)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("requests", [[(0, 1)], [(2000, 1), (5, 1), (511, 1)], [(100, 300), (0, 200)],
+                                      [(1000 + 7 * i, 1) for i in range(64)]])
+def test_qwen3_dims_bf16(requests):
+    batch = make_batch(requests, pad=3, dtype=torch.bfloat16, seed=4, **QWEN)
+    check(batch, BS=16, scale=128 ** -0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("splits", [None, 1, 8])
+def test_cuda_graph_replay_with_new_positions(splits):
+    q, kv, bt, pos = make_batch([(500, 1), (30, 1), (0, 1), (1200, 1)], dtype=torch.bfloat16, **QWEN)
+    kw = {"num_splits": splits}
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # compile outside the capture
+        tg.paged_attention(q, kv, bt, pos, 16, 0.1, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tg.paged_attention(q, kv, bt, pos, 16, 0.1, **kw)
+    new_batches = [(5, [(2400, 1), (1, 1), (77, 1), (0, 1)]), (6, [(10, 1), (900, 1), (64, 1), (2000, 1)])]
+    for seed, reqs in new_batches:
+        nq, _, nbt, npos = make_batch(reqs, dtype=torch.bfloat16, seed=seed, **QWEN)
+        q.copy_(nq), bt.copy_(nbt), pos.copy_(npos)
+        graph.replay()
+        ref = reference(q, kv, bt, pos, 16, 0.1)
+        torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
