@@ -20,10 +20,13 @@ calls, ranks aligned by a barrier before each mode):
   ideal     max(compute, comm): the bound no overlap can beat
 Links: `nvlink` (NCCL default) and `p2p_off` (NCCL_P2P_DISABLE=1, ~29 GB/s: scale-out-like); each
 link is a fresh set of processes (NCCL reads the variable at start).
-Correctness of every benched bucket: bf16 greedy tokens of tbo and serial vs eager; with
---fp32-check, fp32 (TF32 off) plans against the fp32 eager model, max |diff| / max |logit|.
-One TBO step per link (prefill --trace-tokens) is profiled: its Perfetto trace is written with GPU
-idle %, comm hidden %, kernels per forward; the predicted trace of the same bucket is beside it.
+Correctness of every benched bucket: bf16 greedy tokens of tbo and serial vs eager, and vs eager
+run on the same two ubatches one after the other ("eager_halves": the row blocking TBO uses, so
+eager_halves vs eager is the bf16 noise floor of the split itself); with --fp32-prefill/--fp32-decode,
+fp32 (TF32 off) plans against the fp32 eager model, max |diff| / max |logit|.
+TBO steps of --trace-prefill/--trace-decode buckets are profiled: their Perfetto traces are written
+with GPU idle %, comm hidden %, kernels per forward; the predicted trace of the same bucket (per-op
+times measured alone, the schedule simulated) is beside it.
 """
 from __future__ import annotations
 
@@ -61,13 +64,14 @@ def write_slice(d: Path, ep: int) -> Path:
     return d
 
 
-def compile_plans(model_dir: Path, ep: int, prefill, decode, out: Path, dtypes, dump_dir=None) -> dict:
-    """{(phase, dtype): plan path}; one plan per phase holds every bucket, TBO and serial programs."""
+def compile_plans(model_dir: Path, ep: int, buckets: dict, out: Path, dump_dir=None) -> dict:
+    """{(phase, dtype): plan path}; one plan per phase holds every bucket, TBO and serial programs.
+    `buckets`: {dtype: {phase: token counts}}."""
     from tbo_compiler.compile import compile_model_dir
 
     paths = {}
-    for dt in dtypes:
-        for phase, counts in (("prefill", prefill), ("decode", decode)):
+    for dt, phases in buckets.items():
+        for phase, counts in phases.items():
             if not counts:
                 continue
             p = out / f"plan_{phase}_{dt}.pt"
@@ -200,11 +204,11 @@ def rank_main(rank, world, cfg):
     torch.backends.cuda.matmul.allow_tf32 = False
     model_dir, link = cfg["model_dir"], cfg["link"]
     rows = []
-    for dt in cfg["dtypes"]:
+    for dt, phases in cfg["buckets"].items():
         dtype = getattr(torch, dt)
         model = random_model(model_dir, rank, world, dtype, dev)
         V = model.config.vocab_size
-        for phase, counts in (("prefill", cfg["prefill"]), ("decode", cfg["decode"])):
+        for phase, counts in phases.items():
             key = f"{phase}|{dt}"
             if not counts or key not in cfg["plans"]:
                 continue
@@ -222,14 +226,27 @@ def rank_main(rank, world, cfg):
                     eager_out = model(*args)
                     tbo_out = run(*args, variant="tbo") if "tbo" in run.buckets[T] else None
                     serial_out = run(*args, variant="serial")
+                    halves = None
+                    if tbo_out is not None:  # eager on the two ubatches, one after the other
+                        cut = run.buckets[T]["tbo"][0].cut
+                        halves = torch.cat([model(*[u[:cut] for u in user], kv.caches),
+                                            model(*[u[cut:] for u in user], kv.caches)])
                 scale = float(eager_out.float().abs().max())
+
+                def compare(name, out, ref, ref_name="eager"):
+                    diff = float((out.float() - ref.float()).abs().max())
+                    sfx = "" if ref_name == "eager" else f"_vs_{ref_name}"
+                    row[f"{name}_max_abs_diff{sfx}"] = diff
+                    row[f"{name}_rel_diff{sfx}"] = diff / max(scale, 1e-30)
+                    row[f"{name}_greedy_agree{sfx}"] = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+
                 for name, out in (("tbo", tbo_out), ("serial", serial_out)):
-                    if out is None:
-                        continue
-                    diff = float((out.float() - eager_out.float()).abs().max())
-                    row[f"{name}_max_abs_diff"] = diff
-                    row[f"{name}_rel_diff"] = diff / max(scale, 1e-30)
-                    row[f"{name}_greedy_agree"] = float((out.argmax(-1) == eager_out.argmax(-1)).float().mean())
+                    if out is not None:
+                        compare(name, out, eager_out)
+                if halves is not None:
+                    # the same row blocking as TBO: what bf16 rounding alone changes (the noise floor)
+                    compare("eager_halves", halves, eager_out)
+                    compare("tbo", tbo_out, halves, "eager_halves")
                 if dt == "bfloat16":
                     with torch.no_grad():
                         row["eager_ms"] = timed(lambda: model(*args), cfg["iters"])
@@ -245,12 +262,13 @@ def rank_main(rank, world, cfg):
                             g = GraphedProgram(run.run_mode(T, "tbo", mode), [], run.pool, f"{mode} {T}")
                             row[f"{mode}_ms"] = timed(lambda g=g: g(*prog_args), cfg["iters"])
                         row["ideal_ms"] = max(row["compute_ms"], row["comm_ms"])
-                        traced = phase == "prefill" and T == cfg["trace_tokens"]
+                        traced = T in cfg["trace_tokens"].get(phase, ())
                         row["predicted"] = predict(run, T, list(user) + list(kv.caches), dev, row,
-                                                   Path(cfg["out"]) / f"trace_predicted_{link}_prefill{T}.json"
+                                                   Path(cfg["out"]) / f"trace_predicted_{link}_{phase}{T}.json"
                                                    if traced and rank == 0 else None)
                         if traced:
-                            row["trace"] = profile_step(lambda: run(*args, variant="tbo"), cfg, rank, link, T)
+                            row["trace"] = profile_step(lambda: run(*args, variant="tbo"), cfg, rank, link,
+                                                        f"{phase}{T}")
                     else:
                         row["auto_choice"], row["auto_ms"] = "serial", row["serial_ms"]
                     dist.barrier()
@@ -270,7 +288,9 @@ def predict(run, T, user, dev, row, trace_path=None) -> dict:
     from tbo_compiler.passes.cost_model import simulate
     from tbo_compiler.runtime.profile import measure_ops
 
-    out = {}
+    from tbo_compiler.runtime.profile import event_floor_us
+
+    out = {"event_floor_us": round(event_floor_us(dev), 3)}
     for v in ("tbo", "serial"):
         bp = run.buckets[T][v][0]
         costs = measure_ops(bp.gm, bp.instrs, run.args_for(T, v, user), dev)
@@ -299,7 +319,7 @@ def profile_step(fn, cfg, rank, link, T) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    path = Path(cfg["out"]) / f"trace_{link}_prefill{T}_rank{rank}.json"
+    path = Path(cfg["out"]) / f"trace_{link}_{T}_rank{rank}.json"
     prof.export_chrome_trace(str(path))
     events = json.loads(path.read_text())["traceEvents"]
     m = trace_metrics(events)
@@ -323,8 +343,10 @@ def main(argv=None):
     ap.add_argument("--prefill", type=_ints, default=[1024, 4096, 8192])
     ap.add_argument("--decode", type=_ints, default=[64, 128, 256, 512])
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--fp32-check", action="store_true")
-    ap.add_argument("--trace-tokens", type=int, default=4096)
+    ap.add_argument("--fp32-prefill", type=_ints, default=[], help="buckets also checked in fp32 (TF32 off)")
+    ap.add_argument("--fp32-decode", type=_ints, default=[])
+    ap.add_argument("--trace-prefill", type=_ints, default=[4096])
+    ap.add_argument("--trace-decode", type=_ints, default=[512])
     ap.add_argument("--world", type=int, default=torch.cuda.device_count())
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -334,16 +356,18 @@ def main(argv=None):
 
     tmp = Path(tempfile.mkdtemp(prefix="tbo_bench_"))
     model_dir = write_slice(tmp / "slice", args.world)
-    dtypes = ["bfloat16"] + (["float32"] if args.fp32_check else [])
+    buckets = {"bfloat16": {"prefill": args.prefill, "decode": args.decode}}
+    if args.fp32_prefill or args.fp32_decode:
+        buckets["float32"] = {"prefill": args.fp32_prefill, "decode": args.fp32_decode}
     t0 = time.perf_counter()
-    plans = compile_plans(model_dir, args.world, args.prefill, args.decode, tmp, dtypes, dump_dir=out / "dumps")
+    plans = compile_plans(model_dir, args.world, buckets, tmp, dump_dir=out / "dumps")
     compile_s = time.perf_counter() - t0
     all_rows = []
     for link in args.links.split(","):
         env = {"NCCL_P2P_DISABLE": "1"} if link == "p2p_off" else {}
-        cfg = {"model_dir": str(model_dir), "link": link, "dtypes": dtypes, "prefill": args.prefill,
-               "decode": args.decode, "plans": {f"{k[0]}|{k[1]}": v for k, v in plans.items()},
-               "iters": args.iters, "trace_tokens": args.trace_tokens, "out": str(out)}
+        cfg = {"model_dir": str(model_dir), "link": link, "buckets": buckets,
+               "plans": {f"{k[0]}|{k[1]}": v for k, v in plans.items()}, "iters": args.iters,
+               "trace_tokens": {"prefill": args.trace_prefill, "decode": args.trace_decode}, "out": str(out)}
         t1 = time.perf_counter()
         res = run_ranks(rank_main, args.world, cfg, backend="nccl", env=env, timeout=1500)
         for r, rows in enumerate(res):

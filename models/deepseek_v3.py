@@ -177,9 +177,8 @@ class MLA(nn.Module):
         cache_SC.index_put_((slot_mapping_T,), entry_TC.to(cache_SC.dtype))
         w_HXC = self.kv_b_proj.weight.view(self.H, self.N + self.Dv, self.C)
         q_abs_THC = torch.einsum("thn,hnc->thc", q_nope_THN, w_HXC[:, : self.N])
-        q_cat = torch.cat([q_abs_THC, q_pe_THR], dim=-1)
-        o_lat_THC = ops.latent_attention(q_cat, cache_SC, block_table_TB, positions_T,
-                                         self.block_size, self.C, self.scale)
+        o_lat_THC = ops.latent_attention(q_abs_THC, q_pe_THR, cache_SC, block_table_TB, positions_T,
+                                         self.block_size, self.scale)
         o_THV = torch.einsum("thc,hvc->thv", o_lat_THC, w_HXC[:, self.N:])
         return self.o_proj(o_THV.reshape(T, self.H * self.Dv))
 

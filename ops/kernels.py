@@ -10,8 +10,9 @@ tensors: caches, weights). The split pass relies on it (passes/README.md, invari
   paged_attention(q_THD, kv_cache_N2GD, block_table_TNB, positions_T, block_size, scale) -> o_THD
       token t attends to the cache slots of its own request (its row of block_table) at logical
       positions <= positions[t]. The cache must already hold this step's keys/values.
-  latent_attention(q_THC, cache_NC, block_table_TNB, positions_T, block_size, v_dim, scale) -> o_TH(v_dim)
-      MQA over a shared latent cache (MLA's absorbed form): keys = cache[:, :C], values = cache[:, :v_dim].
+  latent_attention(q_lat_THV, q_pe_THR, cache_NC, block_table_TNB, positions_T, block_size, scale) -> o_THV
+      MQA over a shared latent cache (MLA's absorbed form): the query is [q_lat | q_pe] (two tensors,
+      so nobody concatenates them), keys = cache[:, :V+R], values = cache[:, :V].
   moe_experts(x_ND, topk_ids_NK, topk_w_NK, w13_E2ID, w2_EDI) -> y_ND
       sum over k of w[n,k] * expert_{ids[n,k]}(x[n]); ids < 0 contribute nothing. SwiGLU experts.
   rms_norm(x_xD, weight_D, eps) -> weight * (x / rms(x)) (statistics in fp32, product in x's dtype)
@@ -47,14 +48,14 @@ def _(q, kv_cache, block_table, positions, block_size, scale):
 
 
 @torch.library.custom_op("tbo::latent_attention", mutates_args=())
-def latent_attention(q: Tensor, cache: Tensor, block_table: Tensor, positions: Tensor,
-                     block_size: int, v_dim: int, scale: float) -> Tensor:
-    return impl("latent_attention")(q, cache, block_table, positions, block_size, v_dim, scale)
+def latent_attention(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Tensor, positions: Tensor,
+                     block_size: int, scale: float) -> Tensor:
+    return impl("latent_attention")(q_lat, q_pe, cache, block_table, positions, block_size, scale)
 
 
 @latent_attention.register_fake
-def _(q, cache, block_table, positions, block_size, v_dim, scale):
-    return q.new_empty(q.shape[0], q.shape[1], v_dim)
+def _(q_lat, q_pe, cache, block_table, positions, block_size, scale):
+    return q_lat.new_empty(q_lat.shape)
 
 
 @torch.library.custom_op("tbo::moe_experts", mutates_args=())

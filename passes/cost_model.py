@@ -66,10 +66,14 @@ def node_flops(node: fx.Node, world: int = 1) -> float:
             e, i2, _ = _shape(node.args[3])
             # each row runs the experts it routes to here: about k/W of them with EP over W ranks
             return 2.0 * n * k / max(1, world) * 1.5 * i2 * d
-        if t in (torch.ops.tbo.paged_attention.default, torch.ops.tbo.latent_attention.default):
+        if t == torch.ops.tbo.paged_attention.default:
             q = _shape(node.args[0])
             ctx = _shape(node.args[2])[1] * node.args[4]  # block-table width x block size
             return 4.0 * q[0] * q[1] * q[2] * ctx
+        if t == torch.ops.tbo.latent_attention.default:
+            (T, H, V), R = _shape(node.args[0]), _shape(node.args[1])[2]
+            ctx = _shape(node.args[3])[1] * node.args[5]
+            return 2.0 * T * H * (2 * V + R) * ctx
     except (KeyError, ValueError, TypeError, IndexError):
         pass
     return 0.0

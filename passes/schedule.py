@@ -16,7 +16,10 @@ Contract
 Pseudo-code
   Step 1: DAG of the graph (networkx), stage of a node = comm waits on its longest path.
   Step 2: candidate orders: interleaved (A stage s, B stage s, A stage s+1, ...) so A's comm runs
-          beside B's compute, and sequential (A then B); lexicographic topological sorts.
+          beside B's compute, and sequential (A then B); lexicographic topological sorts. In both,
+          each comm wait is issued right after its start: the comm stream is FIFO, and on a GPU a
+          collective is done when its kernels are, so a wait issued behind the *other* ubatch's
+          start would hold this ubatch's consumers until both collectives finish.
   Step 3: lower each order to instructions (events, frees); simulate with the cost model; keep
           the fastest, the interleaved one on ties.
 """
@@ -98,8 +101,21 @@ def _orders(gm, dag, stage):
     def sequential(name):
         return (ub(name) if ub(name) >= 0 else 0, stage[name], dag.nodes[name]["idx"])
 
-    return {"interleaved": list(nx.lexicographical_topological_sort(dag, key=interleaved)),
-            "sequential": list(nx.lexicographical_topological_sort(dag, key=sequential))}
+    return {"interleaved": waits_after_starts(list(nx.lexicographical_topological_sort(dag, key=interleaved)), nodes),
+            "sequential": waits_after_starts(list(nx.lexicographical_topological_sort(dag, key=sequential)), nodes)}
+
+
+def waits_after_starts(order: list[str], nodes: dict) -> list[str]:
+    """Each comm wait moved to right after its start. Still a topological order: a wait reads only
+    its start's handle and the payload its start already read."""
+    waits = {name for name in order if is_wait(nodes[name])}
+    out: list[str] = []
+    for name in order:
+        if name in waits:
+            continue
+        out.append(name)
+        out += [u.name for u in nodes[name].users if u.name in waits and u.args[0] is nodes[name]]
+    return out
 
 
 # Step 3 -------------------------------------------------------------------------------------
@@ -169,7 +185,9 @@ def schedule_ubatches(gm: fx.GraphModule, comm: CommOps, *, profile: str = "cpu"
     nodes = {n.name: n for n in gm.graph.nodes}
     comm_bytes = {op.start: op.bytes for op in comm.ops}
     world = max((op.world for op in comm.ops), default=1)
-    costs = {name: node_cost_us(nodes[name], prof, comm_bytes.get(name), world) for name in dag.nodes}
+    # a collective's time is its start's; the wait issues nothing on the GPU
+    costs = {name: 0.0 if is_wait(nodes[name]) else node_cost_us(nodes[name], prof, comm_bytes.get(name), world)
+             for name in dag.nodes}
     results = []
     for oname, order in _orders(gm, dag, stage).items():
         instrs = lower(gm, order)

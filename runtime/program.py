@@ -133,11 +133,11 @@ class Program:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.mode = mode
+        self._comm_backend = "null" if mode == "compute" else comm_backend
         self.placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.inplace = inplace_updates(gm, instrs) if inplace and mode == "full" else set()
         self.glob: dict[str, Any] = {"_copy_back": _copy_back, "_rs": _record_stream, "getitem": operator.getitem}
         self.kernels: dict[str, _Kernel] = {}
-        self._comm_backend = "null" if mode == "compute" else comm_backend
         self.events = 0
         self.profiled: list[str] = []   # profile mode: the node timed by each event
         lines = self._emit(gm, instrs)

@@ -156,17 +156,26 @@ def test_every_comm_op_once_per_ubatch_on_comm_stream(compiled_dsv3):
 
 
 def test_comm_of_one_ubatch_beside_compute_of_the_other_in_every_moe_layer(compiled_dsv3):
+    """Between a comm op's start and the first compute that needs its result, the compute stream
+    has work of the other ubatch to do: that is what runs while the collective is on the wire.
+    Each wait is issued right after its start (the comm stream is FIFO)."""
     c = compiled_dsv3
     nodes = {n.name: n for n in c.gm.graph.nodes}
     order = [i for i in c.schedule.instrs if i.op == "run"]
     pos = {i.node: k for k, i in enumerate(order)}
     overlapped_layers = set()
     for op in c.comm.ops:
-        a, b = pos[op.start], pos[op.wait]
-        other = 1 - op.ubatch
-        between = [order[k] for k in range(a + 1, b)]
-        if any(i.ubatch == other and i.stream == "compute" and nodes[i.node].target.__class__.__name__ == "OpOverload"
-               for i in between):
+        assert pos[op.wait] == pos[op.start] + 1
+        seen, todo = set(), [nodes[op.wait]]
+        while todo:  # everything downstream of the wait
+            for u in todo.pop().users:
+                if u.name not in seen and u.name in pos:
+                    seen.add(u.name)
+                    todo.append(u)
+        first_use = min(pos[n] for n in seen if order[pos[n]].stream == "compute")
+        between = [order[k] for k in range(pos[op.wait] + 1, first_use)]
+        if any(i.ubatch == 1 - op.ubatch and i.stream == "compute"
+               and nodes[i.node].target.__class__.__name__ == "OpOverload" for i in between):
             overlapped_layers.add(op.layer)
     moe_layers = {op.layer for op in c.comm_before.ops}
     assert moe_layers == {1, 2} and overlapped_layers >= moe_layers

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from tbo_compiler.runtime.kernels import triton_mla
-from tbo_compiler.runtime.kernels.triton_mla import latent_attention, supported
+from tbo_compiler.runtime.kernels.triton_mla import supported
+
+
+def latent_attention(q, cache, block_table, positions, block_size, v_dim, scale, **kw):
+    """The kernel on q = [q_lat | q_pe] given as one tensor: its two parts are views, no copy."""
+    return triton_mla.latent_attention(q[..., :v_dim], q[..., v_dim:], cache, block_table, positions,
+                                       block_size, scale, **kw)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -151,7 +157,10 @@ def test_strided_inputs():
 def test_matches_project_reference():
     from tbo_compiler.runtime.kernels.torch_ref import latent_attention as torch_ref
     case = make_case([5, 14], [2, 3], bs=4, pad=1, **TINY)
-    torch.testing.assert_close(latent_attention(**case), torch_ref(**case), rtol=1e-5, atol=1e-5)
+    q, V = case["q"], case["v_dim"]
+    ref = torch_ref(q[..., :V], q[..., V:], case["cache"], case["block_table"], case["positions"],
+                    case["block_size"], case["scale"])
+    torch.testing.assert_close(latent_attention(**case), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_split_rule_depends_on_shapes_only():
@@ -164,13 +173,13 @@ def test_split_rule_depends_on_shapes_only():
 
 
 def test_supported():
-    q = torch.zeros(2, 4, 40, device=DEV)
+    q, r = torch.zeros(2, 4, 32, device=DEV), torch.zeros(2, 4, 8, device=DEV)
     c = torch.zeros(8, 40, device=DEV)
-    assert supported(q, c)
-    assert supported(q.half(), c.half(), torch.zeros(2, 3, dtype=torch.int32, device=DEV))
-    assert not supported(q, c.half())
-    assert not supported(q.long(), c.long())
-    assert not supported(q, torch.zeros(8, 41, device=DEV))
+    assert supported(q, r, c)
+    assert supported(q.half(), r.half(), c.half(), torch.zeros(2, 3, dtype=torch.int32, device=DEV))
+    assert not supported(q, r, c.half())
+    assert not supported(q.long(), r.long(), c.long())
+    assert not supported(q, r, torch.zeros(8, 41, device=DEV))
 
 
 # Step 3: GPU only: bf16, the DeepSeek-V3 shapes, CUDA-graph capture ----------------------------

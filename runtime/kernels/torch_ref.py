@@ -53,7 +53,8 @@ def paged_attention(q, kv_cache, block_table, positions, block_size, scale):
     return out
 
 
-def latent_attention(q, cache, block_table, positions, block_size, v_dim, scale):
+def latent_attention(q_lat, q_pe, cache, block_table, positions, block_size, scale):
+    q, v_dim = torch.cat([q_lat, q_pe], dim=-1), q_lat.shape[-1]
     T, H, C = q.shape
     out = q.new_empty(T, H, v_dim)
     for c in range(0, T, _CHUNK):

@@ -7,8 +7,8 @@ per block-table row, P splits of the context (split-KV), BH heads per program, B
 
 Contract (the torch reference is `latent_attention` in runtime/kernels/torch_ref.py):
 
-  latent_attention(q[T,H,C], cache[S,C], block_table[T,NB] int, positions[T] int, BS, V, scale)
-      -> out[T,H,V] in q's dtype.
+  latent_attention(q_lat[T,H,V], q_pe[T,H,R], cache[S,C], block_table[T,NB] int, positions[T] int,
+                   BS, scale) -> out[T,H,V] in q's dtype;  q = [q_lat | q_pe] (two tensors: no concat)
   Token t attends to logical positions j = 0..positions[t] of its own block-table row:
       slot(t, j) = block_table[t, j // BS] * BS + j % BS
       s[h, j] = scale * <q[t, h, :], cache[slot, :C]>;  p = softmax_j(s)
@@ -54,15 +54,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def supported(q: Tensor, cache: Tensor, *index_tensors: Tensor) -> bool:
+def supported(q: Tensor, q_pe: Tensor, cache: Tensor, *index_tensors: Tensor) -> bool:
     """True when this kernel can run `latent_attention` on these tensors (shape/dtype/device only).
 
     `index_tensors` (block_table, positions) are optional: the registry passes every tensor argument.
     """
-    devs = {t.device for t in (q, cache, *index_tensors)}
+    devs = {t.device for t in (q, q_pe, cache, *index_tensors)}
     on_device = len(devs) == 1 and (q.is_cuda or (_interpreting() and q.device.type == "cpu"))
-    return (on_device and q.dtype in _DTYPES and cache.dtype == q.dtype and q.dim() == 3
-            and cache.dim() == 2 and q.shape[2] == cache.shape[1] and q.shape[1] > 0)
+    return (on_device and q.dtype in _DTYPES and cache.dtype == q.dtype == q_pe.dtype and q.dim() == 3
+            and q_pe.dim() == 3 and cache.dim() == 2 and q.shape[2] + q_pe.shape[2] == cache.shape[1]
+            and q.shape[1] > 0)
 
 
 # Step 1: the attention kernel (one token x BH heads x one context chunk per program) -----------
@@ -104,9 +105,9 @@ def _attend_tile(q_v, q_r, m_i, l_i, acc, cache_ptr, bt_row, j0, end, qk_scale, 
 
 @triton.jit
 def _mla_fwd_kernel(
-    q_ptr, cache_ptr, bt_ptr, pos_ptr, out_ptr, lse_ptr,
+    qv_ptr, qr_ptr, cache_ptr, bt_ptr, pos_ptr, out_ptr, lse_ptr,
     T, H, num_splits, qk_scale,
-    stride_qt, stride_qh, stride_cs, stride_bt,
+    stride_qt, stride_qh, stride_rt, stride_rh, stride_cs, stride_bt,
     stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
     BLOCK_SIZE: tl.constexpr, V_DIM: tl.constexpr, R_DIM: tl.constexpr,
     V_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -127,11 +128,13 @@ def _mla_fwd_kernel(
     start = split * chunk
     end = tl.minimum(start + chunk, n)
 
-    q_row = q_ptr + t * stride_qt + heads[:, None] * stride_qh
-    q_v = tl.load(q_row + dv[None, :], mask=head_ok[:, None] & (dv < V_DIM)[None, :], other=0.0)
+    # q arrives as two tensors (the absorbed latent part and the rope part), so the model never
+    # concatenates them: [T, H, 576] copies cost as much as the attention at prefill sizes
+    q_v = tl.load(qv_ptr + t * stride_qt + heads[:, None] * stride_qh + dv[None, :],
+                  mask=head_ok[:, None] & (dv < V_DIM)[None, :], other=0.0)
     if R_DIM > 0:
-        q_r = tl.load(q_row + V_DIM + dr[None, :], mask=head_ok[:, None] & (dr < R_DIM)[None, :],
-                      other=0.0)
+        q_r = tl.load(qr_ptr + t * stride_rt + heads[:, None] * stride_rh + dr[None, :],
+                      mask=head_ok[:, None] & (dr < R_DIM)[None, :], other=0.0)
     else:
         q_r = q_v    # unused placeholder
 
@@ -243,14 +246,18 @@ def _num_splits(T: int, head_blocks: int, table_keys: int, sms: int) -> int:
 
 # Step 4: the entry point ------------------------------------------------------------------------
 
-def latent_attention(q: Tensor, cache: Tensor, block_table: Tensor, positions: Tensor,
-                     block_size: int, v_dim: int, scale: float, *,
+def latent_attention(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Tensor, positions: Tensor,
+                     block_size: int, scale: float, *,
                      num_splits: int | None = None, out: Tensor | None = None) -> Tensor:
-    """MQA of q[T,H,C] over the paged latent cache[S,C]; returns out[T,H,v_dim] (see module doc).
+    """MQA of q = [q_lat | q_pe] ([T,H,V] and [T,H,R], any strides with a unit last one) over the
+    paged latent cache[S, V+R]; returns out[T,H,V] (see module doc).
 
     `num_splits` forces the split-KV count (tests); `out` is an optional preallocated output.
     """
-    T, H, C = q.shape
+    q = q_lat
+    T, H, v_dim = q_lat.shape
+    C = v_dim + q_pe.shape[2]
+    assert q_pe.shape[:2] == (T, H) and q_pe.dtype == q_lat.dtype, (q_lat.shape, q_pe.shape)
     assert cache.shape[1] == C and 0 < v_dim <= C and cache.dtype == q.dtype, (q.shape, cache.shape)
     assert block_table.shape[0] == T and positions.shape[0] == T
     if out is None:
@@ -259,6 +266,7 @@ def latent_attention(q: Tensor, cache: Tensor, block_table: Tensor, positions: T
     if T == 0:
         return out
     q = q if q.stride(2) == 1 else q.contiguous()
+    q_pe = q_pe if q_pe.stride(2) == 1 or q_pe.shape[2] == 0 else q_pe.contiguous()
     cache = cache if cache.stride(1) == 1 else cache.contiguous()
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
     positions = positions.contiguous()
@@ -274,9 +282,9 @@ def latent_attention(q: Tensor, cache: Tensor, block_table: Tensor, positions: T
     consts = dict(BLOCK_SIZE=block_size, V_DIM=v_dim, R_DIM=r_dim, V_PAD=v_pad, R_PAD=r_pad,
                   INTERPRET=_interpreting(), **cfg)
     grid = (T, head_blocks, num_splits)
-    head = (q, cache, block_table, positions)
-    tail = (T, H, num_splits, float(scale) * _LOG2E,
-            q.stride(0), q.stride(1), cache.stride(0), block_table.stride(0))
+    head = (q, q_pe if r_dim else q, cache, block_table, positions)
+    tail = (T, H, num_splits, float(scale) * _LOG2E, q.stride(0), q.stride(1),
+            q_pe.stride(0) if r_dim else 0, q_pe.stride(1) if r_dim else 0, cache.stride(0), block_table.stride(0))
     if num_splits == 1:
         _mla_fwd_kernel[grid](*head, out, out, *tail, out.stride(0), out.stride(1), 0, 0, 0,
                               PARTIAL=False, **consts)
@@ -315,7 +323,7 @@ def _bench_case(T: int, req_len: int, causal: bool, block_size: int = 64, table_
     cache = torch.randn(num_blocks * block_size, C, device=dev, dtype=dt)
     pairs = int(positions.sum().item()) + T          # (token, key) pairs; host-side, bench only
     unique_keys = reqs * req_len
-    return (q, cache, block_table, positions, block_size, V, 1.0 / math.sqrt(C)), pairs, unique_keys
+    return (q[..., :V], q[..., V:], cache, block_table, positions, block_size, 1.0 / math.sqrt(C)), pairs, unique_keys
 
 
 def _bench() -> None:
@@ -328,7 +336,7 @@ def _bench() -> None:
     print(f"{'case':36s} {'splits':>6s} {'ms':>8s} {'TFLOP/s':>8s} {'GB/s':>8s}")
     for name, T, L, causal in cases:
         args, pairs, unique_keys = _bench_case(T, L, causal)
-        splits = _num_splits(T, triton.cdiv(H, 64), args[2].shape[1] * args[4], sms)
+        splits = _num_splits(T, triton.cdiv(H, 64), args[3].shape[1] * args[5], sms)
         ms = do_bench(lambda: latent_attention(*args))
         tflops = 2 * H * (C + V) * pairs / (ms * 1e-3) / 1e12
         gbs = unique_keys * C * 2 / (ms * 1e-3) / 1e9    # distinct cache bytes the call must read
