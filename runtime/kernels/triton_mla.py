@@ -248,11 +248,13 @@ def _num_splits(T: int, head_blocks: int, table_keys: int, sms: int) -> int:
 
 def latent_attention(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Tensor, positions: Tensor,
                      block_size: int, scale: float, *,
-                     num_splits: int | None = None, out: Tensor | None = None) -> Tensor:
+                     num_splits: int | None = None, out: Tensor | None = None,
+                     config: dict | None = None) -> Tensor:
     """MQA of q = [q_lat | q_pe] ([T,H,V] and [T,H,R], any strides with a unit last one) over the
     paged latent cache[S, V+R]; returns out[T,H,V] (see module doc).
 
-    `num_splits` forces the split-KV count (tests); `out` is an optional preallocated output.
+    `num_splits` forces the split-KV count (tests); `out` is an optional preallocated output;
+    `config` replaces the block sizes of `_config` (the micro-benchmark's sweep).
     """
     q = q_lat
     T, H, v_dim = q_lat.shape
@@ -273,7 +275,7 @@ def latent_attention(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Te
 
     v_pad, r_dim = _pow2(v_dim), C - v_dim
     r_pad = _pow2(r_dim)
-    cfg = _config(q.dtype, H, v_pad)
+    cfg = {**_config(q.dtype, H, v_pad), **(config or {})}
     head_blocks = triton.cdiv(H, cfg["BLOCK_H"])
     if num_splits is None:
         sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
@@ -334,13 +336,22 @@ def _bench() -> None:
     sms = _sm_count(torch.cuda.current_device())
     print(f"{torch.cuda.get_device_name()}, {sms} SMs; H={H} C={C} V={V} bf16, block_size 64")
     print(f"{'case':36s} {'splits':>6s} {'ms':>8s} {'TFLOP/s':>8s} {'GB/s':>8s}")
+    sweep = [None, dict(BLOCK_N=16), dict(BLOCK_N=16, num_stages=3), dict(BLOCK_N=32, num_stages=3),
+             dict(BLOCK_N=64), dict(BLOCK_H=128, BLOCK_N=32, num_warps=16),
+             dict(BLOCK_H=128, BLOCK_N=16, num_warps=16, num_stages=3)]
     for name, T, L, causal in cases:
         args, pairs, unique_keys = _bench_case(T, L, causal)
-        splits = _num_splits(T, triton.cdiv(H, 64), args[3].shape[1] * args[5], sms)
-        ms = do_bench(lambda: latent_attention(*args))
-        tflops = 2 * H * (C + V) * pairs / (ms * 1e-3) / 1e12
-        gbs = unique_keys * C * 2 / (ms * 1e-3) / 1e9    # distinct cache bytes the call must read
-        print(f"{name:36s} {splits:6d} {ms:8.3f} {tflops:8.1f} {gbs:8.1f}")
+        for cfg in sweep:
+            bh = (cfg or {}).get("BLOCK_H", 64)
+            splits = _num_splits(T, triton.cdiv(H, bh), args[3].shape[1] * args[5], sms)
+            try:
+                ms = do_bench(lambda: latent_attention(*args, config=cfg))
+            except Exception as e:  # a config that does not fit must not hide the others
+                print(f"{name:36s} {str(cfg):44s} failed: {type(e).__name__}")
+                continue
+            tflops = 2 * H * (C + V) * pairs / (ms * 1e-3) / 1e12
+            gbs = unique_keys * C * 2 / (ms * 1e-3) / 1e9    # distinct cache bytes the call must read
+            print(f"{name:36s} {str(cfg or 'default'):44s} {splits:6d} {ms:8.3f} {tflops:8.1f} {gbs:8.1f}")
 
 
 if __name__ == "__main__":
