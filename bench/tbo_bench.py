@@ -262,7 +262,7 @@ def rank_main(rank, world, cfg):
                             g = GraphedProgram(run.run_mode(T, "tbo", mode), [], run.pool, f"{mode} {T}")
                             row[f"{mode}_ms"] = timed(lambda g=g: g(*prog_args), cfg["iters"])
                         row["ideal_ms"] = max(row["compute_ms"], row["comm_ms"])
-                        traced = T in cfg["trace_tokens"].get(phase, ())
+                        traced = T in cfg["trace_tokens"].get(phase, ()) and link in cfg["trace_links"]
                         row["predicted"] = predict(run, T, list(user) + list(kv.caches), dev, row,
                                                    Path(cfg["out"]) / f"trace_predicted_{link}_{phase}{T}.json"
                                                    if traced and rank == 0 else None)
@@ -347,6 +347,8 @@ def main(argv=None):
     ap.add_argument("--fp32-decode", type=_ints, default=[])
     ap.add_argument("--trace-prefill", type=_ints, default=[4096])
     ap.add_argument("--trace-decode", type=_ints, default=[512])
+    ap.add_argument("--trace-links", default="p2p_off")
+    ap.add_argument("--dumps", action="store_true", help="also write the compiler dumps of every bucket")
     ap.add_argument("--world", type=int, default=torch.cuda.device_count())
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -360,14 +362,15 @@ def main(argv=None):
     if args.fp32_prefill or args.fp32_decode:
         buckets["float32"] = {"prefill": args.fp32_prefill, "decode": args.fp32_decode}
     t0 = time.perf_counter()
-    plans = compile_plans(model_dir, args.world, buckets, tmp, dump_dir=out / "dumps")
+    plans = compile_plans(model_dir, args.world, buckets, tmp, dump_dir=(out / "dumps") if args.dumps else None)
     compile_s = time.perf_counter() - t0
     all_rows = []
     for link in args.links.split(","):
         env = {"NCCL_P2P_DISABLE": "1"} if link == "p2p_off" else {}
         cfg = {"model_dir": str(model_dir), "link": link, "buckets": buckets,
                "plans": {f"{k[0]}|{k[1]}": v for k, v in plans.items()}, "iters": args.iters,
-               "trace_tokens": {"prefill": args.trace_prefill, "decode": args.trace_decode}, "out": str(out)}
+               "trace_tokens": {"prefill": args.trace_prefill, "decode": args.trace_decode},
+               "trace_links": args.trace_links.split(","), "out": str(out)}
         t1 = time.perf_counter()
         res = run_ranks(rank_main, args.world, cfg, backend="nccl", env=env, timeout=1500)
         for r, rows in enumerate(res):
