@@ -366,7 +366,10 @@ def main(argv=None):
     compile_s = time.perf_counter() - t0
     all_rows = []
     for link in args.links.split(","):
-        env = {"NCCL_P2P_DISABLE": "1"} if link == "p2p_off" else {}
+        # "nvlink" | "p2p_off", then optional "+VAR=VALUE" NCCL settings, e.g. p2p_off+NCCL_MAX_NCHANNELS=4
+        base, *extra = link.split("+")
+        env = {"NCCL_P2P_DISABLE": "1"} if base == "p2p_off" else {}
+        env.update(dict(e.split("=", 1) for e in extra))
         cfg = {"model_dir": str(model_dir), "link": link, "buckets": buckets,
                "plans": {f"{k[0]}|{k[1]}": v for k, v in plans.items()}, "iters": args.iters,
                "trace_tokens": {"prefill": args.trace_prefill, "decode": args.trace_decode},

@@ -27,7 +27,7 @@ from tbo_compiler.models import quant
 from tbo_compiler.models.deepseek_v3 import DeepseekV3Config, DeepseekV3Model
 from tbo_compiler.models.moe import MoEBlock, ParallelConfig
 from tbo_compiler.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeModel
-from tbo_compiler.ops.errors import ModelLoadError, RuntimeFailure
+from tbo_compiler.ops.errors import ModelLoadError, RuntimeFailure, one_line
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: unreadable JSON ({' '.join(str(e).split())})") from None
+        raise ModelLoadError(f"{path}: unreadable JSON ({one_line(e)})") from None
     if not isinstance(d, dict):
         raise ModelLoadError(f"{path}: expected a JSON object, got {type(d).__name__}")
     return d
@@ -80,7 +80,7 @@ def resolve_model(model_dir) -> tuple[object, type, str]:
     try:
         cfg = cfg_cls(**{k: v for k, v in text.items() if k in fields})
     except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
-        raise ModelLoadError(f"{path}: bad config: {' '.join(str(e).split())}") from None
+        raise ModelLoadError(f"{path}: bad config: {one_line(e)}") from None
     return cfg, model_cls, prefix
 
 
@@ -122,7 +122,7 @@ class _Checkpoint:
             try:
                 self._handles[file] = self._open(str(path), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types
-                raise ModelLoadError(f"{path}: unreadable safetensors ({' '.join(str(e).split())})") from None
+                raise ModelLoadError(f"{path}: unreadable safetensors ({one_line(e)})") from None
         return self._handles[file]
 
     def get(self, name: str) -> torch.Tensor:
@@ -134,7 +134,7 @@ class _Checkpoint:
         except ModelLoadError:
             raise
         except Exception as e:  # e.g. an index that lists a tensor its shard does not hold
-            raise ModelLoadError(f"{self.dir / file}: cannot read tensor {name} ({' '.join(str(e).split())})") from None
+            raise ModelLoadError(f"{self.dir / file}: cannot read tensor {name} ({one_line(e)})") from None
 
     def file_of(self, name: str) -> Path:
         return self.dir / self.weight_map.get(name, self.where.name)

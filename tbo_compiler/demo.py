@@ -28,7 +28,7 @@ def _rank(rank, world, model_dir, plans, seed):
 
     model = load_model(model_dir, dtype=torch.float32, block_size=4,
                        parallel=ParallelConfig(world, rank, "ep", "a2a"))
-    run = {k: load_plan(p, model_dir, rank=rank, dtype=torch.float32) for k, p in plans.items()}
+    run = {k: load_plan(p, model_dir, rank=rank, dtype=torch.float32, policy="tbo") for k, p in plans.items()}
     g = torch.Generator().manual_seed(seed + rank)
     V = model.config.vocab_size
     reqs = {f"r{rank}.{i}": torch.randint(1, V, (n,), generator=g).tolist() for i, n in enumerate((5, 7, 4))}

@@ -326,29 +326,11 @@ def rope_half(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
 
 # Micro-benchmark (GPU only) -----------------------------------------------------------------
 
-def _torch_rms_norm(x, w, eps):
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
-def _torch_silu_mul(gu):
-    g, u = gu.chunk(2, dim=-1)
-    return torch.nn.functional.silu(g) * u
-
-
-def _torch_rope_interleaved(x, positions, inv_freq, mul):
-    ang = positions.float()[:, None] * inv_freq[None, :]
-    ang = ang.view(ang.shape[0], *([1] * (x.dim() - 2)), ang.shape[1])
-    cos, sin = torch.cos(ang) * mul, torch.sin(ang) * mul
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).to(x.dtype)
-
-
 def _bench() -> None:
     """Kernel vs torch eager on DeepSeek-V3 shapes (H200 target); bytes = one read + one write."""
     from triton.testing import do_bench
+
+    from tbo_compiler.runtime.kernels import torch_ref
 
     if not torch.cuda.is_available() or _interpreting():
         raise SystemExit("the benchmark needs a CUDA GPU (and TRITON_INTERPRET unset)")
@@ -360,12 +342,12 @@ def _bench() -> None:
     inv_freq = 1.0 / 10000 ** (torch.arange(0, 64, 2, device=dev, dtype=torch.float32) / 64)
     cases = [
         ("rms_norm [4096, 7168]", 4 * x.numel(),
-         lambda: rms_norm(x, w, 1e-6), lambda: _torch_rms_norm(x, w, 1e-6)),
+         lambda: rms_norm(x, w, 1e-6), lambda: torch_ref.rms_norm(x, w, 1e-6)),
         ("silu_mul [32768, 4096]", 3 * gu.numel(),
-         lambda: silu_mul(gu), lambda: _torch_silu_mul(gu)),
+         lambda: silu_mul(gu), lambda: torch_ref.silu_mul(gu)),
         ("rope_interleaved [4096, 128, 64] strided", 4 * q.numel(),
          lambda: rope_interleaved(q, pos, inv_freq, 1.0),
-         lambda: _torch_rope_interleaved(q, pos, inv_freq, 1.0)),
+         lambda: torch_ref.rope_interleaved(q, pos, inv_freq, 1.0)),
     ]
     for name, nbytes, ours, ref in cases:
         a, b = ours(), ref()
