@@ -6,6 +6,9 @@
 
 Each rank registers the group as "ep" for the tbo comm ops. Rendezvous through a file store,
 results come back through files, a rank's exception is re-raised in the caller with its rank.
+A rank writes its result before tearing its process group down (after a barrier, so no peer is
+mid-collective), and a rank that failed exits without teardown: collectives its peers still wait
+in must not turn one rank's error into another rank's abort.
 """
 from __future__ import annotations
 
@@ -38,33 +41,42 @@ def _entry(rank, world, fn, args, tmp, backend, env):
         res = ("ok", fn(rank, world, *args))
     except BaseException as e:  # noqa: BLE001 - sent to the parent
         res = ("error", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-    finally:
-        try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:
-            pass
     with open(out + ".tmp", "wb") as f:
         pickle.dump(res, f)
     os.replace(out + ".tmp", out)
+    if res[0] != "ok":
+        os._exit(1)  # peers may sit in a collective with us: no teardown that could wait or abort
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_ranks(fn, world: int, *args, timeout: float = 600.0, backend: str = "gloo", env: dict | None = None):
     with tempfile.TemporaryDirectory(prefix="tbo_ranks_") as tmp:
         deadline = time.monotonic() + timeout
-        ctx = mp.start_processes(_entry, args=(world, fn, args, tmp, backend, dict(env or {})), nprocs=world, join=False,
-                                 start_method="spawn")
-        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError(f"ranks did not finish in {timeout} s")
+        ctx = mp.start_processes(_entry, args=(world, fn, args, tmp, backend, dict(env or {})), nprocs=world,
+                                 join=False, start_method="spawn")
+        died = None
+        try:
+            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    raise TimeoutError(f"ranks did not finish in {timeout} s")
+        except mp.ProcessExitedException as e:  # join has stopped the other ranks
+            died = e
         loaded = []
         for r in range(world):
-            with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as f:
-                loaded.append(pickle.load(f))
+            path = os.path.join(tmp, f"rank{r}.pkl")
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    loaded.append(pickle.load(f))
+            else:
+                loaded.append(("error", f"rank {r}: exited without a result ({died or 'no result file'})"))
         # every rank's error: the first rank's is often only "connection closed" by the real culprit
         errors = [val for status, val in loaded if status != "ok"]
         if errors:
             raise RuntimeFailure("\n\n".join(errors))
+        if died is not None:
+            raise RuntimeFailure(f"every rank returned its result, then one died tearing down: {died}")
         return [val for _, val in loaded]

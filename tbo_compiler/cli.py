@@ -1,5 +1,7 @@
 """tbo-compile MODEL_DIR -o plan.pt [--ep N] [--dp-attention] [--mode prefill|decode]
                 [--tokens N[,N...] | --decode-batch B[,B...] [--mtp K]] [--dump-dir DIR]
+tbo-compile MODEL_DIR --check plan.pt     validate-only: is the plan for this model and torch, and
+                                          does every schedule in it still verify against its graph
 
 Exit status 0 with the plan written, or 1 with one line on stderr saying why (and no plan file).
 """
@@ -26,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tbo-compile", description="Compile an MoE model directory into a "
                                 "Two-Batch-Overlap plan.")
     p.add_argument("model_dir", help="HuggingFace-style directory: config.json + *.safetensors")
-    p.add_argument("-o", "--output", required=True, help="plan file to write (e.g. plan.pt)")
+    p.add_argument("-o", "--output", help="plan file to write (e.g. plan.pt)")
+    p.add_argument("--check", metavar="PLAN", help="validate an existing plan instead of compiling")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (ranks)")
     p.add_argument("--dp-attention", action="store_true",
                    help="DP attention: all_gather before the MoE, reduce_scatter after "
@@ -58,6 +61,12 @@ def main(argv=None) -> int:
 
     from tbo_compiler.ops.errors import one_line
     from tbo_compiler.passes.cost_model import PROFILES
+
+    if args.check:
+        return _check(args.check, args.model_dir)
+    if not args.output:
+        print("tbo-compile: give -o PLAN (compile) or --check PLAN (validate)", file=sys.stderr)
+        return 1
 
     if args.profile not in PROFILES:
         print(f"tbo-compile: unknown --profile {args.profile!r}; have {', '.join(PROFILES)}", file=sys.stderr)
@@ -109,6 +118,21 @@ def main(argv=None) -> int:
             print(f"T={T}: too few tokens to split; serial program, {serial['comm_ops']} comm ops")
     print(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s"
           + (f"; dumps in {args.dump_dir}" if args.dump_dir else ""))
+    return 0
+
+
+def _check(plan_path, model_dir) -> int:
+    from tbo_compiler.ops.errors import TboError, one_line
+    from tbo_compiler.plan import check_plan, programs_of, read_plan
+
+    try:
+        plan = read_plan(plan_path)
+        check_plan(plan, plan_path, model_dir)
+        n = sum(len(v) for v in programs_of(plan).values())
+    except TboError as e:
+        print(f"tbo-compile: {one_line(e)}", file=sys.stderr)
+        return 1
+    print(f"{plan_path}: {n} programs in {len(plan['buckets'])} buckets verified against their graphs")
     return 0
 
 

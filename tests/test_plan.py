@@ -85,6 +85,23 @@ def test_cli_writes_plan_and_dumps(qwen, tmp_path, capsys):
         assert (dumps / "T8" / f).stat().st_size > 100
 
 
+def test_cli_check_validates_a_plan(qwen, tmp_path, capsys):
+    """Validate-only mode: a good plan verifies; one whose schedule was edited is refused in one line."""
+    p = tmp_path / "p.pt"
+    compile_model_dir(qwen, p, token_counts=(6,), **KW)
+    assert cli_main([str(qwen), "--check", str(p)]) == 0
+    assert "2 programs in 1 buckets verified" in capsys.readouterr().out
+    plan = read_plan(p)
+    instrs = plan["buckets"][0]["programs"]["tbo"]["instrs"]
+    last_run = next(x for x in reversed(instrs) if x[0] == "run")
+    instrs.insert(0, last_run)  # the output's producer first: it runs before its inputs
+    bad = tmp_path / "bad.pt"
+    save_plan(plan, bad)
+    assert cli_main([str(qwen), "--check", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tbo-compile: instruction") and "\n" not in err
+
+
 def test_cli_failure_is_one_line_and_leaves_no_plan(tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -160,19 +160,27 @@ def _block_of(offs_ptr, pid_m, E, BLOCK_M: tl.constexpr, E_P2: tl.constexpr):
 
 
 @triton.jit
+def _block_rows(pairs_ptr, offs_ptr, pid_m, E, BLOCK_M: tl.constexpr, E_P2: tl.constexpr):
+    """Expert of block pid_m, its rows' positions in sorted order, which are real, and their pairs.
+    Rows past the block's end read pair 0 (it exists: the block has work) and are never stored;
+    a block with no expert (e >= E) has every row masked."""
+    e, start, end = _block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
+    pos = start + tl.arange(0, BLOCK_M)
+    m_mask = pos < end
+    pair = tl.load(pairs_ptr + pos, mask=m_mask, other=0)
+    return e, pos, m_mask, pair
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, offs_ptr,
                     E, num_blocks, s_xn, s_xd, s_we, s_wi, s_wd,
                     D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr):
     pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
-    e, start, end = _block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
+    e, pos, m_mask, pair = _block_rows(pairs_ptr, offs_ptr, pid_m, E, BLOCK_M, E_P2)
     if e >= E:
         return
-    pos = start + tl.arange(0, BLOCK_M)
-    m_mask = pos < end
-    # rows past the block's end read row 0 (exists: this block has work) and are never stored
-    pair = tl.load(pairs_ptr + pos, mask=m_mask, other=0)
     row = (pair // K).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -209,12 +217,9 @@ def _down_kernel(h_ptr, w_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr):
     pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
-    e, start, end = _block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
+    e, pos, m_mask, pair = _block_rows(pairs_ptr, offs_ptr, pid_m, E, BLOCK_M, E_P2)
     if e >= E:
         return
-    pos = start + tl.arange(0, BLOCK_M)
-    m_mask = pos < end
-    pair = tl.load(pairs_ptr + pos, mask=m_mask, other=0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + tl.where(m_mask, pos, 0).to(tl.int64)[:, None] * I + offs_k[None, :]
