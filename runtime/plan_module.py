@@ -122,14 +122,10 @@ class PlanModule:
         if pad:  # padding rows: token 0 at position 0 in the null block, zero block table
             user = [torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) for t in user]
         user += list(kv_caches)
-
-        def args_of(v):
-            return [user[b] if isinstance(b, int) else b for b in self.buckets[tokens][v][1]]
-
-        v = variant or self._choose(tokens, args_of)
+        v = variant or self._choose(tokens, lambda v: self.args_for(tokens, v, user))
         if v not in self.buckets[tokens]:
             raise RuntimeFailure(f"bucket {tokens} has no {v} program (have {sorted(self.buckets[tokens])})")
-        out = self.buckets[tokens][v][3](*args_of(v))
+        out = self.buckets[tokens][v][3](*self.args_for(tokens, v, user))
         logits = out[0]
         return logits[:T].clone() if self.graphs else logits[:T]
 

@@ -137,7 +137,8 @@ class Program:
         self.placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.inplace = inplace_updates(gm, instrs) if inplace and mode == "full" else set()
         self.glob: dict[str, Any] = {"_copy_back": _copy_back, "_rs": _record_stream, "getitem": operator.getitem}
-        self.kernels: dict[str, _Kernel] = {}
+        self.kernels: dict[str, _Kernel] = {}   # node -> its kernel (backends chosen per shape)
+        self._comm: dict[tuple, str] = {}       # (group, world) -> the bound backend's name
         self.events = 0
         self.profiled: list[str] = []   # profile mode: the node timed by each event
         lines = self._emit(gm, instrs)
@@ -161,8 +162,8 @@ class Program:
     def _target(self, n: fx.Node) -> str:
         t = n.target
         if t in _KERNEL_NAMES:
-            k = self.kernels.setdefault(_KERNEL_NAMES[t], _Kernel(_KERNEL_NAMES[t]))
-            return self._bind("k", k)
+            self.kernels[n.name] = _Kernel(_KERNEL_NAMES[t])
+            return self._bind("k", self.kernels[n.name])
         if n.name in self.inplace:
             t = _INPLACE[t]
         if t == aten.copy_.default:
@@ -181,16 +182,20 @@ class Program:
             return repr(a)
         return self._bind("c", a)  # inf/nan, dtypes, devices, layouts, memory formats
 
+    def _backend(self, n: fx.Node) -> str:
+        """The global bound to the comm backend of a start node's group (one per group)."""
+        key = (n.args[-2], n.args[-1])
+        if key not in self._comm:
+            self._comm[key] = self._bind("B", backend_for(*key, self._comm_backend))
+        return self._comm[key]
+
     def _call(self, n: fx.Node) -> str:
         t = n.target
         if t is operator.getitem:
             return f"v_{n.args[0].name}[{n.args[1]!r}]"
         if t in START_OPS:
-            kind = START_OPS[t][1]
-            group, world = n.args[-2], n.args[-1]
-            be = self._bind("B", backend_for(group, world, self._comm_backend))
             payload = ", ".join(self._arg(a) for a in n.args[:-2])
-            return f"{be}.{kind}({payload})"
+            return f"{self._backend(n)}.{START_OPS[t][1]}({payload})"
         if t in WAIT_OPS:
             return f"v_{n.args[0].name}.wait()"
         args = [self._arg(a) for a in n.args] + [f"{k}={self._arg(v)}" for k, v in n.kwargs.items()]
@@ -253,9 +258,7 @@ class Program:
                 for a in n.args[:-2]:
                     shape, dtype = _meta_of(a)
                     dummies.append(self._bind("D", torch.zeros(shape, dtype=dtype, device=self.device)))
-                kind = START_OPS[n.target][1]
-                be = self._bind("B", backend_for(n.args[-2], n.args[-1], self._comm_backend))
-                body.append(f"v_{n.name} = {be}.{kind}({', '.join(dummies)})")
+                body.append(f"v_{n.name} = {self._backend(n)}.{START_OPS[n.target][1]}({', '.join(dummies)})")
             elif n.target in WAIT_OPS:
                 body.append(f"v_{n.name} = v_{n.args[0].name}.wait()")
         return [f"def program({params}):"] + ["    " + x for x in body + ["return None"]]
@@ -265,9 +268,13 @@ class Program:
             raise TypeError(f"program takes {len(self.placeholders)} inputs, got {len(inputs)}")
         return self.fn(*inputs)
 
-    def backends(self) -> dict[str, str]:
-        """Kernel op -> backend chosen (after the first call)."""
-        return {op: k.backend for op, k in self.kernels.items() if k.backend}
+    def backends(self) -> dict[str, set[str]]:
+        """Kernel op -> the backends chosen for its nodes (after the first call)."""
+        out: dict[str, set[str]] = {}
+        for k in self.kernels.values():
+            if k.backend:
+                out.setdefault(k.op, set()).add(k.backend)
+        return out
 
 
 __all__ = ["Program", "inplace_updates"]

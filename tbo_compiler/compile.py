@@ -21,6 +21,7 @@ from tbo_compiler.capture import InputSpec, capture_export, capture_make_fx
 from tbo_compiler.models import ParallelConfig, build_model, example_inputs
 from tbo_compiler.ops.errors import TboCompileError
 from tbo_compiler.passes.pipeline import CompileOptions, State, compile_graph
+from tbo_compiler.passes.split_ubatches import split_point
 from tbo_compiler.plan import (bucket_record, check_plan, make_plan, programs_of, read_plan, save_plan)
 from tbo_compiler.runtime.plan_module import PlanModule
 
@@ -57,8 +58,8 @@ def compile_model(model, token_counts: Sequence[int], options: CompileOptions, *
         users = tuple(s.name for s in specs if s.kind == "user")[:n_tok]
         for variant in variants:
             opts = CompileOptions(**{**options.__dict__, "split": options.split and variant == "tbo"})
-            if variant == "tbo" and not opts.split:
-                continue
+            if variant == "tbo" and not (opts.split and split_point(T, opts.mode, opts.tokens_per_request)):
+                continue  # too few tokens to split: the serial program is the only one
             try:
                 st = compile_graph(gm, users, T, opts,
                                    progress=(lambda s, T=T, v=variant: progress(f"{s} T={T} ({v})"))
@@ -70,8 +71,6 @@ def compile_model(model, token_counts: Sequence[int], options: CompileOptions, *
                 gm2, specs2 = capture_make_fx(model, inputs, stack_traces=True)
                 compile_graph(gm2, tuple(s.name for s in specs2 if s.kind == "user")[:n_tok], T, opts)
                 raise
-            if variant == "tbo" and not st.cut:
-                continue  # too few tokens to split: the serial program is the only one
             st.timings = {"capture": t_capture, **st.timings}
             if dump_dir is not None and variant == variants[0]:
                 from tbo_compiler.dumps import write_dumps
