@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -28,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from tbo_compiler.ops.comm import START_OPS
-from tbo_compiler.ops.errors import InvariantError, TboCompileError
+from tbo_compiler.ops.errors import InvariantError, SplitError, TboCompileError, TokenAxisError, one_line
 from tbo_compiler.ops.instr import COMM, STREAMS
 from tbo_compiler.passes.annotate_comm import CommOps, annotate_comm, is_comm
 from tbo_compiler.passes.schedule import Schedule, assign_streams, schedule_ubatches
@@ -45,7 +46,9 @@ class CompileOptions:
     tokens_per_request: int = 1      # decode: tokens per request (MTP > 1), kept in one ubatch
     profile: str = "cpu"             # cost-model device profile
     order: str | None = None         # force "interleaved" or "sequential"
-    split: bool = True               # False: one ubatch (the no-TBO baseline, same runtime)
+    split: bool | str = True         # False: one ubatch (the no-TBO baseline, same runtime);
+                                     # "auto": split only a graph that has comm to overlap
+    strict: bool = False             # a graph that cannot be split raises instead of running unsplit
 
 
 @dataclass
@@ -63,6 +66,12 @@ class State:
     schedule: Schedule | None = None
     options: CompileOptions = CompileOptions()
     timings: dict = field(default_factory=dict)
+    #: why the graph runs unsplit although a split was asked for (None: it split, or was not asked)
+    fallback: str | None = None
+
+    @property
+    def did_split(self) -> bool:
+        return bool(self.cut) and self.split is not None
 
 
 # Step 1: the passes, as the driver calls them -------------------------------------------------
@@ -71,7 +80,14 @@ def _annotate(st: State, o: CompileOptions) -> dict:
     return {"comm_before": annotate_comm(st.gm), "original": st.gm}
 
 
+class TboFallbackWarning(UserWarning):
+    """A graph that cannot be split runs unsplit (correct, without TBO)."""
+
+
 def _token_axis(st: State, o: CompileOptions) -> dict:
+    if st.cut and o.split == "auto" and not st.comm_before.ops:
+        log.info("no split: the graph has no communication to overlap")
+        return {"cut": 0}
     return {"axes": infer_token_axes(st.gm, st.token_inputs, st.T)} if st.cut else {}
 
 
@@ -204,7 +220,27 @@ def compile_graph(gm: fx.GraphModule, token_inputs: tuple[str, ...], T: int,
                   progress: Callable[[str], None] | None = None, passes=PASSES) -> State:
     """Run the pipeline on a captured ATen graph traced at T tokens."""
     cut = split_point(T, options.mode, options.tokens_per_request) if options.split else 0
-    return run_passes(State(gm, tuple(token_inputs), T, cut, options=options), options, passes, progress)
+    try:
+        return run_passes(State(gm, tuple(token_inputs), T, cut, options=options), options, passes, progress)
+    except (TokenAxisError, SplitError) as e:   # the graph cannot be cut into two ubatches
+        if options.strict:
+            raise
+        why = one_line(e)
+    except TboCompileError:                      # a broken invariant or schedule: a bug, raise it
+        raise
+    except Exception as e:                       # an internal error of the split: the model still runs
+        if options.strict or not cut:
+            raise
+        why = f"internal error {type(e).__name__}: {one_line(e)}"
+    # not strict: the graph runs unsplit, with one warning naming the op, the source line and
+    # what TBO would need
+    warnings.warn(TboFallbackWarning(
+        f"tbo: running this graph without TBO (unsplit): {why}. TBO needs every op between the token "
+        "inputs and the outputs to keep tokens independent; teach the pass a custom op with "
+        "tbo_compiler.declare_op, or pass options={'strict': True} to make this an error"), stacklevel=2)
+    st = run_passes(State(gm, tuple(token_inputs), T, 0, options=options), options, passes, progress)
+    st.fallback = why
+    return st
 
 
 def validate(gm: fx.GraphModule, instrs) -> None:
@@ -215,4 +251,4 @@ def validate(gm: fx.GraphModule, instrs) -> None:
     verify_schedule(gm, instrs)
 
 
-__all__ = ["CompileOptions", "State", "Pass", "PASSES", "run_passes", "compile_graph", "validate"]
+__all__ = ["CompileOptions", "State", "TboFallbackWarning", "Pass", "PASSES", "run_passes", "compile_graph", "validate"]

@@ -36,6 +36,9 @@ _SCATTERS = {aten.index_put.default, aten.index_put_.default, aten.index_copy.de
              aten.scatter.src, aten.scatter.value, aten.scatter_add.default, aten.index_add.default,
              aten.scatter_reduce.two}
 
+_NEW_FACTORIES = {aten.new_empty.default: aten.empty.memory_format, aten.new_zeros.default: aten.zeros.default,
+                  aten.new_ones.default: aten.ones.default, aten.new_full.default: aten.full.default}
+
 
 def split_point(num_tokens: int, mode: str, tokens_per_request: int = 1) -> int:
     """Where the batch is cut. 0 means no split (every rank computes this from the same padded T).
@@ -122,6 +125,8 @@ def _rewrite_shape_args(node: fx.Node, old: fx.Node, axes: TokenAxes, T: int, Tu
         if dim % rank == ax.axis and len(args) > 3 and args[3] is not None and args[3] < 2 ** 62:
             args[3] = ax.size(Tu)  # the token rule allows only full slices along tokens
             node.args = tuple(args)
+    elif t == aten.native_group_norm.default and isinstance(ax, tuple) and isinstance(ax[0], TokenDim):
+        node.args = (*node.args[:3], ax[0].size(Tu), *node.args[4:])  # (x, w, b, N, C, HxW, groups, eps)
     elif t == torch.ops._c10d_functional.all_to_all_single.default:
         a = list(node.args)
         for k in (1, 2):
@@ -150,6 +155,28 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
             raise node_error(SplitError, old_nodes[name], "reads a token-updated tensor before its last update")
         return ub[1][name]
 
+    aligned = axes.aligned or {}
+    rows: dict[tuple, fx.Node] = {}
+
+    def rows_of(n: fx.Node, ax: TokenDim, u: int) -> fx.Node:
+        """Ubatch u's rows of a shared tensor whose axis `ax.axis` is laid out [outer][T][inner]."""
+        key = (n.name, ax, u)
+        if key not in rows:
+            lo, hi = (0, cut) if u == 0 else (cut, T)
+            shape = list(n.meta["val"].shape)
+            src = shared[n.name]
+            if ax.outer == 1:
+                r = new.call_function(aten.slice.Tensor, (src, ax.axis, lo * ax.inner, hi * ax.inner))
+            else:  # [.., o*T*i, ..] -> [.., o, T, i, ..] -> rows -> [.., o*Tu*i, ..]
+                v = new.call_function(aten.reshape.default, (src, shape[:ax.axis] + [ax.outer, T, ax.inner] + shape[ax.axis + 1:]))
+                v.meta = {"tbo_ubatch": u, "tbo_role": "aligned_rows"}
+                sl = new.call_function(aten.slice.Tensor, (v, ax.axis + 1, lo, hi))
+                sl.meta = {"tbo_ubatch": u, "tbo_role": "aligned_rows"}
+                r = new.call_function(aten.reshape.default, (sl, shape[:ax.axis] + [ax.size(hi - lo)] + shape[ax.axis + 1:]))
+            r.meta = {"tbo_ubatch": u, "tbo_role": "aligned_rows", "stack_trace": n.meta.get("stack_trace")}
+            rows[key] = r
+        return rows[key]
+
     def lookup(n: fx.Node, u: int | None) -> fx.Node:
         if u is not None and n.name in ub[u]:
             return ub[u][n.name]
@@ -176,6 +203,17 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
                 ub[u][node.name] = s
 
     def emit(node: fx.Node, u: int | None) -> fx.Node:
+        if u is None and node.target in _NEW_FACTORIES and is_token_dependent(axes[node.args[0]]):
+            # new_empty(x, size) with a token tensor x reads only x's dtype and device: make it
+            # a plain factory so the shared buffer does not wait on either ubatch
+            tmpl = node.args[0].meta["val"]
+            kw = {"dtype": node.kwargs.get("dtype") or tmpl.dtype, "device": node.kwargs.get("device") or tmpl.device}
+            op, args = _NEW_FACTORIES[node.target], (list(node.args[1]), *node.args[2:])
+            c = new.call_function(op, args, kw)
+            c.meta = dict(node.meta)
+            c.meta.pop("val", None)
+            c.meta.update(tbo_ubatch=None, tbo_origin=node.name)
+            return c
         if u is not None and node.target in _SCATTERS and node.name in chain_root:
             root = chain_root[node.name]
             first = root == node.name
@@ -184,6 +222,9 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
                 c = new.node_copy(node, lambda n: base if n is node.args[0] else lookup(n, u))
             else:
                 c = new.node_copy(node, lambda n: lookup(n, u))
+        elif u is not None and any((node.name, a.name) in aligned for a in node.all_input_nodes):
+            c = new.node_copy(node, lambda n: rows_of(n, aligned[(node.name, n.name)], u)
+                              if (node.name, n.name) in aligned else lookup(n, u))
         else:
             c = new.node_copy(node, lambda n: lookup(n, u))
         c.meta = dict(node.meta)
@@ -223,11 +264,23 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
         if ax is STATE:
             return final_state(v.name)
         if isinstance(ax, TokenDim):
-            if ax.outer != 1:
-                raise node_error(SplitError, v, "graph output holds token blocks of several ranks")
-            c = new.call_function(aten.cat.default, ([ub[0][v.name], ub[1][v.name]], ax.axis))
+            if ax.outer == 1:
+                c = new.call_function(aten.cat.default, ([ub[0][v.name], ub[1][v.name]], ax.axis))
+                c.meta = {"tbo_ubatch": None, "tbo_role": "join_output"}
+                return c
+            # [.., o*Tu*i, ..] per ubatch (e.g. all_gathered rows, saved for backward): view each
+            # as [.., o, Tu*i, ..], join the token rows of every block, flatten back
+            shape = list(v.meta["val"].shape)
+            parts = []
+            for u in (0, 1):
+                p = new.call_function(aten.reshape.default, (ub[u][v.name], shape[:ax.axis] + [ax.outer, sizes[u] * ax.inner] + shape[ax.axis + 1:]))
+                p.meta = {"tbo_ubatch": u, "tbo_role": "join_output"}
+                parts.append(p)
+            c = new.call_function(aten.cat.default, (parts, ax.axis + 1))
             c.meta = {"tbo_ubatch": None, "tbo_role": "join_output"}
-            return c
+            r = new.call_function(aten.reshape.default, (c, shape))
+            r.meta = {"tbo_ubatch": None, "tbo_role": "join_output"}
+            return r
         raise node_error(SplitError, v, f"graph output is {ax}, which cannot be joined")
 
     outs = fx.node.map_aggregate(out_node.args[0], join_value)
@@ -260,11 +313,18 @@ def propagate_meta(gm: fx.GraphModule) -> None:
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             env[n.name] = _to_meta(n.meta["val"])
+        elif n.op == "get_attr":  # a constant held by the graph
+            obj = gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            env[n.name] = _to_meta(obj)
+            n.meta["val"] = env[n.name]
         elif n.op == "call_function":
             args = fx.node.map_arg(n.args, load)
             kwargs = fx.node.map_arg(n.kwargs, load)
-            if "device" in kwargs:
-                kwargs = {**kwargs, "device": torch.device("meta")}
+            schema = getattr(n.target, "_schema", None)
+            if "device" in kwargs or (schema is not None and any(a.name == "device" for a in schema.arguments)):
+                kwargs = {**kwargs, "device": torch.device("meta")}  # factories: default device too
             try:
                 out = _op.getitem(*args) if n.target is _op.getitem else n.target(*args, **kwargs)
             except Exception as e:

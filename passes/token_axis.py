@@ -10,10 +10,19 @@ Contract
                PER_UBATCH           depends on the tokens but has no token axis (a comm handle)
                STATE                a shared tensor updated at token-indexed rows (a KV cache
                                     after index_put): each ubatch updates it in turn
+             plus `aligned`: shared operands (masks and buffers built from shapes) whose axis
+             pairs row by row with the tokens of the op reading them -- each ubatch reads its rows;
              or raises `TokenAxisError` naming the node and the user's source line where the graph
              cannot be split (an op reducing or sorting over tokens, a token axis that a view
-             scatters, an op with no rule).
+             scatters, an op with no rule). The pipeline turns that error into a fallback (the
+             graph runs unsplit, one warning) unless options.strict.
   must not   change the graph.
+
+Coverage by construction: every op of PyTorch's core ATen opset has a rule of one family
+(`family(op)`): pointwise (any op tagged pointwise, broadcasting), view, matmul, indexing,
+reduction (over non-token dims), batched (independent over leading dims: attention, norms,
+convolution, pooling, padding), factory, kernel (the tbo ops), comm, or mixes (refused by name).
+`declare_op(op, kind)` teaches a user's op in one line; rules add to the built-ins.
 
 Pseudo-code
   Step 1: seed token placeholders with TokenDim(0, 1, 1), every other placeholder SHARED.
@@ -72,6 +81,10 @@ class TokenAxes:
     T: int
     axes: dict          # node name -> Axis
     token_inputs: tuple  # placeholder names
+    #: (node name, shared arg name) -> TokenDim: a shared operand whose axis lines up with the
+    #: token axis of the op's result (a mask built from shapes, a zeros(T, ..) buffer); each
+    #: ubatch's copy of the op reads its own rows of it (pairing row i with token i, as the op did)
+    aligned: dict = None
 
     def __getitem__(self, node: fx.Node) -> Axis:
         return self.axes[node.name]
@@ -96,6 +109,14 @@ def _norm_dim(d: int, rank: int) -> int:
 class _Ctx:
     def __init__(self, axes: dict, T: int):
         self.axes, self.T = axes, T
+        self.aligned: dict = {}
+
+    def align(self, node: fx.Node, arg: fx.Node, ax: TokenDim) -> None:
+        """`arg` is shared, but its axis `ax.axis` pairs row by row with the op's tokens."""
+        prev = self.aligned.get((node.name, arg.name))
+        if prev is not None and prev != ax:
+            _fail(node, f"shared input {arg.name} lines up with the tokens in two ways")
+        self.aligned[(node.name, arg.name)] = ax
 
     def ax(self, a):
         if isinstance(a, fx.Node):
@@ -134,6 +155,18 @@ def _fail(node, why: str):
     raise node_error(TokenAxisError, node, why)
 
 
+def _align_shared(node, ctx, ax: TokenDim, positions) -> None:
+    """Shared tensor args (at `positions`) of the token input's rank whose axis `ax.axis` is as
+    long as the tokens pair row by row with them (e.g. an index built with zeros(T, ..)): each
+    ubatch reads its rows."""
+    for i in positions:
+        a = node.args[i] if i < len(node.args) else None
+        v = _val(a)
+        if (isinstance(a, fx.Node) and not is_token_dependent(ctx.ax(a)) and isinstance(v, torch.Tensor)
+                and v.dim() > ax.axis and v.shape[ax.axis] == ax.size(ctx.T) and v.shape[ax.axis] != 1):
+            ctx.align(node, a, ax)
+
+
 def _only_tokendims(node, ctx):
     ins = _token_inputs(node, ctx)
     for a, ax in ins:
@@ -159,14 +192,14 @@ def _rule_pointwise(node, ctx):
         if result is not None and result != cand:
             _fail(node, f"inputs put tokens on different axes ({result} vs {cand})")
         result = cand
-    # a shared input with a full-size dim at the token axis would need slicing too
+    # a shared input with a full-size dim at the token axis pairs its rows with the tokens:
+    # each ubatch reads its rows of it
     for a in _tensor_args(node):
         if not is_token_dependent(ctx.ax(a)) and _val(a) is not None and hasattr(_val(a), "shape"):
             s = _shape(a)
             k = result.axis - (r - len(s))
             if 0 <= k < len(s) and s[k] == out_shape[result.axis] and s[k] != 1:
-                _fail(node, f"shared tensor {a.name} {list(s)} lines up with the token axis; "
-                            "build it from a token input (e.g. zeros_like) so it splits too")
+                ctx.align(node, a, TokenDim(k, result.outer, result.inner))
     return result
 
 
@@ -329,8 +362,12 @@ def _rule_bmm(node, ctx):  # bmm(a[B,M,K], b[B,K,N])
     if isinstance(axa, TokenDim) and isinstance(axb, TokenDim) and axa.axis == 0 and axb.axis == 0 and axa == axb:
         return axa
     if isinstance(axa, TokenDim) and axa.axis in (0, 1) and not is_token_dependent(axb):
+        if axa.axis == 0:
+            _align_shared(node, ctx, axa, (1,))
         return axa
     if isinstance(axb, TokenDim) and axb.axis in (0, 2) and not is_token_dependent(axa):
+        if axb.axis == 0:
+            _align_shared(node, ctx, axb, (0,))
         return axb if axb.axis == 0 else TokenDim(2, axb.outer, axb.inner)
     if not is_token_dependent(axa) and not is_token_dependent(axb):
         return SHARED
@@ -391,6 +428,9 @@ def _rule_gather(node, ctx):  # gather(x, dim, index): out has index's shape
     if isinstance(a, TokenDim):
         if dim == a.axis:
             _fail(node, "gathers along the token axis")
+        if isinstance(axi, TokenDim) and axi != a:
+            _fail(node, "index has its tokens laid out differently")
+        _align_shared(node, ctx, a, (0, 2))
         return a
     return SHARED
 
@@ -407,32 +447,41 @@ def _rule_scatter(node, ctx):  # scatter / scatter_add / index_put / index_copy 
             dim = _norm_dim(node.args[1], len(_shape(node.args[0])))
             if dim == self_ax.axis:
                 _fail(node, "scatters along the token axis")
+            _align_shared(node, ctx, self_ax, (2, 3))
         return self_ax
     if any(is_token_dependent(o) for o in others) or self_ax is STATE:
         return STATE  # token-indexed rows written into a shared tensor (a KV cache)
     return SHARED
 
 
-def _rule_cat(node, ctx):
-    tensors = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    axes = [ctx.ax(t) for t in tensors]
+def _cat_inputs(node, ctx):
+    """The token layout shared by every (non-empty) input of cat/stack, or SHARED."""
+    tensors = [t for t in node.args[0] if not (_val(t) is not None and _val(t).numel() == 0 and _val(t).dim() == 1)]
+    axes = [ctx.ax(t) for t in tensors]   # torch.cat skips legacy empty [0] tensors (an empty cache)
     dep = [a for a in axes if is_token_dependent(a)]
     if not dep:
-        return SHARED
+        return SHARED, tensors
     if any(not isinstance(a, TokenDim) for a in dep) or len(dep) != len(axes) or len(set(dep)) != 1:
         _fail(node, "concatenates token and shared tensors, or tensors with different token axes")
-    ax = dep[0]
+    return dep[0], tensors
+
+
+def _rule_cat(node, ctx):
+    ax, tensors = _cat_inputs(node, ctx)
+    if not isinstance(ax, TokenDim):
+        return ax
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if _norm_dim(dim, len(_shape(tensors[0]))) == ax.axis:
         _fail(node, "concatenates along the token axis")
     return ax
 
 
-def _rule_stack(node, ctx):
-    ax = _rule_cat(node, ctx)
+def _rule_stack(node, ctx):  # stack inserts a new axis: it never runs along the token axis
+    ax, _ = _cat_inputs(node, ctx)
     if not isinstance(ax, TokenDim):
         return ax
-    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, len(_shape(node)))
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = _norm_dim(dim, len(_shape(node)))
     return TokenDim(ax.axis + (1 if dim <= ax.axis else 0), ax.outer, ax.inner)
 
 
@@ -532,6 +581,185 @@ def _rule_c10d_a2a(node, ctx):  # all_to_all_single(x, out_splits, in_splits, gr
     return ax
 
 
+# ops independent over leading batch dims ------------------------------------------------------
+
+def _batched_rule(nbatch: Callable[[fx.Node], int], batch_args: tuple = (0,)):
+    """Ops that compute each index of their leading `nbatch(node)` dims on its own (convolution,
+    pooling, padding, normalisation over trailing dims, attention over [B, H, L, E]): the token
+    axis must be one of those dims, the same in every token input; weights stay shared. Outputs
+    with that axis carry it; other token-dependent outputs are per ubatch."""
+
+    def rule(node, ctx):
+        ins = _only_tokendims(node, ctx)
+        ax = ins[0][1]
+        for a, other in ins[1:]:
+            if other != ax:
+                _fail(node, f"inputs put tokens on different axes ({ax} vs {other})")
+        k = nbatch(node)
+        if ax.axis >= k:
+            _fail(node, f"the op works across axis {ax.axis} (only its first {k} axes are independent), "
+                        "which holds the tokens")
+        size = _shape(ins[0][0])[ax.axis]
+        rank = len(_shape(ins[0][0]))
+        batched = [node.args[i] for i in batch_args if i < len(node.args)] + [
+            v for k, v in node.kwargs.items() if k in ("attn_mask",)]
+        for a in batched:  # a shared operand as large as the batch would need slicing too
+            v = _val(a)
+            if (isinstance(a, fx.Node) and not is_token_dependent(ctx.ax(a)) and isinstance(v, torch.Tensor)
+                    and v.dim() == rank and v.shape[ax.axis] == size and size != 1):
+                ctx.align(node, a, ax)  # e.g. an attention mask built from shapes: row i, token i
+
+        def out(v):
+            if isinstance(v, torch.Tensor) and v.dim() > ax.axis and v.shape[ax.axis] == size:
+                return ax
+            return PER_UBATCH  # computed by each ubatch's copy, without a token axis (unused stats)
+
+        v = node.meta.get("val")
+        return tuple(out(x) for x in v) if isinstance(v, (tuple, list)) else out(v)
+
+    return rule
+
+
+def _rank(node, i=0):
+    return len(_shape(node.args[i]))
+
+
+def _nb_layer_norm(node):  # native_layer_norm(x, normalized_shape, w, b, eps)
+    return _rank(node) - len(node.args[1])
+
+
+def _nb_spatial(k):
+    return lambda node: _rank(node) - k
+
+
+def _nb_pad(node):  # constant_pad_nd(x, pad, value): pairs from the last dim backwards
+    pad = list(node.args[1])
+    touched = [i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]]
+    return _rank(node) - (max(touched) + 1 if touched else 0)
+
+
+def _nb_attention(node):  # sdpa(q [.., L, E], k [.., S, E], v, ...)
+    return _rank(node) - 2
+
+
+def _rule_attention(node, ctx):
+    """scaled_dot_product_attention variants: q/k/v [*batch, L|S, E], mask broadcast to
+    [*batch, L, S]. Tokens on a batch axis (a request per row, heads) are independent."""
+    return _batched_rule(_nb_attention, batch_args=(0, 1, 2, 3))(node, ctx)
+
+
+def _rule_batch_norm_eval(node, ctx):  # _native_batch_norm_legit_no_training(x, w, b, rm, rv, mom, eps)
+    ax = ctx.ax(node.args[0])
+    if not isinstance(ax, TokenDim):
+        _fail(node, f"input is {ax}")
+    if ax.axis == 1:
+        _fail(node, "normalises per channel on the token axis")
+    if any(is_token_dependent(ctx.ax(a)) for a in node.args[1:5] if isinstance(a, fx.Node)):
+        _fail(node, "running statistics carry tokens")
+    return (ax, PER_UBATCH, PER_UBATCH)
+
+
+def _rule_diagonal(node, ctx):  # diagonal(x, offset, dim1, dim2): both dims removed, diag appended
+    ax = ctx.ax(node.args[0])
+    if not isinstance(ax, TokenDim):
+        return ax
+    r = _rank(node)
+    d1 = _norm_dim(node.args[2] if len(node.args) > 2 else 0, r)
+    d2 = _norm_dim(node.args[3] if len(node.args) > 3 else 1, r)
+    if ax.axis in (d1, d2):
+        _fail(node, "takes a diagonal across the token axis")
+    return TokenDim(ax.axis - sum(1 for d in (d1, d2) if d < ax.axis), ax.outer, ax.inner)
+
+
+def _rule_repeat(node, ctx):  # repeat(x, repeats): tiles; new leading dims when len(repeats) > rank
+    ax = ctx.ax(node.args[0])
+    if not isinstance(ax, TokenDim):
+        return ax
+    reps = list(node.args[1])
+    a = ax.axis + len(reps) - _rank(node)
+    return TokenDim(a, ax.outer * reps[a], ax.inner)
+
+
+def _rule_slice_scatter(node, ctx):  # slice_scatter(x, src, dim, ...) / select_scatter(x, src, dim, i)
+    ax, src = ctx.ax(node.args[0]), ctx.ax(node.args[1])
+    r = _rank(node)
+    dim = _norm_dim(node.args[2] if len(node.args) > 2 else 0, r)
+    if not isinstance(ax, TokenDim):
+        if not is_token_dependent(src):
+            return ax
+        if not isinstance(src, TokenDim):
+            _fail(node, f"source is {src}")
+        # a shared buffer (new_empty(B, ..)) filled with token rows: its rows pair with the tokens
+        k = src.axis + (1 if node.target == aten.select_scatter.default and dim <= src.axis else 0)
+        if k == dim or _shape(node.args[0])[k] != _shape(node.args[1])[src.axis]:
+            _fail(node, "writes token rows into a part of a shared tensor")
+        out = TokenDim(k, src.outer, src.inner)
+        ctx.align(node, node.args[0], out)
+        return out
+    if dim == ax.axis:
+        _fail(node, "writes a part of the token axis")
+    want = ax
+    if node.target == aten.select_scatter.default:
+        want = TokenDim(ax.axis - (1 if dim < ax.axis else 0), ax.outer, ax.inner)
+    if is_token_dependent(src) and src != want:
+        _fail(node, f"source has its tokens laid out differently ({src} vs {want})")
+    return ax
+
+
+def _rule_mixes(why: str):
+    """Ops that combine rows of their input by nature: accepted only when no token reaches them."""
+
+    def rule(node, ctx):
+        _fail(node, why)
+
+    return rule
+
+
+def _rule_shared(node, ctx):
+    return SHARED
+
+
+def _rule_rowwise_any(node, ctx):
+    """A user op declared "rowwise": tokens on axis 0 of every token input and of every output
+    with as many rows; shared inputs (weights) allowed."""
+    ins = _only_tokendims(node, ctx)
+    ax = ins[0][1]
+    if ax.axis != 0 or any(other != ax for _, other in ins):
+        _fail(node, "an op declared rowwise needs every token input with the same tokens on axis 0")
+    rows = _shape(ins[0][0])[0]
+
+    def out(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows:
+            return ax
+        return PER_UBATCH
+
+    v = node.meta.get("val")
+    return tuple(out(x) for x in v) if isinstance(v, (tuple, list)) else out(v)
+
+
+_KINDS = {"rowwise": _rule_rowwise_any, "pointwise": _rule_pointwise, "shared": _rule_factory}
+
+
+def declare_op(op, kind: str, why: str | None = None) -> None:
+    """Teach the pass a custom op in one line; it adds to the built-in rules, never replaces them.
+
+        declare_op(torch.ops.mylib.fused_mlp.default, "rowwise")   # row i of the output reads row i
+        declare_op(torch.ops.mylib.scale.default, "pointwise")     # elementwise, broadcasting
+        declare_op(torch.ops.mylib.table.default, "shared")        # its result depends on no token
+        declare_op(torch.ops.mylib.sort_rows.default, "mixes", "sorts the batch")  # never split
+
+    An OpOverloadPacket declares every overload."""
+    if kind == "mixes":
+        rule = _rule_mixes(why or f"{op} is declared to mix tokens")
+    elif kind in _KINDS:
+        rule = _KINDS[kind]
+    else:
+        raise TokenAxisError(f"unknown token behaviour {kind!r} for {op} (rowwise, pointwise, shared, mixes)")
+    targets = [getattr(op, o) for o in op.overloads()] if isinstance(op, torch._ops.OpOverloadPacket) else [op]
+    for t in targets:
+        register_rule(t, rule)
+
+
 def _install_rules():
     R = register_rule
     for op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
@@ -598,6 +826,77 @@ def _install_rules():
     for op in WAIT_OPS:
         R(op, _rule_comm_wait)
 
+    # ops independent over leading dims
+    R(aten.native_layer_norm.default, _batched_rule(_nb_layer_norm))
+    R(aten.native_group_norm.default, _batched_rule(lambda n: 1))
+    R(aten.convolution.default, _batched_rule(lambda n: 1))
+    R(aten.grid_sampler_2d.default, _batched_rule(lambda n: 1, batch_args=(0, 1)))
+    R(aten.col2im.default, _batched_rule(lambda n: 1))
+    R(aten.constant_pad_nd.default, _batched_rule(_nb_pad))
+    for op, k in ((aten.avg_pool2d.default, 2), (aten.avg_pool3d.default, 3), (aten.max_pool2d_with_indices.default, 2),
+                  (aten.max_pool3d_with_indices.default, 3), (aten._adaptive_avg_pool2d.default, 2),
+                  (aten._adaptive_avg_pool3d.default, 3), (aten.upsample_bilinear2d.vec, 2),
+                  (aten.upsample_nearest2d.vec, 2), (aten.reflection_pad1d.default, 1),
+                  (aten.reflection_pad2d.default, 2), (aten.reflection_pad3d.default, 3),
+                  (aten.replication_pad2d.default, 2), (aten.replication_pad3d.default, 3),
+                  (aten.upsample_bilinear2d.default, 2), (aten.upsample_nearest2d.default, 2),
+                  (aten._upsample_bilinear2d_aa.default, 2), (aten._upsample_nearest_exact2d.default, 2),
+                  (aten.upsample_bicubic2d.default, 2), (aten.upsample_linear1d.default, 1),
+                  (aten.upsample_nearest1d.default, 1), (aten.upsample_trilinear3d.default, 3),
+                  (aten.upsample_nearest3d.default, 3), (aten.adaptive_max_pool2d.default, 2),
+                  (aten.max_pool2d.default, 2), (aten.avg_pool1d.default, 1), (aten.max_pool1d.default, 1),
+                  (aten.adaptive_avg_pool1d.default, 1), (aten.adaptive_max_pool1d.default, 1)):
+        R(op, _batched_rule(_nb_spatial(k)))
+    R(aten._cdist_forward.default, _batched_rule(_nb_spatial(2), batch_args=(0, 1)))
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                 "scaled_dot_product_attention", "_scaled_dot_product_attention_math"):
+        if hasattr(aten, name):
+            R(getattr(aten, name).default, _rule_attention)
+    R(aten._native_batch_norm_legit_no_training.default, _rule_batch_norm_eval)
+    R(aten.diagonal.default, _rule_diagonal)
+    R(aten.repeat.default, _rule_repeat)
+    R(aten.slice_scatter.default, _rule_slice_scatter)
+    R(aten.select_scatter.default, _rule_slice_scatter)
+    for op, pos in ((aten.var.correction, 1), (aten.var.dim, 1), (aten.std.correction, 1), (aten.prod.default, 99),
+                    (aten._fft_r2c.default, 1), (aten._fft_c2r.default, 1), (aten._fft_c2c.default, 1),
+                    (aten.logcumsumexp.default, 1), (aten.cummax.default, 1), (aten.cummin.default, 1),
+                    (aten.median.dim, 1), (aten.mode.default, 1), (aten.kthvalue.default, 2),
+                    (aten.nansum.default, 1), (aten.norm.ScalarOpt_dim, 2), (aten.linalg_vector_norm.default, 2)):
+        R(op, _make_dim_rule(pos, None if pos != 99 else None, op not in (
+            aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default, aten.logcumsumexp.default,
+            aten.cummax.default, aten.cummin.default)))
+    # ops that mix rows by nature: an error (a fallback) as soon as a token reaches them
+    for op, why in (
+        (aten.nonzero.default, "nonzero has a data-dependent shape over all tokens"),
+        (aten._local_scalar_dense.default, "reads a token value on the host (.item())"),
+        (aten._embedding_bag.default, "embedding_bag pools rows across tokens"),
+        (aten.masked_scatter.default, "masked_scatter consumes its source in order across tokens"),
+        (aten._native_batch_norm_legit.default, "batch norm in training mode takes statistics over the batch"),
+        (aten._native_batch_norm_legit.no_stats, "batch norm in training mode takes statistics over the batch"),
+        (aten._pdist_forward.default, "pdist pairs every row with every other"),
+        (aten.as_strided.default, "as_strided may move the token axis anywhere (use view/permute)"),
+        (aten.native_dropout.default, "dropout draws one random mask for the whole batch (eval() the model)"),
+        (aten.convolution_backward.default, "a backward op sums weight gradients over the batch"),
+        (aten.native_layer_norm_backward.default, "a backward op sums weight gradients over the batch"),
+        (aten.native_group_norm_backward.default, "a backward op sums weight gradients over the batch"),
+        (aten.embedding_dense_backward.default, "a backward op sums gradients over the tokens"),
+        (aten.max_pool2d_with_indices_backward.default, "a backward op of a pooling layer"),
+        (aten.avg_pool2d_backward.default, "a backward op of a pooling layer"),
+        (aten._adaptive_avg_pool2d_backward.default, "a backward op of a pooling layer"),
+        (aten.unique_dim.default, "unique compares every token with every other"),
+        (aten._unique2.default, "unique compares every token with every other"),
+        (aten.bincount.default, "bincount counts over all tokens"),
+        (aten.histc.default, "histc counts over all tokens"),
+        (aten.resize_.default, "resize_ changes the tensor's size in place"),
+    ):
+        R(op, _rule_mixes(why))
+    # random factories and shape queries: no data from tokens
+    for op in (aten.rand.default, aten.randn.default, aten.randperm.default, aten.randint.default,
+               aten.randint.low, aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
+               aten.sym_storage_offset.default, aten.eye.default, aten.linspace.default):
+        R(op, _rule_factory)
+
     c10d = torch.ops._c10d_functional
     R(c10d.all_reduce.default, _rule_c10d_same)
     R(c10d.wait_tensor.default, _rule_c10d_same)
@@ -607,6 +906,36 @@ def _install_rules():
 
 
 _install_rules()  # the built-ins; register_rule adds to them, never replaces them
+
+_FAMILIES = {
+    "pointwise": (_rule_pointwise, _rule_same),
+    "view": (_rule_view, _rule_permute, _rule_transpose, _rule_t, _rule_unsqueeze, _rule_squeeze, _rule_expand,
+             _rule_slice, _rule_select, _rule_diagonal, _rule_repeat, _rule_split, _rule_cat, _rule_stack),
+    "matmul": (_rule_mm, _rule_bmm),
+    "indexing": (_rule_index, _rule_index_select, _rule_gather, _rule_scatter, _rule_slice_scatter),
+    "factory": (_rule_factory,),
+    "batched": (_rule_attention, _rule_batch_norm_eval),
+    "kernel": (_rule_rowwise, _rule_rowwise_any, _rule_fan_out),
+    "comm": (_rule_comm_start, _rule_comm_wait, _rule_c10d_same, _rule_c10d_all_gather, _rule_c10d_reduce_scatter,
+             _rule_c10d_a2a),
+    "tuple": (_rule_getitem,),
+}
+_FAMILY_OF = {r: f for f, rules in _FAMILIES.items() for r in rules}
+_CLOSURE_FAMILY = {"_make_dim_rule": "reduction", "_batched_rule": "batched", "_rule_mixes": "mixes"}
+
+
+def family(op) -> str | None:
+    """How the pass treats `op`: pointwise, view, matmul, indexing, factory, reduction (over
+    non-token dims), batched (independent over leading dims), kernel, comm, tuple, mixes (refused,
+    so a graph reaching it runs unsplit) -- or None when it has no rule (also runs unsplit)."""
+    rule = _RULES.get(op)
+    if rule is None:
+        rule = _rule_for_target(op)
+        return None if rule is None else _FAMILY_OF[rule]
+    if rule in _FAMILY_OF:
+        return _FAMILY_OF[rule]
+    outer = rule.__qualname__.split(".<locals>")[0]
+    return _CLOSURE_FAMILY.get(outer, "user")
 _READS_STATE = (_rule_index, _rule_rowwise, _rule_scatter, _rule_gather, _rule_index_select, _rule_getitem)
 #: ops with no tensor output that carry no data (asserts); they are kept shared
 IGNORED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
@@ -614,11 +943,17 @@ IGNORED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
 
 
 def _rule_for(node: fx.Node) -> Rule | None:
-    t = node.target
+    return _rule_for_target(node.target)
+
+
+def _rule_for_target(t) -> Rule | None:
     if t in _RULES:
         return _RULES[t]
-    if isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags:
-        return _rule_pointwise
+    if isinstance(t, torch._ops.OpOverload):
+        if torch.Tag.pointwise in t.tags:
+            return _rule_pointwise
+        if t.__name__.startswith("sym_"):  # shape queries (sym_size, sym_is_contiguous, ...)
+            return _rule_factory
     return None
 
 
@@ -663,4 +998,4 @@ def infer_token_axes(gm: fx.GraphModule, token_inputs: tuple[str, ...], T: int) 
             axes[node.name] = rule(node, ctx)
         else:
             _fail(node, f"unsupported node kind {node.op}")
-    return TokenAxes(T, axes, tuple(token_inputs))
+    return TokenAxes(T, axes, tuple(token_inputs), dict(ctx.aligned))

@@ -191,6 +191,11 @@ class Program:
 
     def _call(self, n: fx.Node) -> str:
         t = n.target
+        if n.op == "get_attr":  # a constant the graph holds (a tensor made in forward)
+            obj = self._gm
+            for part in t.split("."):
+                obj = getattr(obj, part)
+            return self._bind("a", obj)
         if t is operator.getitem:
             return f"v_{n.args[0].name}[{n.args[1]!r}]"
         if t in START_OPS:
@@ -203,6 +208,7 @@ class Program:
 
     # -- the body
     def _emit(self, gm: fx.GraphModule, instrs: Sequence[Instr]) -> list[str]:
+        self._gm = gm
         nodes = {n.name: n for n in gm.graph.nodes}
         params = ", ".join(f"v_{p}" for p in self.placeholders)
         body: list[str] = []

@@ -10,6 +10,8 @@ __version__ = "0.2.0"
 
 from tbo_compiler import runtime  # noqa: E402,F401  (binds the implementations of the tbo ops)
 from tbo_compiler.ops.errors import TboError  # noqa: E402
+from tbo_compiler.passes.pipeline import TboFallbackWarning  # noqa: E402
+from tbo_compiler.passes.token_axis import declare_op  # noqa: E402
 
 
 def load_plan(plan_path, model_dir, **kw):
@@ -18,4 +20,4 @@ def load_plan(plan_path, model_dir, **kw):
     return _load(plan_path, model_dir, **kw)
 
 
-__all__ = ["load_plan", "TboError", "__version__"]
+__all__ = ["load_plan", "declare_op", "TboError", "TboFallbackWarning", "__version__"]

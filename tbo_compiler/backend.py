@@ -13,7 +13,9 @@ options:
   mode                "prefill" (token-balanced cut) or "decode" (cut between requests)
   tokens_per_request  decode: tokens per request (MTP), kept in one ubatch
   profile, order      cost-model profile; force "interleaved" or "sequential"
-  split               False compiles one ubatch (the baseline, same runtime)
+  split               "auto" (default): split when the graph has comm to overlap; True: always;
+                      False: one ubatch (the baseline, same runtime)
+  strict              a graph that cannot be split raises (default: it runs unsplit, one warning)
   dump_dir            write graph/schedule dumps (default $TBO_DUMP_DIR)
   cuda_graphs         capture the program in a CUDA graph (default True on CUDA)
   on_compile          callback(state) with each compiled graph's pipeline state (tests, tools)
@@ -24,12 +26,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 
 import torch
 import torch.fx as fx
 
-from tbo_compiler.ops.errors import TboCompileError
-from tbo_compiler.passes.pipeline import CompileOptions, compile_graph
+from tbo_compiler.ops.errors import TboCompileError, one_line
+from tbo_compiler.passes.pipeline import CompileOptions, TboFallbackWarning, compile_graph
 from tbo_compiler.runtime.graphs import GraphedProgram
 from tbo_compiler.runtime.program import Program
 
@@ -42,9 +45,20 @@ def _user_name(placeholder_target: str) -> str:
     return m.group(1) if m else placeholder_target
 
 
-def _pick_token_inputs(names, examples, mutated, wanted):
+def _is_module_state(placeholder: fx.Node) -> bool:
+    """A dynamo placeholder for the module's own parameters or buffers (or a global), not an input
+    of the call: its source is rooted at `self` (e.g. L['self']._modules['rotary'].inv_freq)."""
+    arg = placeholder.meta.get("grapharg")
+    src = getattr(arg, "source", None)
+    name = getattr(src, "name", None) if src is not None else None
+    name = name() if callable(name) else name   # a property in newer torch, a method in older
+    name = name if isinstance(name, str) else str(placeholder.target)
+    return name.startswith(("L['self']", "G[", "L_self_", "G_"))
+
+
+def _pick_token_inputs(names, examples, mutated, wanted, module_state=frozenset()):
     users = [i for i, x in enumerate(examples)
-             if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)]
+             if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) and i not in module_state]
     if wanted is not None:
         picked = []
         for w in wanted:
@@ -64,6 +78,47 @@ def _pick_token_inputs(names, examples, mutated, wanted):
     return [i for i in cands if examples[i].shape[0] == T]
 
 
+def _split_option(v):
+    if v in ("auto", True, False):
+        return v
+    raise TboCompileError(f"options['split'] must be 'auto', True or False, not {v!r}")
+
+
+def _agreement_group(gm: fx.GraphModule):
+    """The process group the graph's collectives run on (all of its ranks compile this graph at
+    the same point of the same program), or None when there is nothing to agree with."""
+    import torch.distributed as dist
+
+    from tbo_compiler.passes.annotate_comm import annotate_comm
+
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    try:
+        ops = annotate_comm(gm).ops
+    except TboCompileError:
+        ops = ()
+    if not ops:
+        return None
+    try:  # native collectives name their process group
+        from torch.distributed.distributed_c10d import _resolve_process_group
+        group = _resolve_process_group(ops[0].group)
+    except Exception:
+        group = dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _agree(group, local: dict) -> list[dict]:
+    """One collective: every rank's compile outcome, so all ranks take the same decision."""
+    import torch.distributed as dist
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    out: list = [None] * dist.get_world_size(group)
+    with unset_fake_temporarily():  # the compiler runs under dynamo's fake mode; this is real comm
+        dist.all_gather_object(out, local, group=group)
+    return out
+
+
 def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -75,10 +130,13 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
         raise TboCompileError("backend='tbo' compiles static shapes (one graph per batch bucket); "
                               "pass dynamic=False to torch.compile")
     dyn_names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    module_state = frozenset(i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
+                             if _is_module_state(n))
     copts = CompileOptions(mode=opts.get("mode", "prefill"),
                            tokens_per_request=int(opts.get("tokens_per_request", 1)),
                            profile=opts.get("profile", "cpu"), order=opts.get("order"),
-                           split=bool(opts.get("split", True)))
+                           split=_split_option(opts.get("split", "auto")),
+                           strict=bool(opts.get("strict", False)))
     dump_dir = opts.get("dump_dir", os.environ.get("TBO_DUMP_DIR"))
 
     def compiler(aot_gm: fx.GraphModule, aot_inputs):
@@ -87,18 +145,47 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
         mutated = {phs.index(n.args[0]) - offset for n in aot_gm.graph.nodes
                    if n.op == "call_function" and n.target == torch.ops.aten.copy_.default
                    and n.args[0].op == "placeholder"}
-        picked = _pick_token_inputs(dyn_names, list(example_inputs), mutated, opts.get("token_inputs"))
+        picked = _pick_token_inputs(dyn_names, list(example_inputs), mutated, opts.get("token_inputs"),
+                                    module_state)
         T = int(example_inputs[picked[0]].shape[0]) if picked else 0
         token_names = tuple(phs[i + offset].name for i in picked)
         o = copts if picked else CompileOptions(**{**copts.__dict__, "split": False})
         if not picked:
             log.info("tbo: no token inputs in this graph; compiled without a split")
-        compiled = compile_graph(aot_gm, token_names, T, o)
+        compiled, error = None, None
+        try:
+            compiled = compile_graph(aot_gm, token_names, T, o)
+        except TboCompileError as e:
+            error = e
+        group = _agreement_group(aot_gm)
+        if group is not None:  # every rank of the graph's collectives takes the same decision
+            import torch.distributed as dist
+            views = _agree(group, {"rank": dist.get_rank(), "T": T, "cut": compiled.cut if compiled else 0,
+                                   "error": one_line(error) if error else None,
+                                   "fallback": compiled.fallback if compiled else None})
+            failed = [v for v in views if v["error"]]
+            if failed:
+                raise TboCompileError(f"rank {failed[0]['rank']} could not compile this graph: {failed[0]['error']}")
+            if len({(v["T"], v["cut"]) for v in views}) > 1:
+                seen = ", ".join(f"rank {v['rank']}: T={v['T']} cut={v['cut']}" for v in views)
+                why = f"ranks disagree on the split ({seen})"
+                cause = next((v for v in views if v["fallback"]), None)
+                why += (f": rank {cause['rank']} cannot split: {cause['fallback']}" if cause else
+                        "; pad every rank's batch to the same token count (a bucket) to get TBO")
+                if compiled.cut:
+                    warnings.warn(TboFallbackWarning(f"tbo: running this graph without TBO (unsplit): {why}"))
+                    compiled = compile_graph(aot_gm, token_names, T, CompileOptions(**{**o.__dict__, "split": False}))
+                compiled.fallback = compiled.fallback or why
+        elif error is not None:
+            raise error
         if dump_dir:
             from tbo_compiler.dumps import write_dumps
             write_dumps(compiled, os.path.join(dump_dir, f"graph{_counter()}_T{T}"), name="torch_compile")
         device = next((x.device for x in aot_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         prog = Program(compiled.gm, compiled.schedule.instrs, device=device)
+        log.info("tbo: compiled a graph of %d tokens: %s, %d comm ops", T,
+                 f"split {compiled.cut}+{T - compiled.cut}" if compiled.cut else
+                 f"not split ({compiled.fallback or 'not asked'})", len(compiled.comm_before.ops))
         if opts.get("on_compile"):
             opts["on_compile"](compiled)
         graphed = device.type == "cuda" and opts.get("cuda_graphs", True)

@@ -89,7 +89,9 @@ def compile_model_dir(model_dir, out_path, *, ep: int = 1, moe_comm: str = "a2a"
     spent per stage (capture, each pass, plan) summed over buckets."""
     par = ParallelConfig(ep_size=ep, ep_rank=0, group="ep", moe_comm=moe_comm)
     model = build_model(model_dir, parallel=par, block_size=block_size, dtype=dtype, num_layers=num_layers)
-    opts = CompileOptions(mode=mode, tokens_per_request=tokens_per_request, profile=profile, split=split)
+    # a plan is compiled ahead of time: a model that cannot be split is an error here, not a fallback
+    opts = CompileOptions(mode=mode, tokens_per_request=tokens_per_request, profile=profile, split=split,
+                          strict=True)
     results = compile_model(model, token_counts, opts, max_blocks=max_blocks, progress=progress,
                             dump_dir=dump_dir, capture=capture)
     plan = make_plan([bucket_record(r.T, r.variant, r.state, r.specs) for r in results], model_dir=model_dir,

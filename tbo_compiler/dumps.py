@@ -320,10 +320,28 @@ def _layer(layer) -> str:
     return "layer ?" if layer is None else f"layer {layer}"
 
 
+def verdict(compiled) -> str:
+    """One line first in the summary: did TBO happen, with how much comm, and if not, why."""
+    n = len(compiled.comm_before.ops)
+    comm = f"{n} comm op{'s' if n != 1 else ''} found"
+    if compiled.cut:
+        tl, serial = compiled.schedule.timeline, compiled.schedule.serial_us
+        pred = f"; predicted {serial / tl.makespan_us:.2f}x by the cost model" if tl.makespan_us else ""
+        return (f"Verdict: TBO on: split into 2 ubatches ({compiled.cut} + {compiled.T - compiled.cut} tokens), "
+                f"{comm}, each run once per ubatch beside the other ubatch's compute{pred}")
+    if compiled.fallback:
+        return f"Verdict: no TBO, the graph runs unsplit ({comm}): {compiled.fallback}"
+    if compiled.options.split and compiled.T <= 1:
+        return f"Verdict: no TBO: {compiled.T} token, nothing to split ({comm})"
+    if compiled.options.split == "auto" and not n:
+        return "Verdict: no TBO: no communication found, nothing to overlap (split=True forces a split)"
+    return f"Verdict: no TBO: compiled unsplit as asked (split={compiled.options.split!r}; {comm})"
+
+
 def summary_text(compiled, *, name: str = "model") -> str:
     o, sched = compiled.options, compiled.schedule
     tl = sched.timeline
-    out = [f"TBO summary: {name}"]
+    out = [f"TBO summary: {name}", verdict(compiled)]
     mode = o.mode + (f" ({o.tokens_per_request} tokens per request)" if o.mode == "decode" else "")
     if compiled.cut:
         out.append(f"tokens T={compiled.T}, cut at {compiled.cut}: ubatch sizes "

@@ -29,7 +29,7 @@ def test_backend_on_deepseek_v3_matches_eager(tmp_path):
     with torch.no_grad():
         ref = model(*b_ref.args(), kv_ref.caches)
         out = torch.compile(model, backend="tbo", dynamic=False, options={
-            "token_inputs": ["input_ids", "positions", "slot_mapping", "block_table"],
+            "token_inputs": ["input_ids", "positions", "slot_mapping", "block_table"], "split": True,
             "on_compile": seen.append})(*b.args(), kv.caches)
     (c,) = seen
     assert c.cut == 5 and c.T == 10
@@ -52,7 +52,11 @@ def test_backend_default_token_inputs_and_dynamic_refused(tmp_path):
     seen = []
     with torch.no_grad():
         out = torch.compile(m, backend="tbo", dynamic=False, options={"on_compile": seen.append})(x)
-    assert torch.allclose(out, m(x), atol=1e-6) and seen[0].cut == 3
+    assert torch.allclose(out, m(x), atol=1e-6) and seen[0].cut == 0  # no comm: nothing to overlap
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(m, backend="tbo", dynamic=False, options={"on_compile": seen.append, "split": True})(x)
+    assert torch.allclose(out, m(x), atol=1e-6) and seen[1].cut == 3
     torch._dynamo.reset()
     with pytest.raises(Exception, match="static shapes"):
         with torch.no_grad():

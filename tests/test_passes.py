@@ -13,7 +13,7 @@ from tbo_compiler.models import ParallelConfig, build_model
 from tbo_compiler.models.tiny import make_tiny
 from tbo_compiler.ops.errors import InvariantError, ScheduleError, SplitError, TokenAxisError
 from tbo_compiler.passes.annotate_comm import layer_of
-from tbo_compiler.passes.pipeline import PASSES, CompileOptions, Pass, compile_graph
+from tbo_compiler.passes.pipeline import TboFallbackWarning, PASSES, CompileOptions, Pass, compile_graph
 from tbo_compiler.passes.split_ubatches import split_point
 from tbo_compiler.passes.token_axis import TokenDim, _view_map
 from tbo_compiler.passes.verify_schedule import verify_schedule
@@ -74,9 +74,23 @@ def test_token_mixing_is_reported_with_source_line():
     gm, specs = capture_make_fx(MixesTokens(), (torch.randn(6, 4),), stack_traces=True)
     users = tuple(s.name for s in specs if s.kind == "user")
     with pytest.raises(TokenAxisError) as e:
-        compile_graph(gm, users, 6, CompileOptions())
+        compile_graph(gm, users, 6, CompileOptions(strict=True))
     msg = str(e.value)
     assert "token axis" in msg and "test_passes.py" in msg and "\n" not in msg
+
+
+def test_graph_that_cannot_split_falls_back_with_one_warning_naming_the_line():
+    gm, specs = capture_make_fx(MixesTokens(), (torch.randn(6, 4),), stack_traces=True)
+    users = tuple(s.name for s in specs if s.kind == "user")
+    with pytest.warns(TboFallbackWarning) as w:
+        c = compile_graph(gm, users, 6, CompileOptions())
+    assert len(w) == 1
+    msg = str(w[0].message)
+    assert "without TBO" in msg and "test_passes.py" in msg and "strict" in msg and "\n" not in msg
+    assert c.cut == 0 and c.split is None and "token axis" in c.fallback
+    x = torch.randn(6, 4)
+    from tbo_compiler.runtime.program import Program
+    assert torch.allclose(Program(c.gm, c.schedule.instrs)(x)[0], MixesTokens()(x))
 
 
 def test_no_split_for_one_token():

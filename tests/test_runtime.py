@@ -128,7 +128,8 @@ def test_every_bad_input_is_a_tbo_error(plan_path, tmp_path):
         "unknown policy": lambda: load_plan(p, d, policy="sometimes"),
         "unregistered group": lambda: all_reduce(torch.zeros(2), "nope", 2),
         "unknown kernel backend": lambda: prefer("rms_norm", "cuda-magic"),
-        "token mixing": lambda: torch.compile(MixesTokens(), backend="tbo", dynamic=False)(torch.randn(4, 3)),
+        "token mixing": lambda: torch.compile(MixesTokens(), backend="tbo", dynamic=False,
+                                              options={"split": True, "strict": True})(torch.randn(4, 3)),
     }
     for name, fn in cases.items():
         torch._dynamo.reset()
