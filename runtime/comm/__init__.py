@@ -6,6 +6,8 @@ process group (or none: one rank). Its backend is chosen from the process group,
     torch_dist  async work handles (gloo on CPU; eager use)
     nccl        stream-ordered, capturable in a CUDA graph (what compiled programs use on NCCL)
     null        no communication at all: timing compute alone (bench), never for results
+    mori        ROCm: dispatch/combine through mori, one op per ubatch (the default on ROCm when mori
+                imports; TBO_COMM=name picks the backend of every multi-rank group)
 A backend object has one method per comm kind (dispatch, combine, all_gather, reduce_scatter,
 all_reduce); each starts the collective and returns an object whose `wait()` gives the result.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,8 +58,10 @@ def _make_backend(name: str, group: CommGroup):
         from tbo_compiler.runtime.comm.nccl import NcclBackend as B
     elif name == "null":
         from tbo_compiler.runtime.comm.null import NullBackend as B
+    elif name == "mori":  # falls back to the group's other backend, with one log line, without mori
+        from tbo_compiler.runtime.comm.mori import make_backend as B
     else:
-        raise RuntimeFailure(f"unknown comm backend {name!r} (local, torch_dist, nccl, null)")
+        raise RuntimeFailure(f"unknown comm backend {name!r} (local, torch_dist, nccl, null, mori)")
     return B(group)
 
 
@@ -68,6 +73,12 @@ def _default_backend(pg) -> str:
 
     if pg is None or dist.get_world_size(pg) == 1:
         return "local"
+    if os.environ.get("TBO_COMM"):
+        return os.environ["TBO_COMM"]
+    if getattr(torch.version, "hip", None) and "nccl" in str(dist.get_backend(pg)):
+        from tbo_compiler.runtime.comm.mori import preferred
+        if preferred(pg):
+            return "mori"
     return "nccl" if "nccl" in str(dist.get_backend(pg)) else "torch_dist"
 
 

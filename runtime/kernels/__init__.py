@@ -25,6 +25,8 @@ import logging
 import os
 from typing import Callable
 
+import torch
+
 from tbo_compiler.ops import impl as op_impl
 from tbo_compiler.ops.errors import RuntimeFailure
 from tbo_compiler.ops.kernels import KERNEL_OPS
@@ -32,7 +34,8 @@ from tbo_compiler.ops.kernels import KERNEL_OPS
 log = logging.getLogger(__name__)
 
 #: backend name -> module (relative to this package)
-MODULES = {"torch": ".torch_ref", "grouped_mm": ".grouped_mm", "triton": ".triton_backend"}
+MODULES = {"torch": ".torch_ref", "grouped_mm": ".grouped_mm", "triton": ".triton_backend",
+           "aiter": ".aiter_backend"}
 #: op -> backends in order of preference; "torch" (the reference) takes anything
 PREFERENCE: dict[str, list[str]] = {
     "latent_attention": ["triton", "torch"],
@@ -46,6 +49,12 @@ PREFERENCE: dict[str, list[str]] = {
     "rope_half": ["triton", "torch"],
     "dispatch_pack": ["torch"],
 }
+#: ops aiter implements; it goes first for them on ROCm builds of torch only (elsewhere the lists
+#: above are unchanged and only TBO_KERNELS / prefer() reach it)
+AITER_OPS = ("latent_attention", "moe_experts")
+if getattr(torch.version, "hip", None):
+    for _op in AITER_OPS:
+        PREFERENCE[_op].insert(0, "aiter")
 _LOADED: dict[str, object | None] = {}
 _PREFER: dict[str, str] = {}
 _CHOSEN: dict[tuple, str] = {}
