@@ -24,13 +24,23 @@ def _ints(s: str) -> list[int]:
     return vals
 
 
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tbo-compile", description="Compile an MoE model directory into a "
                                 "Two-Batch-Overlap plan.")
     p.add_argument("model_dir", help="HuggingFace-style directory: config.json + *.safetensors")
     p.add_argument("-o", "--output", help="plan file to write (e.g. plan.pt)")
     p.add_argument("--check", metavar="PLAN", help="validate an existing plan instead of compiling")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (ranks)")
+    p.add_argument("--ep", type=_positive, default=1, help="expert-parallel size (ranks)")
     p.add_argument("--dp-attention", action="store_true",
                    help="DP attention: all_gather before the MoE, reduce_scatter after "
                         "(default with --ep > 1: dispatch/combine all-to-all)")
@@ -39,12 +49,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("prefill", "decode"), default=None)
     p.add_argument("--tokens", type=_ints, help="prefill buckets: tokens per rank, e.g. 256,1024")
     p.add_argument("--decode-batch", type=_ints, help="decode buckets: requests per rank, e.g. 8,32")
-    p.add_argument("--mtp", type=int, default=1, help="decode tokens per request (MTP), kept in one ubatch")
+    p.add_argument("--mtp", type=_positive, default=1, help="decode tokens per request (MTP), kept in one ubatch")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-blocks", type=int, default=64, help="block-table width (blocks per request)")
+    p.add_argument("--block-size", type=_positive, default=16)
+    p.add_argument("--max-blocks", type=_positive, default=64, help="block-table width (blocks per request)")
     p.add_argument("--profile", default="h200", help="cost-model device profile (cpu, h100, h200, h200-scaleout)")
-    p.add_argument("--layers", type=int, default=None, help="compile only the first N layers")
+    p.add_argument("--layers", type=_positive, default=None, help="compile only the first N layers")
     p.add_argument("--capture", choices=("make_fx", "export"), default="make_fx",
                    help="tracer: one make_fx trace (fast) or torch.export + decompositions")
     p.add_argument("--no-split", action="store_true", help="one ubatch (the no-TBO baseline)")
@@ -68,6 +78,17 @@ def main(argv=None) -> int:
         print("tbo-compile: give -o PLAN (compile) or --check PLAN (validate)", file=sys.stderr)
         return 1
 
+    out = os.path.abspath(args.output)
+    if os.path.isdir(out):
+        print(f"tbo-compile: -o {args.output} is a directory; give a plan file path (e.g. {args.output}/plan.pt)",
+              file=sys.stderr)
+        return 1
+    if not os.path.isdir(os.path.dirname(out)) or not os.access(os.path.dirname(out), os.W_OK):
+        print(f"tbo-compile: cannot write {args.output}: {os.path.dirname(out)} is not a writable directory",
+              file=sys.stderr)
+        return 1
+    if os.path.exists(out):
+        print(f"tbo-compile: {args.output} exists and will be replaced when the compile succeeds", file=sys.stderr)
     if args.profile not in PROFILES:
         print(f"tbo-compile: unknown --profile {args.profile!r}; have {', '.join(PROFILES)}", file=sys.stderr)
         return 1
