@@ -2,10 +2,15 @@
 
     python bench/tbo_bench.py --out $OUT                         # all GPUs of the machine, both links
     python bench/tbo_bench.py --out $OUT --links p2p_off --prefill 4096 --decode 512
+    python bench/tbo_bench.py --out $OUT --slice gpt_oss         # the GPT-OSS-shaped slice instead
 
-The model: 4 MoE layers of DeepSeek-V3's shapes (hidden 7168, MLA with the real config's dims,
-8 routed experts per rank, moe_inter 2048, top-8, 1 shared expert), vocab 4096, random bf16
-weights, EP = the number of GPUs (dispatch/combine all-to-all over NCCL). Each rank serves its own
+The model (`--slice deepseek_v3`, the default): 4 MoE layers of DeepSeek-V3's shapes (hidden 7168,
+MLA with the real config's dims, 8 routed experts per rank, moe_inter 2048, top-8, 1 shared
+expert), vocab 4096, random bf16 weights, EP = the number of GPUs (dispatch/combine all-to-all
+over NCCL). `--slice gpt_oss`: 4 layers of GPT-OSS-20b's shapes (hidden 2880, GQA 64/8 heads of
+64 with sinks, a 128-token window on alternating layers, 32 experts over the EP ranks, top-4,
+expert ffn 2880 with biases and the clamped activation), vocab 4096; its result files are named
+tbo_bench_gpt_oss_ep{N}.json, trace_gpt_oss_*.json. Each rank serves its own
 requests: prefill in requests of 512 tokens, decode one token per request over a 512-token
 context. Plans are compiled once here (`compile_model`, the same front as `tbo-compile`), read
 back from disk, and run by the runtime (`PlanModule`) on every rank.
@@ -53,14 +58,28 @@ SLICE = {
                      "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},
     "tie_word_embeddings": False,
 }
+GPT_OSS_SLICE = {
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
+    "intermediate_size": 2880, "num_hidden_layers": 4, "num_attention_heads": 64, "num_key_value_heads": 8,
+    "head_dim": 64, "num_local_experts": 32, "num_experts_per_tok": 4, "sliding_window": 128,
+    "layer_types": ["sliding_attention", "full_attention"] * 2, "attention_bias": True, "swiglu_limit": 7.0,
+    "vocab_size": 4096, "rms_norm_eps": 1e-5, "rope_theta": 150000,
+    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                     "original_max_position_embeddings": 4096},
+    "tie_word_embeddings": False,
+}
+#: --slice -> (config, fields that depend on the EP size, prefix of the result files)
+SLICES = {"deepseek_v3": (SLICE, lambda ep: {"n_routed_experts": 8 * ep}, ""),
+          "gpt_oss": (GPT_OSS_SLICE, lambda ep: {}, "gpt_oss_")}
 BLOCK, MAX_BLOCKS, REQ_LEN, CTX = 64, 16, 512, 512
 
 
 # Step 1: plans (parent process) -------------------------------------------------------------
 
-def write_slice(d: Path, ep: int) -> Path:
+def write_slice(d: Path, ep: int, name: str = "deepseek_v3") -> Path:
+    config, per_ep, _ = SLICES[name]
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps({**SLICE, "n_routed_experts": 8 * ep}))
+    (d / "config.json").write_text(json.dumps({**config, **per_ep(ep)}))
     return d
 
 
@@ -264,7 +283,7 @@ def rank_main(rank, world, cfg):
                         row["ideal_ms"] = max(row["compute_ms"], row["comm_ms"])
                         traced = T in cfg["trace_tokens"].get(phase, ()) and link in cfg["trace_links"]
                         row["predicted"] = predict(run, T, list(user) + list(kv.caches), dev, row,
-                                                   Path(cfg["out"]) / f"trace_predicted_{link}_{phase}{T}.json"
+                                                   Path(cfg["out"]) / f"trace_predicted_{cfg['prefix']}{link}_{phase}{T}.json"
                                                    if traced and rank == 0 else None)
                         if traced:
                             row["trace"] = profile_step(lambda: run(*args, variant="tbo"), cfg, rank, link,
@@ -319,7 +338,7 @@ def profile_step(fn, cfg, rank, link, T) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    path = Path(cfg["out"]) / f"trace_{link}_{T}_rank{rank}.json"
+    path = Path(cfg["out"]) / f"trace_{cfg['prefix']}{link}_{T}_rank{rank}.json"
     prof.export_chrome_trace(str(path))
     events = json.loads(path.read_text())["traceEvents"]
     m = trace_metrics(events)
@@ -350,6 +369,7 @@ def main(argv=None):
     ap.add_argument("--trace-links", default="p2p_off")
     ap.add_argument("--dumps", action="store_true", help="also write the compiler dumps of every bucket")
     ap.add_argument("--world", type=int, default=torch.cuda.device_count())
+    ap.add_argument("--slice", choices=sorted(SLICES), default="deepseek_v3", help="the model slice to bench")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -357,7 +377,8 @@ def main(argv=None):
     from tbo_compiler.runtime.launch import run_ranks
 
     tmp = Path(tempfile.mkdtemp(prefix="tbo_bench_"))
-    model_dir = write_slice(tmp / "slice", args.world)
+    model_dir = write_slice(tmp / "slice", args.world, args.slice)
+    prefix = SLICES[args.slice][2]
     buckets = {"bfloat16": {"prefill": args.prefill, "decode": args.decode}}
     if args.fp32_prefill or args.fp32_decode:
         buckets["float32"] = {"prefill": args.fp32_prefill, "decode": args.fp32_decode}
@@ -373,7 +394,7 @@ def main(argv=None):
         cfg = {"model_dir": str(model_dir), "link": link, "buckets": buckets,
                "plans": {f"{k[0]}|{k[1]}": v for k, v in plans.items()}, "iters": args.iters,
                "trace_tokens": {"prefill": args.trace_prefill, "decode": args.trace_decode},
-               "trace_links": args.trace_links.split(","), "out": str(out)}
+               "trace_links": args.trace_links.split(","), "out": str(out), "prefix": prefix}
         t1 = time.perf_counter()
         res = run_ranks(rank_main, args.world, cfg, backend="nccl", env=env, timeout=1500)
         for r, rows in enumerate(res):
@@ -382,9 +403,10 @@ def main(argv=None):
         all_rows += [row for rows in res for row in rows]
         print(f"link {link}: {time.perf_counter() - t1:.0f} s", flush=True)
     meta = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "world": args.world,
-            "python": platform.python_version(), "compile_s": round(compile_s, 1), "slice": SLICE,
+            "python": platform.python_version(), "compile_s": round(compile_s, 1),
+            "slice": SLICES[args.slice][0],
             "command": " ".join([sys.executable.split("/")[-1], *sys.argv])}
-    (out / f"tbo_bench_ep{args.world}.json").write_text(json.dumps({"meta": meta, "rows": all_rows}, indent=1))
+    (out / f"tbo_bench_{prefix}ep{args.world}.json").write_text(json.dumps({"meta": meta, "rows": all_rows}, indent=1))
     print(summary_table(all_rows))
 
 

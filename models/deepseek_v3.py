@@ -1,5 +1,8 @@
 """DeepSeek-V3 / V2 / Kimi K2 (K2.5's language model): MLA attention + DeepSeekMoE.
 
+What differs from the shared shell (decoder.py): MLA over a latent cache, the noaux_tc and
+group_limited_greedy routers, shared experts, dense first layers.
+
 Legend: T tokens, D hidden, V vocab, H heads, N qk_nope_head_dim, R qk_rope_head_dim,
 Dv v_head_dim, C kv_lora_rank, E routed experts, K experts per token, G expert groups,
 S cache slots (num_blocks * block_size), B blocks per request.
@@ -12,14 +15,14 @@ RoPE dims are interleaved (rotation acts on pairs (x[2i], x[2i+1])); yarn scalin
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tbo_compiler.models.batch import PagedKVCache, is_padding
+from tbo_compiler.models.attention import rope_inv_freq, rope_type, yarn_mscale
+from tbo_compiler.models.decoder import DecoderModel
 from tbo_compiler.models.moe import MoEBlock, ParallelConfig, RMSNorm, SwiGLU, swiglu_checkpoint_names
 
 ops = torch.ops.tbo
@@ -64,7 +67,7 @@ class DeepseekV3Config:
         if self.scoring_func != want[self.topk_method]:
             raise ValueError(f"scoring_func {self.scoring_func!r} does not go with topk_method "
                              f"{self.topk_method!r} (expects {want[self.topk_method]!r})")
-        kind = (self.rope_scaling or {}).get("type", (self.rope_scaling or {}).get("rope_type"))
+        kind = rope_type(self.rope_scaling)
         if kind not in (None, "yarn", "default"):
             raise ValueError(f"rope_scaling type {kind!r} not supported (have 'yarn')")
         if self.topk_method == "greedy":  # V2's plain top-k: group limiting with one group
@@ -106,31 +109,7 @@ CHECKPOINT_NAMES = {
 }
 
 
-# Step 1: rotary embedding (yarn) -------------------------------------------------------------
-
-def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
-
-
-def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> tuple[Tensor, float]:
-    """-> (inv_freq [dim/2], cos/sin multiplier). Yarn blends interpolated (slow) and original
-    (fast) frequencies with a linear ramp between the correction dims of beta_fast/beta_slow."""
-    extra = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    if not scaling or scaling.get("type", scaling.get("rope_type")) != "yarn":
-        return extra, 1.0
-    factor = scaling["factor"]
-    orig = scaling.get("original_max_position_embeddings", 4096)
-
-    def corr_dim(rotations):
-        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    lo = max(math.floor(corr_dim(scaling.get("beta_fast", 32))), 0)
-    hi = min(math.ceil(corr_dim(scaling.get("beta_slow", 1))), dim - 1)
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
-    inv_freq = extra / factor * ramp + extra * (1 - ramp)
-    attn = yarn_mscale(factor, scaling.get("mscale", 1)) / yarn_mscale(factor, scaling.get("mscale_all_dim", 0))
-    return inv_freq, attn
-
+# Step 1: rotary embedding (yarn: attention.py) ------------------------------------------------
 
 def apply_rope_interleaved(x_TxR: Tensor, positions_T: Tensor, inv_freq: Tensor, mul: float) -> Tensor:
     """Rotate pairs (x[2i], x[2i+1]) by positions * inv_freq[i] (times `mul`); x is [T, ..., R]."""
@@ -158,7 +137,7 @@ class MLA(nn.Module):
         self.o_proj = lin(H * self.Dv, D)
         self.scale = cfg.qk_head_dim ** -0.5
         sc = cfg.rope_scaling or {}
-        if sc.get("type", sc.get("rope_type")) == "yarn" and sc.get("mscale_all_dim"):
+        if rope_type(sc) == "yarn" and sc.get("mscale_all_dim"):
             self.scale *= yarn_mscale(sc["factor"], sc["mscale_all_dim"]) ** 2
 
     def q(self, x_TD: Tensor) -> Tensor:
@@ -240,72 +219,27 @@ class GroupLimitedGreedyRouter(nn.Module):
         return ids_TK, w_TK * self.scaling
 
 
-# Step 4: layers and model -------------------------------------------------------------------
+# Step 4: the model: the shared shell with MLA and DeepSeekMoE ---------------------------------
 
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekV3Config, i: int, par: ParallelConfig, block_size: int, dtype=None):
-        super().__init__()
-        D = cfg.hidden_size
-        self.input_layernorm = RMSNorm(D, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps, dtype)
-        self.self_attn = MLA(cfg, block_size, dtype)
-        self.is_moe = cfg.is_moe_layer(i)
-        if self.is_moe:
-            router = (NoAuxTCRouter if cfg.topk_method == "noaux_tc" else GroupLimitedGreedyRouter)(cfg, dtype)
-            shared = (SwiGLU(D, cfg.n_shared_experts * cfg.moe_intermediate_size, dtype)
-                      if cfg.n_shared_experts else None)
-            self.mlp = MoEBlock(router, cfg.n_routed_experts, D, cfg.moe_intermediate_size, par,
-                                shared=shared, dtype=dtype)
-        else:
-            self.mlp = SwiGLU(D, cfg.intermediate_size, dtype)
-
-    def forward(self, h_TD, positions_T, slot_mapping_T, block_table_TB, cache, rope, pad_T):
-        h_TD = h_TD + self.self_attn(self.input_layernorm(h_TD), positions_T, slot_mapping_T,
-                                     block_table_TB, cache, rope)
-        x_TD = self.post_attention_layernorm(h_TD)
-        return h_TD + (self.mlp(x_TD, pad_T) if self.is_moe else self.mlp(x_TD))
-
-
-class DeepseekV3Model(nn.Module):
+class DeepseekV3Model(DecoderModel):
     checkpoint_names = CHECKPOINT_NAMES
-    token_inputs = ("input_ids", "positions", "slot_mapping", "block_table")
 
-    def __init__(self, cfg: DeepseekV3Config, par: ParallelConfig | None = None, block_size: int = 16,
-                 dtype=torch.float32):
-        super().__init__()
-        self.config, self.block_size, self.dtype = cfg, block_size, dtype
-        par = par or ParallelConfig()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, par, block_size, dtype)
-                                    for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
-        self.init_buffers()
+    def make_attention(self, i: int) -> MLA:
+        return MLA(self.config, self.block_size, self.dtype)
 
-    def init_buffers(self) -> None:
-        """(Re)compute the rope table and re-tie embeddings: the loader builds the model on the
-        meta device and calls this after `to_empty`, which leaves buffers and ties behind."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        inv_freq, self.rope_mul = rope_inv_freq(self.config.qk_rope_head_dim, self.config.rope_theta,
-                                                self.config.rope_scaling)
-        self.register_buffer("inv_freq", inv_freq.to(self.embed_tokens.weight.device), persistent=False)
+    def make_mlp(self, i: int, par: ParallelConfig) -> tuple[nn.Module, bool]:
+        c, D, dt = self.config, self.config.hidden_size, self.dtype
+        if not c.is_moe_layer(i):
+            return SwiGLU(D, c.intermediate_size, dt), False
+        router = (NoAuxTCRouter if c.topk_method == "noaux_tc" else GroupLimitedGreedyRouter)(c, dt)
+        shared = SwiGLU(D, c.n_shared_experts * c.moe_intermediate_size, dt) if c.n_shared_experts else None
+        return MoEBlock(router, c.n_routed_experts, D, c.moe_intermediate_size, par, shared=shared, dtype=dt), True
+
+    def rope_table(self) -> tuple[Tensor, float]:
+        return rope_inv_freq(self.config.qk_rope_head_dim, self.config.rope_theta, self.config.rope_scaling)
 
     def rope(self, x: Tensor, positions_T: Tensor) -> Tensor:
         return apply_rope_interleaved(x, positions_T, self.inv_freq, self.rope_mul)
 
-    def kv_cache_entry_shapes(self) -> list[tuple[int, ...]]:
-        c = self.config
-        return [(c.kv_lora_rank + c.qk_rope_head_dim,)] * c.num_hidden_layers
-
-    def new_kv_cache(self, num_blocks: int, *, dtype=None, device=None) -> PagedKVCache:
-        return PagedKVCache(self.kv_cache_entry_shapes(), num_blocks, self.block_size,
-                            dtype=dtype or self.dtype, device=device or self.embed_tokens.weight.device)
-
-    def forward(self, input_ids: Tensor, positions: Tensor, slot_mapping: Tensor, block_table: Tensor,
-                kv_caches: list[Tensor]) -> Tensor:
-        pad_T = is_padding(slot_mapping, self.block_size)
-        h_TD = self.embed_tokens(input_ids)
-        for layer, cache in zip(self.layers, kv_caches):
-            h_TD = layer(h_TD, positions, slot_mapping, block_table, cache, self.rope, pad_T)
-        return self.lm_head(self.norm(h_TD)).float()
+    def cache_entry_shape(self, i: int) -> tuple[int, ...]:
+        return (self.config.kv_lora_rank + self.config.qk_rope_head_dim,)

@@ -2,15 +2,17 @@
 
 Contract: reads config.json (a wrapper's `text_config` for Kimi K2.5) and the safetensors files
 (`model.safetensors`, or shards listed by `model.safetensors.index.json`); reads only the tensors
-the model's parameters need (so the MTP layer, vision tower, ... are never touched); dequantizes
-fp8-block and int4 pack-quantized weights to `dtype`. Every failure is one `ModelLoadError` line
-naming the file and the tensor or config field.
+the model's parameters need (so the MTP layer, vision tower, ... are never touched; of a tensor
+that holds every expert, only this rank's rows); dequantizes fp8-block, int4 pack-quantized and
+MXFP4 weights to `dtype`. Every failure is one `ModelLoadError` line naming the file and the
+tensor or config field.
 
 Pseudo-code:
   1. read config.json -> architecture, config dataclass, name prefix, quantization
   2. build the model on the meta device, materialise it on `device`
   3. for each parameter: checkpoint name(s) from the model's CHECKPOINT_NAMES templates ->
-     read -> dequantize -> check shape -> copy (stacked expert parameters: this rank's experts)
+     read -> dequantize -> check shape -> copy (stacked expert parameters: this rank's experts,
+     from one tensor per expert or from one tensor of all experts: moe.FusedExperts)
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ from torch import nn
 
 from tbo_compiler.models import quant
 from tbo_compiler.models.deepseek_v3 import DeepseekV3Config, DeepseekV3Model
-from tbo_compiler.models.moe import MoEBlock, ParallelConfig
+from tbo_compiler.models.gpt_oss import GptOssConfig, GptOssModel
+from tbo_compiler.models.mixtral import MixtralConfig, MixtralModel
+from tbo_compiler.models.moe import FusedExperts, MoEBlock, ParallelConfig
 from tbo_compiler.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeModel
 from tbo_compiler.ops.errors import ModelLoadError, RuntimeFailure, one_line
 
@@ -37,6 +41,8 @@ ARCHITECTURES = {
     "deepseek_v2": (DeepseekV3Config, DeepseekV3Model),
     "kimi_k2": (DeepseekV3Config, DeepseekV3Model),
     "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeModel),
+    "gpt_oss": (GptOssConfig, GptOssModel),
+    "mixtral": (MixtralConfig, MixtralModel),
 }
 #: multimodal wrappers: model_type -> prefix of the language model's tensor names
 WRAPPERS = {"kimi_k25": "language_model."}
@@ -85,7 +91,7 @@ def resolve_model(model_dir) -> tuple[object, type, str]:
 
 
 def read_config(model_dir):
-    """The architecture's config dataclass (DeepseekV3Config or Qwen3MoeConfig) for `model_dir`."""
+    """The architecture's config dataclass (DeepseekV3Config, Qwen3MoeConfig, ...) for `model_dir`."""
     return resolve_model(model_dir)[0]
 
 
@@ -136,6 +142,29 @@ class _Checkpoint:
         except Exception as e:  # e.g. an index that lists a tensor its shard does not hold
             raise ModelLoadError(f"{self.dir / file}: cannot read tensor {name} ({one_line(e)})") from None
 
+    def _slice(self, name: str):
+        file = self.weight_map.get(name)
+        if file is None:
+            raise ModelLoadError(f"{self.where}: missing tensor {name}")
+        try:
+            return self._handle(file, name).get_slice(name)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"{self.dir / file}: cannot read tensor {name} ({one_line(e)})") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def get_rows(self, name: str, lo: int, n: int) -> torch.Tensor:
+        """Rows lo..lo+n of dim 0 (this rank's experts), without reading the rest."""
+        try:
+            return self._slice(name)[lo:lo + n]
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"{self.file_of(name)}: cannot read tensor {name} ({one_line(e)})") from None
+
     def file_of(self, name: str) -> Path:
         return self.dir / self.weight_map.get(name, self.where.name)
 
@@ -166,6 +195,30 @@ def _read_weight(ckpt: _Checkpoint, name: str, shape: tuple, qcfg: dict) -> torc
     return t.float()
 
 
+def _read_fused_experts(ckpt: _Checkpoint, name: str, spec: FusedExperts, num_experts: int, lo: int,
+                        shape: tuple) -> torch.Tensor:
+    """Experts lo..lo+n of the all-experts tensor `name` as fp32 [n, ...] = `shape`."""
+    n, rest = shape[0], tuple(shape[1:])
+    if not spec.mxfp4:
+        _check(ckpt, name, ckpt.shape(name), (num_experts, *rest))
+        return ckpt.get_rows(name, lo, n).float()
+    blocks, scales = name + "_blocks", name + "_scales"
+    if not ckpt.has(blocks) and ckpt.has(name):
+        raise ModelLoadError(f"{ckpt.file_of(name)}: tensor {name} is not MXFP4 ({blocks} + {scales}); "
+                             "only MXFP4 expert weights are supported")
+    if rest[-1] % quant.MXFP4_BLOCK:
+        raise ModelLoadError(f"{ckpt.file_of(blocks)}: tensor {blocks}: MXFP4 rows of {rest[-1]} values are not "
+                             f"whole blocks of {quant.MXFP4_BLOCK}")
+    groups = rest[-1] // quant.MXFP4_BLOCK
+    _check(ckpt, blocks, ckpt.shape(blocks), (num_experts, *rest[:-1], groups, quant.MXFP4_BLOCK // 2))
+    _check(ckpt, scales, ckpt.shape(scales), (num_experts, *rest[:-1], groups))
+    b, s = ckpt.get_rows(blocks, lo, n), ckpt.get_rows(scales, lo, n)
+    for t, tname in ((b, blocks), (s, scales)):
+        if t.dtype != torch.uint8:
+            raise ModelLoadError(f"{ckpt.file_of(tname)}: tensor {tname} is {t.dtype}, expected uint8 (MXFP4)")
+    return quant.dequantize_mxfp4(b, s)
+
+
 def _quant_settings(cfg) -> dict:
     q = getattr(cfg, "quantization_config", None) or {}
     block = tuple(q.get("weight_block_size") or (128, 128))
@@ -183,7 +236,7 @@ def _template_regex(key: str) -> re.Pattern:
 
 @torch.no_grad()
 def _load_params(model: nn.Module, ckpt: _Checkpoint, prefix: str, qcfg: dict) -> None:
-    templates = [(_template_regex(k), v if isinstance(v, tuple) else (v,))
+    templates = [(_template_regex(k), v if isinstance(v, (tuple, FusedExperts)) else (v,))
                  for k, v in model.checkpoint_names.items()]
     for pname, param in model.named_parameters():
         match = next(((m, v) for r, v in templates if (m := r.match(pname))), None)
@@ -191,6 +244,14 @@ def _load_params(model: nn.Module, ckpt: _Checkpoint, prefix: str, qcfg: dict) -
             raise RuntimeFailure(f"parameter {pname} has no checkpoint name template")
         m, sources = match
         idx = [int(g) for g in m.groups()]
+        if isinstance(sources, FusedExperts):  # [E_loc, ...]: this rank's rows of the all-experts tensor
+            moe = model.get_submodule(pname.rsplit(".", 2)[0])
+            w = _read_fused_experts(ckpt, prefix + sources.template.format(*idx), sources, moe.num_experts,
+                                    moe.par.ep_rank * moe.e_loc, tuple(param.shape))
+            if sources.deinterleave:  # gate/up alternate along dim 1 on disk: -> [gate; up]
+                w = torch.cat([w[:, 0::2], w[:, 1::2]], dim=1)
+            param.copy_(w.to(param.dtype))
+            continue
         stacked = sources[0].count("{}") > len(idx)
         if stacked:  # [E_loc, rows, cols]: this rank's experts, ids offset by rank
             moe = model.get_submodule(pname.rsplit(".", 2)[0])
@@ -214,8 +275,11 @@ def build_model(model_dir, *, parallel: ParallelConfig | None = None, block_size
     cfg, model_cls, _ = resolve_model(model_dir)
     if num_layers is not None:
         cfg.num_hidden_layers = min(num_layers, cfg.num_hidden_layers)
-    with torch.device("meta"):
-        model = model_cls(cfg, parallel or ParallelConfig(), block_size=block_size, dtype=dtype)
+    try:
+        with torch.device("meta"):
+            model = model_cls(cfg, parallel or ParallelConfig(), block_size=block_size, dtype=dtype)
+    except ValueError as e:  # the config and the parallel setup disagree (e.g. experts over ranks)
+        raise ModelLoadError(f"{Path(model_dir) / 'config.json'}: {one_line(e)}") from None
     if str(device) != "meta":
         model.to_empty(device=device)
         model.init_buffers()

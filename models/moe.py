@@ -20,10 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tbo_compiler.ops  # noqa: F401  (registers the tbo ops)
-from tbo_compiler.ops.kernels import unpack_meta
+from tbo_compiler.ops.kernels import MOE_ACTIVATIONS, unpack_meta
 
 ops = torch.ops.tbo
 
@@ -45,7 +46,7 @@ class ParallelConfig:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm as both architectures use it (weight * normalised x)."""
+    """RMSNorm as every architecture uses it (weight * normalised x)."""
 
     def __init__(self, dim: int, eps: float, dtype=None):
         super().__init__()
@@ -75,23 +76,63 @@ def swiglu_checkpoint_names(param_prefix: str, disk_prefix: str) -> dict:
             f"{param_prefix}.down_proj.weight": f"{disk_prefix}.down_proj.weight"}
 
 
-class RoutedExperts(nn.Module):
-    """This rank's slice of the routed experts, stacked: w13 [E_loc, 2I, D] (gate; up), w2 [E_loc, D, I]."""
+@dataclass(frozen=True)
+class FusedExperts:
+    """A checkpoint name template (`{}` = layer) of one on-disk tensor holding every expert of a
+    layer, [E, ...] (GPT-OSS), where the other formats store one tensor per expert. The loader
+    reads only this rank's experts. `mxfp4`: stored as `<name>_blocks` + `<name>_scales`
+    (quant.py), dequantized; `deinterleave`: rows that alternate gate/up along dim 1 become
+    [gate; up]."""
+    template: str
+    deinterleave: bool = False
+    mxfp4: bool = False
 
-    def __init__(self, num_local: int, dim: int, inter: int, dtype=None):
+
+class RoutedExperts(nn.Module):
+    """This rank's slice of the routed experts, stacked: w13 [E_loc, 2I, D] (gate; up), w2 [E_loc, D, I],
+    and with `bias` w13_bias [E_loc, 2I], w2_bias [E_loc, D]. `activation` and `limit` pick the GLU
+    (tbo::moe_experts: "silu" or GPT-OSS's "gpt_oss"; limit > 0 clamps gate and up first)."""
+
+    def __init__(self, num_local: int, dim: int, inter: int, dtype=None, *, bias: bool = False,
+                 activation: str = "silu", limit: float = 0.0):
         super().__init__()
+        if activation not in MOE_ACTIVATIONS:
+            raise ValueError(f"expert activation {activation!r} not supported (have {', '.join(MOE_ACTIVATIONS)})")
         self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, dim, dtype=dtype))
         self.w2 = nn.Parameter(torch.empty(num_local, dim, inter, dtype=dtype))
+        self.w13_bias = nn.Parameter(torch.empty(num_local, 2 * inter, dtype=dtype)) if bias else None
+        self.w2_bias = nn.Parameter(torch.empty(num_local, dim, dtype=dtype)) if bias else None
+        self.activation, self.limit = activation, float(limit)
 
     def forward(self, x_ND: Tensor, ids_NK: Tensor, w_NK: Tensor) -> Tensor:
-        return ops.moe_experts(x_ND, ids_NK, w_NK, self.w13, self.w2)
+        if self.w13_bias is None and self.activation == "silu" and not self.limit:
+            return ops.moe_experts(x_ND, ids_NK, w_NK, self.w13, self.w2)  # the op's original arguments
+        return ops.moe_experts(x_ND, ids_NK, w_NK, self.w13, self.w2, self.w13_bias, self.w2_bias,
+                               self.activation, self.limit)
+
+
+class SoftmaxTopkRouter(nn.Module):
+    """Softmax over all experts (fp32), top-k, optionally renormalised over the k (Qwen3-MoE, Mixtral)."""
+
+    def __init__(self, num_experts: int, dim: int, k: int, renormalize: bool, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, dim, dtype=dtype))
+        self.k, self.norm = k, renormalize
+
+    def forward(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
+        p_TE = F.linear(x_TD.float(), self.weight.float()).softmax(-1)
+        w_TK, ids_TK = p_TE.topk(self.k, dim=-1)
+        if self.norm:
+            w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        return ids_TK, w_TK
 
 
 class MoEBlock(nn.Module):
     """router(x_TD) -> (topk_ids_TK int64 global, topk_w_TK fp32); experts; optional shared MLP."""
 
     def __init__(self, router: nn.Module, num_experts: int, dim: int, inter: int,
-                 par: ParallelConfig, shared: nn.Module | None = None, dtype=None):
+                 par: ParallelConfig, shared: nn.Module | None = None, dtype=None, *,
+                 expert_bias: bool = False, activation: str = "silu", limit: float = 0.0):
         super().__init__()
         if num_experts % par.ep_size:
             raise ValueError(f"{num_experts} experts do not divide over ep_size {par.ep_size}")
@@ -99,7 +140,8 @@ class MoEBlock(nn.Module):
         self.num_experts = num_experts
         self.e_loc = num_experts // par.ep_size
         self.par = par
-        self.experts = RoutedExperts(self.e_loc, dim, inter, dtype=dtype)
+        self.experts = RoutedExperts(self.e_loc, dim, inter, dtype=dtype, bias=expert_bias,
+                                     activation=activation, limit=limit)
         self.shared_experts = shared
         # the rank's first expert id as a buffer, not a Python int: a traced program stays valid
         # for every rank (the runtime binds each rank's value)

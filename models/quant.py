@@ -9,6 +9,10 @@ int4 pack-quantized (compressed-tensors, symmetric, group strategy; Kimi K2.5 ro
     `X.weight_packed` int32 [O, ceil(I/8)], eight 4-bit values per int32, lowest nibble first,
     each stored unsigned as q + 8 (q in [-8, 7]); `X.weight_scale` bf16 [O, ceil(I/group)];
     `X.weight_shape` [2] = (O, I). w = q * scale of the value's group along I.
+MXFP4 (OCP microscaling; GPT-OSS experts): `X_blocks` uint8 [..., O, I/32, 16] holds 32 FP4 (E2M1)
+    values per block, two per byte, low nibble first; `X_scales` uint8 [..., O, I/32] one E8M0
+    exponent per block. w = FP4[nibble] * 2^(scale - 127), FP4 = [0, .5, 1, 1.5, 2, 3, 4, 6] and
+    the same negated for nibbles 8-15 (bit 3 is the sign).
 """
 from __future__ import annotations
 
@@ -73,3 +77,35 @@ def dequantize_int4_group(packed: Tensor, scale: Tensor, shape, group_size: int 
     O, I = (int(s) for s in shape)
     q = unpack_int4(packed, I).float()
     return q * _expand(scale.float(), (O, I), (1, group_size))
+
+
+# MXFP4 ------------------------------------------------------------------------------------------
+
+MXFP4_BLOCK = 32
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: Tensor, scales: Tensor) -> Tensor:
+    """uint8 blocks [..., G, 16] and scales [..., G] -> fp32 [..., G * 32]."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    b = blocks.to(torch.int64)
+    vals = torch.stack([lut[b & 0xF], lut[b >> 4]], dim=-1).flatten(-2)            # [..., G, 32]
+    exp = scales.to(torch.float32) - 127
+    return (vals * torch.exp2(exp).unsqueeze(-1)).flatten(-2)
+
+
+def quantize_mxfp4(w: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 [..., I] (I a multiple of 32) -> (blocks uint8 [..., I/32, 16], scales uint8 [..., I/32]).
+    The block exponent makes the block's largest magnitude fit 6 (FP4's largest); values round to
+    the nearest FP4 value."""
+    if w.shape[-1] % MXFP4_BLOCK:
+        raise ValueError(f"MXFP4 needs the last dim to be a multiple of {MXFP4_BLOCK}, got {w.shape[-1]}")
+    x = w.float().unflatten(-1, (-1, MXFP4_BLOCK))                                  # [..., G, 32]
+    amax = x.abs().amax(-1).clamp(min=2.0 ** -126)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = x / torch.exp2(exp).unsqueeze(-1)
+    mags = torch.tensor(FP4_VALUES[:8])
+    idx = (scaled.abs().unsqueeze(-1) - mags).abs().argmin(-1)                      # nearest magnitude
+    nib = (idx + 8 * (scaled < 0)).to(torch.uint8)
+    blocks = nib[..., 0::2] | (nib[..., 1::2] << 4)
+    return blocks, (exp + 127).to(torch.uint8)

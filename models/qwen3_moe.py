@@ -1,7 +1,9 @@
 """Qwen3-MoE: GQA attention with per-head q/k RMSNorm, softmax top-k MoE without shared experts.
 
-Legend: T tokens, D hidden, V vocab, H query heads, G kv heads, Dh head_dim, E experts,
-K experts per token, S cache slots (num_blocks * block_size), B blocks per request.
+What differs from the shared shell (decoder.py) and layers (attention.py, moe.py): the q/k norms,
+the router's optional renormalisation, dense layers by `mlp_only_layers`/`decoder_sparse_step`.
+
+Legend: T tokens, D hidden, Dh head_dim, E experts, K experts per token.
 
 Cache entry per token and layer: [2, G, Dh] (k, v). RoPE is half-split (rotate_half) style.
 """
@@ -10,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tbo_compiler.models.batch import PagedKVCache, is_padding
-from tbo_compiler.models.moe import MoEBlock, ParallelConfig, RMSNorm, SwiGLU, swiglu_checkpoint_names
+from tbo_compiler.models import moe
+from tbo_compiler.models.attention import GQAAttention, rope_inv_freq
+from tbo_compiler.models.decoder import DecoderModel
+from tbo_compiler.models.moe import MoEBlock, ParallelConfig, SwiGLU, swiglu_checkpoint_names
 
 ops = torch.ops.tbo
 
@@ -81,101 +84,33 @@ def apply_rope_half(x_TxD: Tensor, positions_T: Tensor, inv_freq: Tensor) -> Ten
     return ops.rope_half(x_TxD, positions_T, inv_freq)
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig, block_size: int, dtype=None):
-        super().__init__()
-        D, self.H, self.G, self.Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        b = cfg.attention_bias
-        self.q_proj = nn.Linear(D, self.H * self.Dh, bias=b, dtype=dtype)
-        self.k_proj = nn.Linear(D, self.G * self.Dh, bias=b, dtype=dtype)
-        self.v_proj = nn.Linear(D, self.G * self.Dh, bias=b, dtype=dtype)
-        self.o_proj = nn.Linear(self.H * self.Dh, D, bias=b, dtype=dtype)
-        self.q_norm = RMSNorm(self.Dh, cfg.rms_norm_eps, dtype)
-        self.k_norm = RMSNorm(self.Dh, cfg.rms_norm_eps, dtype)
-        self.block_size, self.scale = block_size, self.Dh ** -0.5
+class SoftmaxTopkRouter(moe.SoftmaxTopkRouter):
+    """Softmax over the experts, top-k, renormalised when norm_topk_prob."""
 
-    def forward(self, x_TD, positions_T, slot_mapping_T, block_table_TB, cache_S2GD, inv_freq) -> Tensor:
-        T = x_TD.shape[0]
-        q_THD = apply_rope_half(self.q_norm(self.q_proj(x_TD).view(T, self.H, self.Dh)), positions_T, inv_freq)
-        k_TGD = apply_rope_half(self.k_norm(self.k_proj(x_TD).view(T, self.G, self.Dh)), positions_T, inv_freq)
-        v_TGD = self.v_proj(x_TD).view(T, self.G, self.Dh)
-        cache_S2GD.index_put_((slot_mapping_T,), torch.stack([k_TGD, v_TGD], 1).to(cache_S2GD.dtype))
-        o_THD = ops.paged_attention(q_THD, cache_S2GD, block_table_TB, positions_T, self.block_size, self.scale)
-        return self.o_proj(o_THD.reshape(T, self.H * self.Dh))
-
-
-class SoftmaxTopkRouter(nn.Module):
     def __init__(self, cfg: Qwen3MoeConfig, dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, dtype=dtype))
-        self.k, self.norm = cfg.num_experts_per_tok, cfg.norm_topk_prob
-
-    def forward(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
-        p_TE = F.linear(x_TD.float(), self.weight.float()).softmax(-1)
-        w_TK, ids_TK = p_TE.topk(self.k, dim=-1)
-        if self.norm:
-            w_TK = w_TK / w_TK.sum(-1, keepdim=True)
-        return ids_TK, w_TK
+        super().__init__(cfg.num_experts, cfg.hidden_size, cfg.num_experts_per_tok, cfg.norm_topk_prob, dtype)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig, i: int, par: ParallelConfig, block_size: int, dtype=None):
-        super().__init__()
-        D = cfg.hidden_size
-        self.input_layernorm = RMSNorm(D, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(D, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, block_size, dtype)
-        self.is_moe = cfg.is_moe_layer(i)
-        if self.is_moe:
-            self.mlp = MoEBlock(SoftmaxTopkRouter(cfg, dtype), cfg.num_experts, D,
-                                cfg.moe_intermediate_size, par, dtype=dtype)
-        else:
-            self.mlp = SwiGLU(D, cfg.intermediate_size, dtype)
-
-    def forward(self, h_TD, positions_T, slot_mapping_T, block_table_TB, cache, inv_freq, pad_T):
-        h_TD = h_TD + self.self_attn(self.input_layernorm(h_TD), positions_T, slot_mapping_T,
-                                     block_table_TB, cache, inv_freq)
-        x_TD = self.post_attention_layernorm(h_TD)
-        return h_TD + (self.mlp(x_TD, pad_T) if self.is_moe else self.mlp(x_TD))
-
-
-class Qwen3MoeModel(nn.Module):
+class Qwen3MoeModel(DecoderModel):
     checkpoint_names = CHECKPOINT_NAMES
-    token_inputs = ("input_ids", "positions", "slot_mapping", "block_table")
 
-    def __init__(self, cfg: Qwen3MoeConfig, par: ParallelConfig | None = None, block_size: int = 16,
-                 dtype=torch.float32):
-        super().__init__()
-        self.config, self.block_size, self.dtype = cfg, block_size, dtype
-        par = par or ParallelConfig()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, par, block_size, dtype)
-                                    for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
-        self.init_buffers()
-
-    def init_buffers(self) -> None:
-        """(Re)compute the rope table and re-tie embeddings: the loader builds the model on the
-        meta device and calls this after `to_empty`, which leaves buffers and ties behind."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        Dh = self.config.head_dim
-        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.float32) / Dh)
-        self.register_buffer("inv_freq", inv_freq.to(self.embed_tokens.weight.device), persistent=False)
-
-    def kv_cache_entry_shapes(self) -> list[tuple[int, ...]]:
+    def make_attention(self, i: int) -> GQAAttention:
         c = self.config
-        return [(2, c.num_key_value_heads, c.head_dim)] * c.num_hidden_layers
+        return GQAAttention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                            self.block_size, bias=c.attention_bias, qk_norm_eps=c.rms_norm_eps, dtype=self.dtype)
 
-    def new_kv_cache(self, num_blocks: int, *, dtype=None, device=None) -> PagedKVCache:
-        return PagedKVCache(self.kv_cache_entry_shapes(), num_blocks, self.block_size,
-                            dtype=dtype or self.dtype, device=device or self.embed_tokens.weight.device)
+    def make_mlp(self, i: int, par: ParallelConfig) -> tuple[nn.Module, bool]:
+        c = self.config
+        if c.is_moe_layer(i):
+            return MoEBlock(SoftmaxTopkRouter(c, self.dtype), c.num_experts, c.hidden_size,
+                            c.moe_intermediate_size, par, dtype=self.dtype), True
+        return SwiGLU(c.hidden_size, c.intermediate_size, self.dtype), False
 
-    def forward(self, input_ids: Tensor, positions: Tensor, slot_mapping: Tensor, block_table: Tensor,
-                kv_caches: list[Tensor]) -> Tensor:
-        pad_T = is_padding(slot_mapping, self.block_size)
-        h_TD = self.embed_tokens(input_ids)
-        for layer, cache in zip(self.layers, kv_caches):
-            h_TD = layer(h_TD, positions, slot_mapping, block_table, cache, self.inv_freq, pad_T)
-        return self.lm_head(self.norm(h_TD)).float()
+    def rope_table(self) -> tuple[Tensor, float]:
+        return rope_inv_freq(self.config.head_dim, self.config.rope_theta, None)
+
+    def rope(self, x: Tensor, positions_T: Tensor) -> Tensor:
+        return apply_rope_half(x, positions_T, self.inv_freq)
+
+    def cache_entry_shape(self, i: int) -> tuple[int, ...]:
+        return (2, self.config.num_key_value_heads, self.config.head_dim)

@@ -4,7 +4,9 @@
 
 ARCH: deepseek_v3 (fp8 block weights, MTP layer, 2 shards), deepseek_v2 (V2-Lite style: plain
 q_proj, softmax group_limited_greedy), kimi_k25 (wrapper config, `language_model.` names, int4
-routed experts, 2 shards), qwen3_moe. The names are written out here from MODELS.md rather than
+routed experts, 2 shards), qwen3_moe, gpt_oss (sinks, a sliding window of 4 on layer 0, biases,
+all experts of a layer in one MXFP4 tensor with gate/up rows interleaved, uint8 blocks/scales,
+2 shards), mixtral (block_sparse_moe w1/w2/w3). The names are written out here from MODELS.md rather than
 derived from the models' CHECKPOINT_NAMES, so a wrong template there fails the loader tests.
 Weights are scaled so activations stay O(1) and routing is not degenerate.
 """
@@ -20,7 +22,7 @@ from safetensors.torch import save_file
 
 from tbo_compiler.models import quant
 
-ARCHS = ("deepseek_v3", "deepseek_v2", "kimi_k25", "qwen3_moe")
+ARCHS = ("deepseek_v3", "deepseek_v2", "kimi_k25", "qwen3_moe", "gpt_oss", "mixtral")
 
 _YARN = {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
          "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}
@@ -78,7 +80,35 @@ _QWEN3 = {
     "output_router_logits": False, "router_aux_loss_coef": 0.001, "tie_word_embeddings": False,
     "use_cache": True, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "bfloat16",
 }
-_CONFIGS = {"deepseek_v3": _DSV3, "deepseek_v2": _DSV2, "kimi_k25": _KIMI, "qwen3_moe": _QWEN3}
+_GPT_OSS = {
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+    "vocab_size": 256, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,  # H * Dh != hidden, as in the real one
+    "num_local_experts": 8, "num_experts_per_tok": 4, "experts_per_token": 4,
+    "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+    "attention_bias": True, "attention_dropout": 0.0, "hidden_act": "silu", "swiglu_limit": 7.0,
+    "rms_norm_eps": 1e-5, "rope_theta": 150000,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                     "rope_type": "yarn", "truncate": False},
+    "initial_context_length": 4096, "max_position_embeddings": 131072, "initializer_range": 0.02,
+    "router_aux_loss_coef": 0.9, "output_router_logits": False, "tie_word_embeddings": False,
+    "use_cache": True, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16",
+    "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+}
+_MIXTRAL = {
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+    "vocab_size": 256, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
+    "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None, "hidden_act": "silu",
+    "max_position_embeddings": 32768, "initializer_range": 0.02, "router_aux_loss_coef": 0.02,
+    "output_router_logits": False, "router_jitter_noise": 0.0, "attention_dropout": 0.0,
+    "tie_word_embeddings": False, "use_cache": True, "bos_token_id": 1, "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
+_CONFIGS = {"deepseek_v3": _DSV3, "deepseek_v2": _DSV2, "kimi_k25": _KIMI, "qwen3_moe": _QWEN3,
+            "gpt_oss": _GPT_OSS, "mixtral": _MIXTRAL}
+_EXPERTS_FIELD = {"qwen3_moe": "num_experts", "gpt_oss": "num_local_experts", "mixtral": "num_local_experts"}
 
 
 class _Init:
@@ -172,10 +202,64 @@ def _qwen3_tensors(c: dict, init: _Init) -> None:
     init.linear("lm_head.weight", V, D, kind="other")
 
 
+def _gpt_oss_tensors(c: dict, init: _Init) -> None:
+    D, V, Dh, I, E = c["hidden_size"], c["vocab_size"], c["head_dim"], c["intermediate_size"], c["num_local_experts"]
+    H, G = c["num_attention_heads"], c["num_key_value_heads"]
+    init.other("model.embed_tokens.weight", init.randn(V, D))
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        init.norm(f"{p}.input_layernorm.weight", D)
+        init.norm(f"{p}.post_attention_layernorm.weight", D)
+        for proj, o, fan_in in (("q", H * Dh, D), ("k", G * Dh, D), ("v", G * Dh, D), ("o", D, H * Dh)):
+            init.linear(f"{p}.self_attn.{proj}_proj.weight", o, fan_in, gain=0.5 if proj == "o" else 1.0)
+            init.other(f"{p}.self_attn.{proj}_proj.bias", 0.1 * init.randn(o))
+        init.other(f"{p}.self_attn.sinks", init.randn(H))  # logits of the scores' order
+        init.linear(f"{p}.mlp.router.weight", E, D, kind="other")
+        init.other(f"{p}.mlp.router.bias", 0.1 * init.randn(E))
+        gate, up = init.randn(E, I, D) / D ** 0.5, init.randn(E, I, D) / D ** 0.5
+        # on disk: gate and up rows interleaved (gate = rows 0, 2, ..., up = rows 1, 3, ...)
+        init.out.append((f"{p}.mlp.experts.gate_up_proj", torch.stack([gate, up], 2).reshape(E, 2 * I, D), "mxfp4"))
+        bias = 0.1 * init.randn(E, 2, I)
+        init.other(f"{p}.mlp.experts.gate_up_proj_bias", bias.transpose(1, 2).reshape(E, 2 * I))
+        init.out.append((f"{p}.mlp.experts.down_proj", init.randn(E, D, I) * 0.5 / I ** 0.5, "mxfp4"))
+        init.other(f"{p}.mlp.experts.down_proj_bias", 0.1 * init.randn(E, D))
+    init.norm("model.norm.weight", D)
+    init.linear("lm_head.weight", V, D, kind="other")
+
+
+def _mixtral_tensors(c: dict, init: _Init) -> None:
+    D, V, I, E = c["hidden_size"], c["vocab_size"], c["intermediate_size"], c["num_local_experts"]
+    H, G = c["num_attention_heads"], c["num_key_value_heads"]
+    Dh = c.get("head_dim") or D // H
+    init.other("model.embed_tokens.weight", init.randn(V, D))
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        init.norm(f"{p}.input_layernorm.weight", D)
+        init.norm(f"{p}.post_attention_layernorm.weight", D)
+        init.linear(f"{p}.self_attn.q_proj.weight", H * Dh, D)
+        init.linear(f"{p}.self_attn.k_proj.weight", G * Dh, D)
+        init.linear(f"{p}.self_attn.v_proj.weight", G * Dh, D)
+        init.linear(f"{p}.self_attn.o_proj.weight", D, H * Dh, gain=0.5)
+        m = f"{p}.block_sparse_moe"
+        init.linear(f"{m}.gate.weight", E, D, kind="other")
+        for e in range(E):
+            init.linear(f"{m}.experts.{e}.w1.weight", I, D, kind="expert")
+            init.linear(f"{m}.experts.{e}.w3.weight", I, D, kind="expert")
+            init.linear(f"{m}.experts.{e}.w2.weight", D, I, kind="expert", gain=0.5)
+    init.norm("model.norm.weight", D)
+    init.linear("lm_head.weight", V, D, kind="other")
+
+
+_TENSORS = {"qwen3_moe": _qwen3_tensors, "gpt_oss": _gpt_oss_tensors, "mixtral": _mixtral_tensors}
+
+
 def _encode(arch: str, name: str, t: torch.Tensor, kind: str, group_size: int) -> dict:
     """One fp32 tensor -> its on-disk tensors for `arch`."""
     if name.endswith("e_score_correction_bias"):
         return {name: t.float()}
+    if kind == "mxfp4":
+        blocks, scales = quant.quantize_mxfp4(t)
+        return {name + "_blocks": blocks, name + "_scales": scales}
     if arch == "deepseek_v3" and kind in ("linear", "expert") and ".layers." in name:
         q, s = quant.quantize_fp8_block(t)
         return {name: q, name + "_scale_inv": s}
@@ -195,8 +279,10 @@ def make_tiny(arch: str, out_dir, seed: int = 0, shards: int | None = None, **ov
     config = copy.deepcopy(_CONFIGS[arch])
     text = config["text_config"] if arch == "kimi_k25" else config
     text.update(overrides)
+    if arch == "gpt_oss" and "layer_types" not in overrides:  # alternate, sliding first, as HF's default
+        text["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(text["num_hidden_layers"])]
     init = _Init(seed)
-    (_qwen3_tensors if arch == "qwen3_moe" else _deepseek_tensors)(text, init)
+    _TENSORS.get(arch, _deepseek_tensors)(text, init)
     prefix = "language_model." if arch == "kimi_k25" else ""
     if arch == "kimi_k25":  # a vision tower the text loader must leave alone
         init.other("vision_tower.patch_embed.proj.weight", init.randn(16, 3, 2, 2))
@@ -204,7 +290,7 @@ def make_tiny(arch: str, out_dir, seed: int = 0, shards: int | None = None, **ov
     for name, t, kind in init.out:
         full = name if name.startswith("vision_tower") else prefix + name
         tensors.update(_encode(arch, full, t, kind, group_size=32))
-    shards = shards or (2 if arch in ("deepseek_v3", "kimi_k25") else 1)
+    shards = shards or (2 if arch in ("deepseek_v3", "kimi_k25", "gpt_oss") else 1)
     _write(out, tensors, shards)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
@@ -239,7 +325,7 @@ def main(argv=None) -> None:
     if a.layers is not None:
         over["num_hidden_layers"] = a.layers
     if a.experts is not None:
-        over["num_experts" if a.arch == "qwen3_moe" else "n_routed_experts"] = a.experts
+        over[_EXPERTS_FIELD.get(a.arch, "n_routed_experts")] = a.experts
     print(make_tiny(a.arch, a.out_dir, seed=a.seed, **over))
 
 

@@ -7,14 +7,23 @@ on this rank, I expert ffn width, D hidden, R rope dims, W ranks.
 Row-wise ops: row t of every output depends only on row t of the token-axis inputs (and on shared
 tensors: caches, weights). The split pass relies on it (passes/README.md, invariant 5).
 
-  paged_attention(q_THD, kv_cache_N2GD, block_table_TNB, positions_T, block_size, scale) -> o_THD
+  paged_attention(q_THD, kv_cache_N2GD, block_table_TNB, positions_T, block_size, scale,
+                  sinks_H=None, window=0) -> o_THD
       token t attends to the cache slots of its own request (its row of block_table) at logical
       positions <= positions[t]. The cache must already hold this step's keys/values.
+      window > 0 (sliding window): only positions > positions[t] - window, i.e. the last `window`
+      positions including its own. sinks_H (attention sinks, one logit per query head): the head's
+      logit joins the softmax's denominator as one more key with no value (its share is dropped).
   latent_attention(q_lat_THV, q_pe_THR, cache_NC, block_table_TNB, positions_T, block_size, scale) -> o_THV
       MQA over a shared latent cache (MLA's absorbed form): the query is [q_lat | q_pe] (two tensors,
       so nobody concatenates them), keys = cache[:, :V+R], values = cache[:, :V].
-  moe_experts(x_ND, topk_ids_NK, topk_w_NK, w13_E2ID, w2_EDI) -> y_ND
-      sum over k of w[n,k] * expert_{ids[n,k]}(x[n]); ids < 0 contribute nothing. SwiGLU experts.
+  moe_experts(x_ND, topk_ids_NK, topk_w_NK, w13_E2ID, w2_EDI, w13_bias_E2I=None, w2_bias_ED=None,
+              activation="silu", limit=0.0) -> y_ND
+      sum over k of w[n,k] * expert_{ids[n,k]}(x[n]); ids < 0 contribute nothing. GLU experts:
+      [g | u] = w13[e] x + b13[e], h = act(g, u), expert(x) = w2[e] h + b2[e] (biases optional), with
+        activation "silu":    act = silu(g) * u
+        activation "gpt_oss": act = (u + 1) * g * sigmoid(1.702 g)
+      and, when limit > 0, g clamped to <= limit and u to [-limit, limit] first.
   rms_norm(x_xD, weight_D, eps) -> weight * (x / rms(x)) (statistics in fp32, product in x's dtype)
   silu_mul(gu_x2I) -> silu(gu[..., :I]) * gu[..., I:]
   rope_interleaved(x_TxR, positions_T, inv_freq, mul) -> x rotated on pairs (x[2i], x[2i+1])
@@ -30,20 +39,35 @@ Implementations are bound by the runtime (ops/impl.py); backends live in runtime
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from tbo_compiler.ops.impl import impl
 
+#: the expert activations moe_experts knows (see the module docstring)
+MOE_ACTIVATIONS = ("silu", "gpt_oss")
+
+
+def _extra(args: tuple, defaults: tuple) -> tuple:
+    """Optional trailing arguments up to the last one that is not its default: a call that uses
+    none of them reaches the backends with the op's original arguments, eager or compiled alike."""
+    n = len(args)
+    while n and (args[n - 1] is None if defaults[n - 1] is None else args[n - 1] == defaults[n - 1]):
+        n -= 1
+    return args[:n]
+
 
 @torch.library.custom_op("tbo::paged_attention", mutates_args=())
 def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions: Tensor,
-                    block_size: int, scale: float) -> Tensor:
-    return impl("paged_attention")(q, kv_cache, block_table, positions, block_size, scale)
+                    block_size: int, scale: float, sinks: Optional[Tensor] = None, window: int = 0) -> Tensor:
+    return impl("paged_attention")(q, kv_cache, block_table, positions, block_size, scale,
+                                   *_extra((sinks, window), (None, 0)))
 
 
 @paged_attention.register_fake
-def _(q, kv_cache, block_table, positions, block_size, scale):
+def _(q, kv_cache, block_table, positions, block_size, scale, sinks=None, window=0):
     return torch.empty_like(q)
 
 
@@ -59,12 +83,15 @@ def _(q_lat, q_pe, cache, block_table, positions, block_size, scale):
 
 
 @torch.library.custom_op("tbo::moe_experts", mutates_args=())
-def moe_experts(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
-    return impl("moe_experts")(x, topk_ids, topk_w, w13, w2)
+def moe_experts(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor,
+                w13_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None,
+                activation: str = "silu", limit: float = 0.0) -> Tensor:
+    return impl("moe_experts")(x, topk_ids, topk_w, w13, w2,
+                               *_extra((w13_bias, w2_bias, activation, limit), (None, None, "silu", 0.0)))
 
 
 @moe_experts.register_fake
-def _(x, topk_ids, topk_w, w13, w2):
+def _(x, topk_ids, topk_w, w13, w2, w13_bias=None, w2_bias=None, activation="silu", limit=0.0):
     return torch.empty_like(x)
 
 

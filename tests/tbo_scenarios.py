@@ -97,3 +97,24 @@ def rank_uneven(rank, world, model_dir, plan_path):
         ref = model(*b_ref.args(), kv_ref.caches)[:T]
     out = run(*b_tbo.args(), kv_tbo.caches)
     return tuple(out.shape), float((out - ref).abs().max()) if T else 0.0
+
+
+def eager_logits(model, seed: int, vocab: int, device=None) -> list:
+    """The model's own logits of every step (no plan), on a fresh cache."""
+    kv = model.new_kv_cache(NUM_BLOCKS, device=device)
+    return [out for _, out in run_steps(lambda p, b: model(*b.args(), kv.caches), kv, steps(seed, vocab), device)]
+
+
+def rank_compare_many(rank, world, jobs, seed):
+    """`rank_compare` for several (model_dir, plan_paths, moe_comm) jobs in one spawn; each result
+    also carries the eager EP model's logits of every step, for the parent's EP=1 comparison."""
+    from tbo_compiler.models import ParallelConfig, load_model
+
+    out = []
+    for model_dir, plan_paths, moe_comm in jobs:
+        res = rank_compare(rank, world, model_dir, plan_paths, moe_comm, seed)
+        model = load_model(model_dir, dtype=torch.float32, block_size=BLOCK_SIZE,
+                           parallel=ParallelConfig(world, rank, "ep", moe_comm))
+        own = seed if moe_comm == "allreduce" else seed + 101 * rank
+        out.append((*res, eager_logits(model, own, model.config.vocab_size)))
+    return out

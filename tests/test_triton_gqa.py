@@ -15,18 +15,21 @@ DEV = "cuda" if GPU else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-def reference(q, kv_cache, block_table, positions, block_size, scale):
-    """Per token: gather its slots 0..positions[t], float64 softmax attention per head."""
+def reference(q, kv_cache, block_table, positions, block_size, scale, sinks=None, window=0):
+    """Per token: gather its slots 0..positions[t] (the last `window` of them with a window),
+    float64 softmax attention per head; a sink adds exp(sinks[h]) to the softmax's denominator."""
     T, H, Dh = q.shape
     G = kv_cache.shape[2]
     out = torch.empty(T, H, Dh, dtype=torch.float64, device=q.device)
     for t in range(T):
-        j = torch.arange(int(positions[t]) + 1, device=q.device)
+        p_t = int(positions[t])
+        j = torch.arange(max(0, p_t - window + 1) if window else 0, p_t + 1, device=q.device)
         slots = block_table[t, j // block_size].long() * block_size + j % block_size
         k = kv_cache[slots, 0].double().repeat_interleave(H // G, dim=1)  # [j, H, Dh]
         v = kv_cache[slots, 1].double().repeat_interleave(H // G, dim=1)
-        p = (torch.einsum("hd,jhd->hj", q[t].double(), k) * scale).softmax(-1)
-        out[t] = torch.einsum("hj,jhd->hd", p, v)
+        e = (torch.einsum("hd,jhd->hj", q[t].double(), k) * scale).exp()
+        denom = e.sum(-1, keepdim=True) + (0.0 if sinks is None else sinks.double().exp()[:, None])
+        out[t] = torch.einsum("hj,jhd->hd", e / denom, v)
     return out
 
 
@@ -56,11 +59,11 @@ def make_batch(requests, *, H=4, G=2, Dh=32, BS=4, NB=12, num_blocks=40, dtype=t
             torch.tensor(pos, dtype=torch.int64, device=device))
 
 
-def check(batch, BS=4, scale=0.3, **kw):
+def check(batch, BS=4, scale=0.3, sinks=None, window=0, **kw):
     q = batch[0]
-    out = tg.paged_attention(*batch, BS, scale, **kw)
+    out = tg.paged_attention(*batch, BS, scale, sinks, window, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
-    ref = reference(*batch, BS, scale)
+    ref = reference(*batch, BS, scale, sinks, window)
     tol = TOL[q.dtype]
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
@@ -101,6 +104,55 @@ def test_no_tokens_and_supported():
         assert not tg.supported(q.bfloat16(), kv.bfloat16(), bt, pos, 4)
 
 
+# Sliding window and attention sinks (GPT-OSS) ----------------------------------------------------
+
+def _sinks(H, seed=0, device=DEV):
+    return torch.randn(H, generator=torch.Generator().manual_seed(seed)).mul(2).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [0, 5, 16])
+def test_sinks_and_window(dtype, window):
+    """Prefill after a cached prefix, decode, and padding; windows shorter and longer than a tile
+    (16 positions in the interpreter) and than the contexts; the sinks are O(1) logits."""
+    batch = make_batch([(6, 7), (0, 5), (37, 1), (20, 2)], pad=1, dtype=dtype, seed=5)
+    sinks = _sinks(4)
+    assert tg.supported(*batch, 4, 0.3, sinks, window)
+    check(batch, sinks=sinks, window=window)
+    if window:
+        check(batch, window=window)  # a window alone
+    # each part changes the result, so the test would see it missing
+    q, kv, bt, pos = batch
+    full = tg.paged_attention(q, kv, bt, pos, 4, 0.3)
+    assert (tg.paged_attention(q, kv, bt, pos, 4, 0.3, sinks, window).float() - full.float()).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_sinks_and_window_with_split_kv(splits):
+    """The sink counts once (split 0) and the window's positions are shared by the splits."""
+    batch = make_batch([(40, 1), (3, 1), (17, 2), (0, 1)], pad=1, seed=6)
+    check(batch, sinks=_sinks(4, 1), window=9, num_splits=splits)
+    check(batch, sinks=_sinks(4, 1), num_splits=splits)
+
+
+def test_torch_reference_sinks_and_window():
+    """The torch reference backend (CPU models) against the same float64 reference."""
+    from tbo_compiler.runtime.kernels import torch_ref
+
+    batch = make_batch([(6, 7), (0, 5), (37, 1)], pad=2, seed=7, device="cpu")
+    for sinks, window in ((_sinks(4, 2, "cpu"), 0), (None, 6), (_sinks(4, 3, "cpu"), 6)):
+        out = torch_ref.paged_attention(*batch, 4, 0.3, sinks, window)
+        torch.testing.assert_close(out.double(), reference(*batch, 4, 0.3, sinks, window), rtol=1e-5, atol=1e-5)
+
+
+def test_sinks_and_window_supported():
+    q, kv, bt, pos = make_batch([(3, 1)])
+    assert tg.supported(q, kv, bt, pos, 4, 0.3, _sinks(4), 128)
+    assert not tg.supported(q, kv, bt, pos, 4, 0.3, _sinks(3), 0)      # one sink per query head
+    assert not tg.supported(q, kv, bt, pos, 4, 0.3, None, -1)
+    assert not tg.supported(q, kv, bt, pos, 4, 0.3, _sinks(4).long(), 0)
+
+
 # GPU only ----------------------------------------------------------------------------------------
 
 QWEN = dict(H=64, G=4, Dh=128, BS=16, NB=160, num_blocks=8192)
@@ -136,3 +188,15 @@ def test_cuda_graph_replay_with_new_positions(splits):
         graph.replay()
         ref = reference(q, kv, bt, pos, 16, 0.1)
         torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("splits", [None, 1, 8])
+def test_gpt_oss_dims_bf16_sinks_and_window(splits):
+    """GPT-OSS's attention shape (64 heads, 8 kv heads, Dh 64) with its window of 128 and sinks."""
+    dims = dict(H=64, G=8, Dh=64, BS=16, NB=160, num_blocks=8192)
+    batch = make_batch([(2000, 1), (5, 1), (100, 300), (700, 2)], pad=3, dtype=torch.bfloat16, seed=8, **dims)
+    sinks = _sinks(64, 4, "cuda")
+    for window in (0, 128):
+        check(batch, BS=16, scale=64 ** -0.5, sinks=sinks, window=window, num_splits=splits)

@@ -16,8 +16,9 @@ DEV = "cuda" if GPU else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-def reference(x, ids, w, w13, w2):
-    """Per-expert loop in float64 (host syncs are fine here)."""
+def reference(x, ids, w, w13, w2, b13=None, b2=None, activation="silu", limit=0.0):
+    """Per-expert loop in float64 (host syncs are fine here). Optional expert biases; "gpt_oss":
+    (u + 1) * g * sigmoid(1.702 g); limit > 0: g <= limit, -limit <= u <= limit first."""
     N, D = x.shape
     E, I = w13.shape[0], w13.shape[1] // 2
     out = torch.zeros(N, D, dtype=torch.float64, device=x.device)
@@ -26,7 +27,15 @@ def reference(x, ids, w, w13, w2):
         if rows.numel() == 0:
             continue
         hh = x[rows].double() @ w13[e].double().T
-        y = (F.silu(hh[:, :I]) * hh[:, I:]) @ w2[e].double().T
+        if b13 is not None:
+            hh = hh + b13[e].double()
+        g, u = hh[:, :I], hh[:, I:]
+        if limit > 0:
+            g, u = torch.minimum(g, torch.tensor(limit)), torch.clamp(u, -limit, limit)
+        act = F.silu(g) * u if activation == "silu" else (u + 1) * g / (1 + torch.exp(-1.702 * g))
+        y = act @ w2[e].double().T
+        if b2 is not None:
+            y = y + b2[e].double()
         out.index_add_(0, rows, y * w[rows, ks].double().unsqueeze(-1))
     return out
 
@@ -104,6 +113,50 @@ def test_supported():
         assert not tm.supported(x.bfloat16(), ids, w, w13.bfloat16(), w2.bfloat16())
 
 
+# Expert biases and GPT-OSS's clamped activation ---------------------------------------------------
+
+def _biased(args, scale=6.0, seed=3):
+    """args with x scaled so many gate/up values pass the limit of 7, plus expert biases."""
+    x, ids, w, w13, w2 = args
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    E, I2, D = w13.shape
+    b13 = torch.randn(E, I2, generator=g, device=x.device).to(x.dtype)
+    b2 = torch.randn(E, D, generator=g, device=x.device).to(x.dtype)
+    return (x * scale, ids, w, w13, w2, b13, b2)
+
+
+@pytest.mark.parametrize("activation,limit", [("gpt_oss", 7.0), ("silu", 7.0), ("gpt_oss", 0.0)])
+def test_biases_and_clamped_activation(activation, limit):
+    args = _biased(make(37, 64, 32, 8, 3, torch.float32, p_invalid=0.4, drop_expert=2, seed=4))
+    assert tm.supported(*args, activation, limit)
+    out = check((*args, activation, limit))
+    if limit:  # the clamp bites: without it the result is another one
+        assert (reference(*args, activation, 0.0) - out.double()).abs().max() > 1.0
+
+
+def test_biases_ragged_dims():
+    """Bias loads follow the wrapped columns of ragged tiles (D, I not multiples of the tiles)."""
+    cfg = tm.MoeConfig(16, tm.GemmTile(32, 32, 4, 1), tm.GemmTile(32, 32, 4, 1), group_m=2, block_d=32)
+    args = _biased(make(40, 80, 48, 3, 2, torch.float32, p_invalid=0.2, seed=5), scale=2.0)
+    check((*args, "gpt_oss", 7.0), config=cfg)
+
+
+def test_torch_backends_biases_and_activation():
+    """The torch reference backend, on the same arguments, through the op (CPU: torch backend)."""
+    args = _biased(make(29, 64, 32, 8, 3, torch.float32, p_invalid=0.3, seed=6, device="cpu"))
+    out = torch.ops.tbo.moe_experts(*args, "gpt_oss", 7.0)
+    ref = reference(*args, "gpt_oss", 7.0)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_biased_supported():
+    x, ids, w, w13, w2, b13, b2 = _biased(make(4, 64, 32, 8, 3, torch.float32))
+    assert tm.supported(x, ids, w, w13, w2, b13, b2, "gpt_oss", 7.0)
+    assert not tm.supported(x, ids, w, w13, w2, b13, b2, "gelu", 0.0)
+    assert not tm.supported(x, ids, w, w13, w2, b13[:, :-1], b2)
+    assert not tm.supported(x, ids, w, w13, w2, b13, b2[:-1])
+
+
 # GPU only ----------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -134,3 +187,23 @@ def test_cuda_graph_replay_with_new_routing():
         graph.replay()
         ref = reference(x, ids, w, w13, w2)
         torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("N", [1, 96, 1024])
+def test_gpt_oss_dims_bf16(N):
+    """GPT-OSS-20b's experts on one of 2 ranks: D = I = 2880, 16 local experts, top-4, biases, clamp."""
+    args = _biased(make(N, 2880, 2880, 16, 4, torch.bfloat16, p_invalid=0.5, seed=N), scale=3.0)
+    check((*args, "gpt_oss", 7.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU or not hasattr(torch, "_grouped_mm"), reason="needs a CUDA GPU and torch._grouped_mm")
+def test_grouped_mm_biases_and_activation_bf16():
+    from tbo_compiler.runtime.kernels import grouped_mm
+
+    args = _biased(make(96, 256, 128, 8, 4, torch.bfloat16, p_invalid=0.3, seed=9), scale=3.0)
+    out = grouped_mm.moe_experts(*args, "gpt_oss", 7.0)
+    ref = reference(*args, "gpt_oss", 7.0)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))

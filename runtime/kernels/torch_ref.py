@@ -26,29 +26,38 @@ def supports(op: str, args: tuple) -> bool:
 
 # Step 1: attention over a paged cache ---------------------------------------------------------
 
-def _context_slots(block_table: Tensor, positions: Tensor, block_size: int):
+def _context_slots(block_table: Tensor, positions: Tensor, block_size: int, window: int = 0):
     """Slots [t, S] of each token's request (the block table's full width: a bound from shapes,
-    not from the data), and a mask of the ones it may attend to."""
+    not from the data), and a mask of the ones it may attend to (the last `window` positions
+    only, when window > 0)."""
     bt = block_table.long()
     offs = torch.arange(block_size, device=bt.device)
     slots = (bt.unsqueeze(-1) * block_size + offs).reshape(bt.shape[0], -1)
-    logical = torch.arange(slots.shape[1], device=bt.device)
-    return slots, logical.unsqueeze(0) <= positions.unsqueeze(1)
+    logical = torch.arange(slots.shape[1], device=bt.device).unsqueeze(0)
+    mask = logical <= positions.unsqueeze(1)
+    if window > 0:
+        mask &= logical > positions.unsqueeze(1) - window
+    return slots, mask
 
 
-def paged_attention(q, kv_cache, block_table, positions, block_size, scale):
+def paged_attention(q, kv_cache, block_table, positions, block_size, scale, sinks=None, window=0):
     T, H, Dh = q.shape
     G = kv_cache.shape[2]
     out = torch.empty_like(q)
     for c in range(0, T, _CHUNK):
         sl = slice(c, c + _CHUNK)
-        slots, mask = _context_slots(block_table[sl], positions[sl], block_size)
+        slots, mask = _context_slots(block_table[sl], positions[sl], block_size, window)
         kv = kv_cache[slots].float()                                # [t,S,2,G,Dh]
         k, v = kv[:, :, 0], kv[:, :, 1]
         qg = q[sl].float().view(-1, G, H // G, Dh)                  # [t,G,r,Dh]
         s = torch.einsum("tgrd,tsgd->tgrs", qg, k) * scale
         s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-        o = torch.einsum("tgrs,tsgd->tgrd", s.softmax(-1), v)
+        if sinks is None:
+            p = s.softmax(-1)
+        else:  # the sink is one more logit in the softmax, with no value: its share is dropped
+            sink = sinks.float().view(1, G, H // G, 1).expand(*s.shape[:3], 1)
+            p = torch.cat([s, sink], -1).softmax(-1)[..., :-1]
+        o = torch.einsum("tgrs,tsgd->tgrd", p, v)
         out[sl] = o.reshape(-1, H, Dh).to(q.dtype)
     return out
 
@@ -69,22 +78,39 @@ def latent_attention(q_lat, q_pe, cache, block_table, positions, block_size, sca
 
 # Step 2: routed experts ------------------------------------------------------------------------
 
-def _expert(x, w13_e, w2_e):
-    gate, up = F.linear(x, w13_e).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2_e)
+def glu_activation(gate: Tensor, up: Tensor, activation: str = "silu", limit: float = 0.0) -> Tensor:
+    """The experts' activation (ops/kernels.py): silu(g) * u, or GPT-OSS's (u + 1) * g * sigmoid(1.702 g);
+    limit > 0 clamps g from above and u on both sides first."""
+    if limit > 0:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "gpt_oss":
+        return (up + 1) * (gate * torch.sigmoid(1.702 * gate))
+    raise ValueError(f"unknown expert activation {activation!r}")
 
 
-def moe_experts(x, topk_ids, topk_w, w13, w2):
+def _expert(x, w13_e, w2_e, b13_e=None, b2_e=None, activation="silu", limit=0.0):
+    gate, up = F.linear(x, w13_e, b13_e).chunk(2, dim=-1)
+    return F.linear(glu_activation(gate, up, activation, limit), w2_e, b2_e)
+
+
+def moe_experts(x, topk_ids, topk_w, w13, w2, w13_bias=None, w2_bias=None, activation="silu", limit=0.0):
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+
+    def expert(rows_x, e):
+        return _expert(rows_x, w13[e], w2[e], None if w13_bias is None else w13_bias[e],
+                       None if w2_bias is None else w2_bias[e], activation, limit)
+
     if x.is_cuda:  # sync-free: every local expert on every row, weighted by its (masked) gate
         for e in range(w13.shape[0]):
             w_e = torch.where(topk_ids == e, topk_w.float(), 0.0).sum(-1, keepdim=True)
-            out += _expert(x, w13[e], w2[e]).float() * w_e
+            out += expert(x, e).float() * w_e
         return out.to(x.dtype)
     valid = topk_ids >= 0
     for e in torch.unique(topk_ids[valid]).tolist():
         rows, slot = (topk_ids == e).nonzero(as_tuple=True)
-        y = _expert(x[rows], w13[e], w2[e])
+        y = expert(x[rows], e)
         out.index_add_(0, rows, y.float() * topk_w[rows, slot].float().unsqueeze(-1))
     return out.to(x.dtype)
 

@@ -1,8 +1,9 @@
 """The project's Triton kernels as one backend (CUDA tensors; the kernel modules hold the code).
 
     latent_attention  triton_mla.py         MLA absorbed form, flash-style, split-KV for small T
-    paged_attention   triton_gqa.py         GQA over the paged cache
-    moe_experts       triton_moe.py         fused MoE (indirect row loads, SwiGLU in the epilogue)
+    paged_attention   triton_gqa.py         GQA over the paged cache (sliding window, attention sinks)
+    moe_experts       triton_moe.py         fused MoE (indirect row loads, expert biases and the
+                                            GLU activation in the epilogues)
     rms_norm, silu_mul, rope_interleaved, rope_half   triton_elementwise.py
 """
 from __future__ import annotations
@@ -26,11 +27,16 @@ def _mod(op: str):
     return importlib.import_module(f".{_WHERE[op]}", __package__)
 
 
+#: ops whose optional arguments (sinks, window; expert biases, activation) the kernel module's
+#: `supported` must see in place: it takes the op's own arguments, not only its tensors
+_FULL_ARGS = frozenset({"paged_attention", "moe_experts"})
+
+
 def supports(op: str, args: tuple) -> bool:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if not all(t.is_cuda for t in tensors):
         return False
-    return bool(_mod(op).supported(*tensors))
+    return bool(_mod(op).supported(*(args if op in _FULL_ARGS else tensors)))
 
 
 class _Lazy(dict):

@@ -4,19 +4,25 @@ Dims: T tokens, H query heads, G kv heads, R = H // G query heads per kv head, D
 S cache slots (num_blocks * BS), BS block size, NB blocks per block-table row, SP kv splits.
 
 Contract (same as the torch reference in runtime/kernels/__init__.py):
-  paged_attention(q_THD, kv_cache_S2GD, block_table_TNB, positions_T, block_size, scale) -> o_THD
-      token t attends logical positions j = 0..positions[t] of its row of block_table:
+  paged_attention(q_THD, kv_cache_S2GD, block_table_TNB, positions_T, block_size, scale,
+                  sinks_H=None, window=0) -> o_THD
+      token t attends logical positions j = lo..positions[t] of its row of block_table, lo = 0, or
+      positions[t] - window + 1 (clamped at 0) with a sliding window (window > 0):
       slot(t, j) = block_table[t, j // BS] * BS + j % BS; head h reads kv head h // R;
       o[t, h] = softmax_j(scale * q[t, h] . k[slot, g]) @ v[slot, g], fp32 accumulation, q's dtype.
+      With sinks, sinks[h] is one more logit of the softmax, with a zero value (GPT-OSS).
   No host sync; allocations depend on shapes only (CUDA-graph capturable); the context length is
   read from positions inside the kernel.
 
 Algorithm:
   1. One program per (token, kv head, split). Its R query heads are the M rows of the tile (padded
      to 16 for tl.dot, padding rows masked), so K/V are read once per group, not once per head.
-  2. The program walks its share of positions 0..positions[t] in BLOCK_N tiles: block ids come from
+  2. The program walks its share of positions lo..positions[t] in BLOCK_N tiles (a window skips the
+     positions before lo: the work is bounded by the window, not the context): block ids come from
      the token's block-table row, K and V rows are gathered by slot; scores use exp2 with
      scale * log2(e) folded in, and the online softmax keeps a running max m, sum l and fp32 acc.
+     A sink starts the state at m = sink * log2(e), l = 1, acc = 0 (a key whose value is zero), in
+     split 0 only, so the merge counts it once.
   3. Without splits (enough tokens to fill the GPU) the program writes acc / l. With SP splits
      (few tokens, e.g. small decode batches) the context is cut into SP equal tile-aligned chunks,
      computed from positions[t] in the kernel so they stay balanced for any length; each split
@@ -39,6 +45,7 @@ from torch import Tensor
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
+_NO_WINDOW = 1 << 30  # the window the kernel runs without one: longer than any context
 
 
 def _interpreting() -> bool:
@@ -46,10 +53,12 @@ def _interpreting() -> bool:
 
 
 def supported(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions: Tensor,
-              block_size: int = 1, scale: float = 1.0) -> bool:
+              block_size: int = 1, scale: float = 1.0, sinks: Tensor | None = None, window: int = 0) -> bool:
     """Whether paged_attention can run these inputs (CUDA, or CPU under Triton's interpreter)."""
-    ts = (q, kv_cache, block_table, positions)
+    ts = (q, kv_cache, block_table, positions) + (() if sinks is None else (sinks,))
     if not all(isinstance(t, Tensor) for t in ts):
+        return False
+    if not isinstance(window, int) or window < 0 or window >= _NO_WINDOW:
         return False
     on_gpu = all(t.is_cuda for t in ts)
     on_cpu = _interpreting() and all(t.device.type == "cpu" for t in ts)
@@ -66,6 +75,8 @@ def supported(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions: Tenso
         return False
     T, H, Dh = q.shape
     S, two, G, Dk = kv_cache.shape
+    if sinks is not None and (sinks.dtype not in _DTYPES or tuple(sinks.shape) != (H,)):
+        return False
     return (two == 2 and Dk == Dh and G > 0 and H % G == 0 and H // G <= 128 and Dh <= 256
             and block_table.shape[0] == T and positions.shape[0] == T and block_size > 0
             and S % block_size == 0)
@@ -111,21 +122,22 @@ def _block_n(dtype: torch.dtype, head_dim: int) -> int:
 # Step 2: kernels ---------------------------------------------------------------------------------
 
 @triton.jit
-def _attn_kernel(q_ptr, kv_ptr, bt_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
-                 qk_scale, H, s_qt, s_qh, s_ks, s_kv, s_kg, s_bt, s_ot, s_oh,
+def _attn_kernel(q_ptr, kv_ptr, bt_ptr, pos_ptr, sink_ptr, o_ptr, part_ptr, ml_ptr,
+                 qk_scale, H, window, s_qt, s_qh, s_ks, s_kv, s_kg, s_bt, s_ot, s_oh,
                  R: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, HAS_SINKS: tl.constexpr):
     t = tl.program_id(0)  # fastest: neighbouring programs are tokens of one request, sharing K/V in L2
     g = tl.program_id(1)
     sp = tl.program_id(2)
     ctx = tl.load(pos_ptr + t).to(tl.int32) + 1
+    start = tl.maximum(ctx - window, 0)  # the sliding window's first position (0 without one)
     if SPLITS == 1:
-        lo = 0
+        lo = start
         hi = ctx
     else:
-        chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
-        lo = sp * chunk
+        chunk = tl.cdiv(tl.cdiv(ctx - start, SPLITS), BLOCK_N) * BLOCK_N
+        lo = start + sp * chunk
         hi = tl.minimum(lo + chunk, ctx)  # lo >= hi: empty split, writes m = -inf, l = 0
 
     i = tl.arange(0, BLOCK_M)
@@ -140,6 +152,10 @@ def _attn_kernel(q_ptr, kv_ptr, bt_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if HAS_SINKS:  # the sink: a key of logit sinks[h] and value 0, counted by split 0 alone
+        sink = tl.load(sink_ptr + heads, mask=m_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_i = tl.where(sp == 0, sink, m_i)
+        l_i = tl.where(sp == 0, 1.0, l_i)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for j0 in range(lo, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
@@ -177,7 +193,7 @@ def _merge_kernel(part_ptr, ml_ptr, o_ptr, H, s_ot, s_oh,
     row = (t.to(tl.int64) * H + h) * SPLITS + tl.arange(0, SPLITS)
     m = tl.load(ml_ptr + row * 2)
     l = tl.load(ml_ptr + row * 2 + 1)
-    w = tl.exp2(m - tl.max(m, 0))  # split 0 always holds position 0, so max m is finite
+    w = tl.exp2(m - tl.max(m, 0))  # split 0 always holds the first position, so max m is finite
     d = tl.arange(0, BLOCK_D)
     d_ok = d < DH
     part = tl.load(part_ptr + row[:, None] * DH + d[None, :], mask=d_ok[None, :], other=0.0)
@@ -188,8 +204,8 @@ def _merge_kernel(part_ptr, ml_ptr, o_ptr, H, s_ot, s_oh,
 # Step 3: the op ----------------------------------------------------------------------------------
 
 def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions: Tensor,
-                    block_size: int, scale: float, *, block_n: int | None = None,
-                    num_splits: int | None = None) -> Tensor:
+                    block_size: int, scale: float, sinks: Tensor | None = None, window: int = 0, *,
+                    block_n: int | None = None, num_splits: int | None = None) -> Tensor:
     """GQA over a paged cache; see the module docstring. No host sync."""
     T, H, Dh = q.shape
     G = kv_cache.shape[2]
@@ -202,20 +218,22 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions:
     q = q if q.stride(-1) == 1 else q.contiguous()
     kv_cache = kv_cache if kv_cache.stride(-1) == 1 else kv_cache.contiguous()
     block_table = block_table.contiguous()
-    splits = num_splits or _num_splits(T * G, block_table.shape[1] * block_size, q.device)
+    max_ctx = block_table.shape[1] * block_size
+    splits = num_splits or _num_splits(T * G, min(max_ctx, window) if window > 0 else max_ctx, q.device)
     assert splits & (splits - 1) == 0, "num_splits must be a power of two"
     bn = block_n or _block_n(q.dtype, Dh)
     block_d = max(16, triton.next_power_of_2(Dh))
     meta = dict(R=R, DH=Dh, BS=block_size, SPLITS=splits, BLOCK_M=max(16, triton.next_power_of_2(R)),
                 BLOCK_N=bn, BLOCK_D=block_d, PREC="ieee" if q.dtype == torch.float32 else None,
-                num_warps=4, num_stages=3)
+                HAS_SINKS=sinks is not None, num_warps=4, num_stages=3)
     if splits == 1:
         part = ml = out  # unused: the kernel writes the output itself
     else:
         part = torch.empty(T, H, splits, Dh, dtype=torch.float32, device=q.device)
         ml = torch.empty(T, H, splits, 2, dtype=torch.float32, device=q.device)
     _attn_kernel[(T, G, splits)](
-        q, kv_cache, block_table, positions, out, part, ml, scale * _LOG2E, H,
+        q, kv_cache, block_table, positions, q if sinks is None else sinks.contiguous(), out, part, ml,
+        scale * _LOG2E, H, window if window > 0 else _NO_WINDOW,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1), **meta)
     if splits > 1:

@@ -4,8 +4,12 @@ Dims: N rows (tokens as the experts see them), D hidden, K experts per row (top-
 this rank, I expert ffn width, P = N*K (row, k) pairs, BM rows per block of the schedule.
 
 Contract (same as the torch reference in runtime/kernels/__init__.py):
-  moe_experts(x_ND, topk_ids_NK, topk_w_NK, w13_E2ID, w2_EDI) -> y_ND
-      y[n] = sum_k [0 <= ids[n,k] < E] * w[n,k] * w2[e] @ (silu(w13[e,:I] @ x[n]) * (w13[e,I:] @ x[n]))
+  moe_experts(x_ND, topk_ids_NK, topk_w_NK, w13_E2ID, w2_EDI, w13_bias_E2I=None, w2_bias_ED=None,
+              activation="silu", limit=0.0) -> y_ND
+      y[n] = sum_k [0 <= ids[n,k] < E] * w[n,k] * (w2[e] @ act(g, u) + b2[e]),
+      g = w13[e,:I] @ x[n] + b13[e,:I], u = w13[e,I:] @ x[n] + b13[e,I:] (biases optional),
+      act = silu(g) * u, or (u + 1) * g * sigmoid(1.702 g) ("gpt_oss"); limit > 0 clamps g <= limit
+      and u to [-limit, limit] first (ops/kernels.py).
   ids int32/int64, -1 = expert not on this rank (contributes nothing); GEMMs accumulate in fp32;
   the result has x's dtype. No host sync, every allocation's shape comes from input shapes, so the
   whole call can be captured in a CUDA graph and replayed with new routing in the same buffers.
@@ -18,10 +22,11 @@ Algorithm:
      so each M-block has a single expert. Statically there are at most cdiv(P, BM) + E blocks; the
      grid is sized by that bound and programs past the real schedule return at once.
   3. Kernel 1 (gate/up): per M-block x BN columns of I, rows of x are loaded through pairs_P
-     (row = pair // K), multiplied by the gate and the up rows of w13[e] in two fp32 accumulators,
-     and silu(gate) * up is written to h_PI in sorted order.
-  4. Kernel 2 (down): h @ w2[e]^T per M-block x BN columns of D, scaled by the pair's routing weight,
-     written to y_PD in pair order (row n*K + k).
+     (row = pair // K), multiplied by the gate and the up rows of w13[e] in two fp32 accumulators;
+     the epilogue adds the expert's biases, applies the activation in fp32 and writes h_PI in
+     sorted order.
+  4. Kernel 2 (down): h @ w2[e]^T (+ the expert's bias) per M-block x BN columns of D, scaled by
+     the pair's routing weight, written to y_PD in pair order (row n*K + k).
   5. Kernel 3 (sum over K): y[n] = sum_k y_PD[n*K+k] over valid k, in fp32, in the fixed order
      k = 0..K-1, so the result is deterministic.
 
@@ -47,6 +52,7 @@ import triton.language as tl
 from torch import Tensor
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ACTIVATIONS = {"silu": 0, "gpt_oss": 1}  # -> the ACT constexpr of the gate/up kernel
 
 
 # Step 1: configs ---------------------------------------------------------------------------------
@@ -95,10 +101,18 @@ def default_config(num_pairs: int, num_experts: int, elem_bytes: int = 2) -> Moe
     return MoeConfig(64, GemmTile(128, 64, 4, 4), GemmTile(128, 64, 4, 4))
 
 
-def supported(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor) -> bool:
+def supported(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor,
+              w13_bias: Tensor | None = None, w2_bias: Tensor | None = None, activation: str = "silu",
+              limit: float = 0.0) -> bool:
     """Whether moe_experts can run these inputs (CUDA, or CPU under Triton's interpreter)."""
     if not all(isinstance(t, Tensor) for t in (x, topk_ids, topk_w, w13, w2)):
         return False
+    if activation not in _ACTIVATIONS or not isinstance(limit, (int, float)):
+        return False
+    for b, want in ((w13_bias, w13.shape[:2]), (w2_bias, w2.shape[:2])):
+        if b is not None and (not isinstance(b, Tensor) or b.dtype not in _DTYPES or tuple(b.shape) != tuple(want)
+                              or b.device != x.device):
+            return False
     on_gpu = all(t.is_cuda for t in (x, topk_ids, topk_w, w13, w2))
     on_cpu = _interpreting() and all(t.device.type == "cpu" for t in (x, topk_ids, topk_w, w13, w2))
     if not (on_gpu or on_cpu):
@@ -172,11 +186,12 @@ def _block_rows(pairs_ptr, offs_ptr, pid_m, E, BLOCK_M: tl.constexpr, E_P2: tl.c
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, offs_ptr,
-                    E, num_blocks, s_xn, s_xd, s_we, s_wi, s_wd,
+def _gate_up_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, offs_ptr,
+                    E, num_blocks, limit, s_xn, s_xd, s_we, s_wi, s_wd, s_be,
                     D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr):
+                    GROUP_M: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr):
     pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     e, pos, m_mask, pair = _block_rows(pairs_ptr, offs_ptr, pid_m, E, BLOCK_M, E_P2)
     if e >= E:
@@ -205,17 +220,28 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, offs_ptr,
         a_ptrs += BLOCK_K * s_xd
         g_ptrs += BLOCK_K * s_wd
         u_ptrs += BLOCK_K * s_wd
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    if HAS_BIAS:
+        b_row = b_ptr + e.to(tl.int64) * s_be
+        acc_g += tl.load(b_row + n_ld).to(tl.float32)[None, :]
+        acc_u += tl.load(b_row + I + n_ld).to(tl.float32)[None, :]
+    if CLAMP:
+        acc_g = tl.minimum(acc_g, limit)
+        acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+    if ACT == 1:  # GPT-OSS: (u + 1) * g * sigmoid(1.702 g)
+        h = (acc_u + 1.0) * (acc_g * tl.sigmoid(1.702 * acc_g))
+    else:
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
     h_ptrs = h_ptr + pos.to(tl.int64)[:, None] * I + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < I)[None, :])
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr,
-                 E, num_blocks, s_we, s_wd, s_wi, s_tn, s_tk,
+def _down_kernel(h_ptr, w_ptr, b_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr,
+                 E, num_blocks, s_we, s_wd, s_wi, s_be, s_tn, s_tk,
                  D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr):
+                 GROUP_M: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
     pid_m, pid_n = _swizzle(tl.program_id(0), num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
     e, pos, m_mask, pair = _block_rows(pairs_ptr, offs_ptr, pid_m, E, BLOCK_M, E_P2)
     if e >= E:
@@ -236,6 +262,8 @@ def _down_kernel(h_ptr, w_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr,
         acc = tl.dot(a, b, acc, input_precision=PREC)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * s_wi
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e.to(tl.int64) * s_be + offs_n % D).to(tl.float32)[None, :]
     w = tl.load(tw_ptr + (pair // K) * s_tn + (pair % K) * s_tk, mask=m_mask, other=0.0).to(tl.float32)
     acc = acc * w[:, None]
     y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
@@ -260,9 +288,10 @@ def _sum_pairs_kernel(y_ptr, ids_ptr, out_ptr, E, s_in, s_ik, s_on,
 
 # Step 4: the op ----------------------------------------------------------------------------------
 
-def moe_experts(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor, *,
-                config: MoeConfig | None = None) -> Tensor:
-    """SwiGLU experts over routed rows; see the module docstring. No host sync."""
+def moe_experts(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor,
+                w13_bias: Tensor | None = None, w2_bias: Tensor | None = None, activation: str = "silu",
+                limit: float = 0.0, *, config: MoeConfig | None = None) -> Tensor:
+    """GLU experts over routed rows; see the module docstring. No host sync."""
     N, D = x.shape
     K = topk_ids.shape[1]
     E, I = w13.shape[0], w13.shape[1] // 2
@@ -278,18 +307,22 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Te
 
     h = x.new_empty(P, I)
     gu = cfg.gate_up
+    b13 = None if w13_bias is None else w13_bias.contiguous()
+    b2 = None if w2_bias is None else w2_bias.contiguous()
     _gate_up_kernel[(num_blocks * triton.cdiv(I, gu.block_n),)](
-        x, w13, h, pairs, offs, E, num_blocks,
-        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
-        D=D, I=I, K=K, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k,
+        x, w13, w13 if b13 is None else b13, h, pairs, offs, E, num_blocks, float(limit),
+        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), 0 if b13 is None else b13.stride(0),
+        D=D, I=I, K=K, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, HAS_BIAS=b13 is not None,
+        ACT=_ACTIVATIONS[activation], CLAMP=limit > 0,
         num_warps=gu.num_warps, num_stages=gu.num_stages, **common)
 
     y_pairs = x.new_empty(P, D)
     dn = cfg.down
     _down_kernel[(num_blocks * triton.cdiv(D, dn.block_n),)](
-        h, w2, topk_w, y_pairs, pairs, offs, E, num_blocks,
-        w2.stride(0), w2.stride(1), w2.stride(2), topk_w.stride(0), topk_w.stride(1),
-        D=D, I=I, K=K, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k,
+        h, w2, w2 if b2 is None else b2, topk_w, y_pairs, pairs, offs, E, num_blocks,
+        w2.stride(0), w2.stride(1), w2.stride(2), 0 if b2 is None else b2.stride(0),
+        topk_w.stride(0), topk_w.stride(1),
+        D=D, I=I, K=K, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, HAS_BIAS=b2 is not None,
         num_warps=dn.num_warps, num_stages=dn.num_stages, **common)
 
     out = x.new_empty(N, D)

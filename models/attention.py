@@ -1,0 +1,102 @@
+"""Attention pieces shared by the architectures: rotary tables (plain and yarn) and GQA attention
+over the paged cache (Qwen3-MoE, Mixtral, GPT-OSS; DeepSeek's MLA lives in deepseek_v3.py).
+
+Legend: T tokens, D hidden, H query heads, G kv heads, Dh head_dim, S cache slots
+(num_blocks * block_size), B blocks per request.
+
+GQA cache entry per token and layer: [2, G, Dh] (k, v), keys stored after RoPE.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from tbo_compiler.models.moe import RMSNorm
+
+ops = torch.ops.tbo
+
+#: rope(x [T, heads, R], positions_T) -> x rotated: what the model shell hands every attention
+Rope = Callable[[Tensor, Tensor], Tensor]
+
+
+# Step 1: rotary tables -------------------------------------------------------------------------
+
+def rope_type(scaling: dict | None) -> str | None:
+    """The rope_scaling kind (HF spells the key `type` or `rope_type`); None without scaling."""
+    if not scaling:
+        return None
+    return scaling.get("type", scaling.get("rope_type"))
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> tuple[Tensor, float]:
+    """-> (inv_freq [dim/2], cos/sin multiplier). Yarn blends interpolated (slow) and original
+    (fast) frequencies with a linear ramp between the correction dims of beta_fast/beta_slow;
+    those dims are floored/ceiled unless the config says `truncate: false` (GPT-OSS)."""
+    extra = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if rope_type(scaling) != "yarn":
+        return extra, 1.0
+    factor = scaling["factor"]
+    orig = scaling.get("original_max_position_embeddings", 4096)
+
+    def corr_dim(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = corr_dim(scaling.get("beta_fast", 32)), corr_dim(scaling.get("beta_slow", 1))
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+    inv_freq = extra / factor * ramp + extra * (1 - ramp)
+    attn = yarn_mscale(factor, scaling.get("mscale", 1)) / yarn_mscale(factor, scaling.get("mscale_all_dim", 0))
+    return inv_freq, attn
+
+
+# Step 2: GQA attention -------------------------------------------------------------------------
+
+class GQAAttention(nn.Module):
+    """Grouped-query attention over the paged cache, with the variants the architectures need:
+    q/k/v/o biases, per-head q/k RMSNorm before RoPE (Qwen3), attention sinks (a learned per-head
+    logit in the softmax, GPT-OSS) and a sliding window (the last `window` positions, GPT-OSS's
+    even layers). `scale` defaults to Dh^-0.5."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, block_size: int, *,
+                 bias: bool = False, qk_norm_eps: float | None = None, sinks: bool = False,
+                 window: int = 0, scale: float | None = None, dtype=None):
+        super().__init__()
+        if heads % kv_heads:
+            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        self.H, self.G, self.Dh = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias, dtype=dtype)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias, dtype=dtype)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias, dtype=dtype)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias, dtype=dtype)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, dtype)
+        # fp32 like a router's statistics: the sink is a logit compared with fp32 scores
+        self.sinks = nn.Parameter(torch.zeros(heads, dtype=torch.float32)) if sinks else None
+        self.block_size, self.window = block_size, window
+        self.scale = head_dim ** -0.5 if scale is None else scale
+
+    def forward(self, x_TD: Tensor, positions_T: Tensor, slot_mapping_T: Tensor, block_table_TB: Tensor,
+                cache_S2GD: Tensor, rope: Rope) -> Tensor:
+        T = x_TD.shape[0]
+        q_THD = self.q_proj(x_TD).view(T, self.H, self.Dh)
+        k_TGD = self.k_proj(x_TD).view(T, self.G, self.Dh)
+        v_TGD = self.v_proj(x_TD).view(T, self.G, self.Dh)
+        if hasattr(self, "q_norm"):
+            q_THD, k_TGD = self.q_norm(q_THD), self.k_norm(k_TGD)
+        q_THD, k_TGD = rope(q_THD, positions_T), rope(k_TGD, positions_T)
+        cache_S2GD.index_put_((slot_mapping_T,), torch.stack([k_TGD, v_TGD], 1).to(cache_S2GD.dtype))
+        args = (q_THD, cache_S2GD, block_table_TB, positions_T, self.block_size, self.scale)
+        if self.sinks is not None or self.window:  # plain GQA calls the op with its original arguments
+            args += (self.sinks, self.window)
+        o_THD = ops.paged_attention(*args)
+        return self.o_proj(o_THD.reshape(T, self.H * self.Dh))
