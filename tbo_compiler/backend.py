@@ -107,16 +107,29 @@ def _agreement_group(gm: fx.GraphModule):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _agree(group, local: dict) -> list[dict]:
-    """One collective: every rank's compile outcome, so all ranks take the same decision."""
-    import torch.distributed as dist
+_AGREE_BYTES = 4096
 
+
+def _agree(group, local: dict) -> list[dict]:
+    """One collective: every rank's compile outcome, so all ranks take the same decision. A
+    fixed-size all_gather of the JSON record (messages cut to fit), on the group's device."""
+    import json
+
+    import torch.distributed as dist
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    out: list = [None] * dist.get_world_size(group)
+    local = {k: (v[:1500] if isinstance(v, str) else v) for k, v in local.items()}
+    raw = json.dumps(local).encode()
     with unset_fake_temporarily():  # the compiler runs under dynamo's fake mode; this is real comm
-        dist.all_gather_object(out, local, group=group)
-    return out
+        dev = torch.device("cpu")
+        if dist.get_backend(group) == "nccl":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        buf = torch.zeros(_AGREE_BYTES, dtype=torch.uint8)
+        buf[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        buf = buf.to(dev)
+        outs = [torch.empty_like(buf) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(outs, buf, group=group)
+        return [json.loads(bytes(o.cpu().tolist()).rstrip(b"\0").decode()) for o in outs]
 
 
 def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
