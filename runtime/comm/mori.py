@@ -83,20 +83,13 @@ from torch import Tensor
 
 from tbo_compiler.ops.errors import RuntimeFailure, one_line
 from tbo_compiler.ops.kernels import unpack_meta
+from tbo_compiler.runtime.env import env_int
 
 log = logging.getLogger(__name__)
 
 NAME = "mori"
 LAYOUT = "compact"
 SPLIT_PHASE_KERNELS = ("AsyncLL",)   # kernel types with dispatch_recv / combine_recv
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return int(raw) if raw else default
-    except ValueError:
-        raise RuntimeFailure(f"{name}={raw!r} is not an integer") from None
 
 
 def _kernel_name() -> str:
@@ -305,7 +298,7 @@ class MoriBackend:
 
     # -- ops
     def _op(self, slot: int, T: int, D: int, K: int, dtype: torch.dtype):
-        cap = max(T, _env_int("TBO_MORI_MAX_TOKENS", 0), 1)
+        cap = max(T, env_int("TBO_MORI_MAX_TOKENS", 0), 1)
         key = (slot, cap, D, K, dtype, self.kernel)
         op = self.state.ops.get(key)
         if op is None:
@@ -315,7 +308,7 @@ class MoriBackend:
                 scale_dim=K, scale_type_size=4, max_token_type_size=torch.empty(0, dtype=dtype).element_size(),
                 max_num_inp_token_per_rank=cap, num_experts_per_rank=1, num_experts_per_token=K,
                 kernel_type=getattr(m.ops.EpDispatchCombineKernelType, self.kernel),
-                gpu_per_node=min(self.W, _env_int("TBO_MORI_GPUS_PER_NODE", 8)))
+                gpu_per_node=min(self.W, env_int("TBO_MORI_GPUS_PER_NODE", 8)))
             op = self.state.ops[key] = m.ops.EpDispatchCombineOp(cfg)
             log.info("mori: op %d of group %s for %d tokens per rank (hidden %d, top-%d, %s, %s)",
                      slot, self.group.name, cap, D, K, str(dtype).removeprefix("torch."), self.kernel)

@@ -40,27 +40,19 @@ Step 3: fused MoE: ids < 0 (not this rank's) become id E, an expert that `expert
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from tbo_compiler.ops.errors import RuntimeFailure
+from tbo_compiler.runtime.env import env_int
 
 NAME = "aiter"
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return int(raw) if raw else default
-    except ValueError:
-        raise RuntimeFailure(f"{name}={raw!r} is not an integer") from None
-
-
 #: T from which latent_attention uses aiter's prefill kernel (bf16, 16 or 128 heads only)
-PREFILL_TOKENS = _env_int("TBO_AITER_MLA_PREFILL_TOKENS", 1024)
+PREFILL_TOKENS = env_int("TBO_AITER_MLA_PREFILL_TOKENS", 1024)
 _PREFILL_HEADS = (16, 128)
 _MLA_DTYPES = (torch.bfloat16,)
 _MOE_DTYPES = (torch.bfloat16, torch.float16)
