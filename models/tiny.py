@@ -178,6 +178,14 @@ def _deepseek_tensors(c: dict, init: _Init) -> None:
     init.linear("lm_head.weight", V, D, kind="other")
 
 
+def _gqa_attention(init: _Init, a: str, D: int, H: int, G: int, Dh: int, bias: bool = False) -> None:
+    """q/k/v/o projections of grouped-query attention under prefix `a` (e.g. model.layers.0.self_attn)."""
+    for proj, o, fan_in in (("q", H * Dh, D), ("k", G * Dh, D), ("v", G * Dh, D), ("o", D, H * Dh)):
+        init.linear(f"{a}.{proj}_proj.weight", o, fan_in, gain=0.5 if proj == "o" else 1.0)
+        if bias:
+            init.other(f"{a}.{proj}_proj.bias", 0.1 * init.randn(o))
+
+
 def _qwen3_tensors(c: dict, init: _Init) -> None:
     D, V, Dh = c["hidden_size"], c["vocab_size"], c["head_dim"]
     H, G = c["num_attention_heads"], c["num_key_value_heads"]
@@ -186,10 +194,7 @@ def _qwen3_tensors(c: dict, init: _Init) -> None:
         p = f"model.layers.{i}"
         init.norm(f"{p}.input_layernorm.weight", D)
         init.norm(f"{p}.post_attention_layernorm.weight", D)
-        init.linear(f"{p}.self_attn.q_proj.weight", H * Dh, D)
-        init.linear(f"{p}.self_attn.k_proj.weight", G * Dh, D)
-        init.linear(f"{p}.self_attn.v_proj.weight", G * Dh, D)
-        init.linear(f"{p}.self_attn.o_proj.weight", D, H * Dh, gain=0.5)
+        _gqa_attention(init, f"{p}.self_attn", D, H, G, Dh)
         init.norm(f"{p}.self_attn.q_norm.weight", Dh)
         init.norm(f"{p}.self_attn.k_norm.weight", Dh)
         if i in c["mlp_only_layers"] or (i + 1) % c["decoder_sparse_step"]:
@@ -210,9 +215,7 @@ def _gpt_oss_tensors(c: dict, init: _Init) -> None:
         p = f"model.layers.{i}"
         init.norm(f"{p}.input_layernorm.weight", D)
         init.norm(f"{p}.post_attention_layernorm.weight", D)
-        for proj, o, fan_in in (("q", H * Dh, D), ("k", G * Dh, D), ("v", G * Dh, D), ("o", D, H * Dh)):
-            init.linear(f"{p}.self_attn.{proj}_proj.weight", o, fan_in, gain=0.5 if proj == "o" else 1.0)
-            init.other(f"{p}.self_attn.{proj}_proj.bias", 0.1 * init.randn(o))
+        _gqa_attention(init, f"{p}.self_attn", D, H, G, Dh, bias=True)
         init.other(f"{p}.self_attn.sinks", init.randn(H))  # logits of the scores' order
         init.linear(f"{p}.mlp.router.weight", E, D, kind="other")
         init.other(f"{p}.mlp.router.bias", 0.1 * init.randn(E))
@@ -236,10 +239,7 @@ def _mixtral_tensors(c: dict, init: _Init) -> None:
         p = f"model.layers.{i}"
         init.norm(f"{p}.input_layernorm.weight", D)
         init.norm(f"{p}.post_attention_layernorm.weight", D)
-        init.linear(f"{p}.self_attn.q_proj.weight", H * Dh, D)
-        init.linear(f"{p}.self_attn.k_proj.weight", G * Dh, D)
-        init.linear(f"{p}.self_attn.v_proj.weight", G * Dh, D)
-        init.linear(f"{p}.self_attn.o_proj.weight", D, H * Dh, gain=0.5)
+        _gqa_attention(init, f"{p}.self_attn", D, H, G, Dh)
         m = f"{p}.block_sparse_moe"
         init.linear(f"{m}.gate.weight", E, D, kind="other")
         for e in range(E):
