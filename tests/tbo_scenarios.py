@@ -20,6 +20,34 @@ PLANS = {"prefill": dict(mode="prefill", token_counts=(4, 14), tokens_per_reques
          "mtp": dict(mode="decode", token_counts=(6,), tokens_per_request=2)}
 
 
+def compile_plans(model_dir, out_dir, ep=1, moe_comm="a2a", names=tuple(PLANS)) -> dict:
+    """tbo-compile one fp32 plan per scenario kind (prefill, decode, mtp) -> {kind: path}."""
+    from tbo_compiler.compile import compile_model_dir
+
+    paths = {}
+    for name in names:
+        p = out_dir / f"{name}_ep{ep}_{moe_comm}.pt"
+        compile_model_dir(model_dir, p, ep=ep, moe_comm=moe_comm, dtype=torch.float32, block_size=BLOCK_SIZE,
+                          max_blocks=MAX_BLOCKS, profile="cpu", **PLANS[name])
+        paths[name] = p
+    return paths
+
+
+@torch.no_grad()
+def serve(model, step_list, num_blocks=64, pad_to=None) -> dict:
+    """Run steps ([(req, new_tokens)] each) eagerly on one cache -> {req: logits of all its tokens}."""
+    kv = model.new_kv_cache(num_blocks)
+    out = {}
+    for step in step_list:
+        b = kv.make_batch(step, pad_to=pad_to)
+        logits = model(*b.args(), kv.caches)
+        row = 0
+        for req, toks in step:
+            out.setdefault(req, []).append(logits[row:row + len(toks)])
+            row += len(toks)
+    return {r: torch.cat(v) for r, v in out.items()}
+
+
 def steps(seed: int, vocab: int):
     g = torch.Generator().manual_seed(seed)
 

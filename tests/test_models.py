@@ -10,6 +10,8 @@ from tbo_compiler.models import load_model
 from tbo_compiler.models.deepseek_v3 import GroupLimitedGreedyRouter, NoAuxTCRouter
 from tbo_compiler.models.qwen3_moe import SoftmaxTopkRouter
 
+import tbo_scenarios as sc
+
 ARCHS = ["deepseek_v3", "deepseek_v2", "kimi_k25", "qwen3_moe"]
 MLA_ARCHS = ["deepseek_v3", "deepseek_v2", "kimi_k25"]
 ATOL = 1e-4
@@ -17,21 +19,6 @@ ATOL = 1e-4
 
 def _tokens(n, seed):
     return torch.randint(2, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@torch.no_grad()
-def _serve(model, steps, num_blocks=64, pad_to=None):
-    """Run `steps` ([(req, new_tokens)] each) on one cache -> {req: logits of all its tokens}."""
-    kv = model.new_kv_cache(num_blocks)
-    out = {}
-    for step in steps:
-        b = kv.make_batch(step, pad_to=pad_to)
-        logits = model(*b.args(), kv.caches)
-        row = 0
-        for req, toks in step:
-            out.setdefault(req, []).append(logits[row:row + len(toks)])
-            row += len(toks)
-    return {r: torch.cat(v) for r, v in out.items()}
 
 
 def _schedule():
@@ -55,9 +42,9 @@ def _schedule():
 def test_paged_steps_match_full_forward(tiny_models, arch):
     model = tiny_models[arch]
     seq, steps = _schedule()
-    served = _serve(model, steps)
+    served = sc.serve(model, steps)
     for req, toks in seq.items():
-        full = _serve(model, [[(req, toks)]])[req]
+        full = sc.serve(model, [[(req, toks)]])[req]
         assert served[req].shape == full.shape == (len(toks), model.config.vocab_size)
         torch.testing.assert_close(served[req], full, atol=ATOL, rtol=0)
     # the logits are not trivially equal (e.g. constant): rows differ across positions
@@ -254,7 +241,7 @@ def test_export_and_compile(tiny_dirs, arch):
 def test_padding_rows_do_not_change_real_rows(tiny_models, arch):
     model = tiny_models[arch]
     steps = [[("a", _tokens(6, 4)), ("b", _tokens(3, 5))], [("a", [7]), ("b", [9, 10])]]
-    plain = _serve(model, steps)
-    padded = _serve(model, steps, pad_to=16)
+    plain = sc.serve(model, steps)
+    padded = sc.serve(model, steps, pad_to=16)
     for r in plain:
         torch.testing.assert_close(padded[r], plain[r], atol=ATOL, rtol=0)

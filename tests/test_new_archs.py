@@ -285,20 +285,6 @@ def _tokens(n, seed):
     return torch.randint(2, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@torch.no_grad()
-def _serve(model, steps, pad_to=None):
-    kv = model.new_kv_cache(64)
-    out = {}
-    for step in steps:
-        b = kv.make_batch(step, pad_to=pad_to)
-        logits = model(*b.args(), kv.caches)
-        row = 0
-        for req, toks in step:
-            out.setdefault(req, []).append(logits[row:row + len(toks)])
-            row += len(toks)
-    return {r: torch.cat(v) for r, v in out.items()}
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefill_and_decode_steps_match_full_forward(tiny_models, arch):
     """B's prefix a step early, a mixed prefill, three decode steps, one multi-token step, with
@@ -311,9 +297,9 @@ def test_prefill_and_decode_steps_match_full_forward(tiny_models, arch):
         steps.append([(r, seq[r][done[r]:done[r] + 1]) for r in ("C", "A", "B")])
         done = {r: n + 1 for r, n in done.items()}
     steps.append([(r, seq[r][done[r]:]) for r in ("A", "B", "C")])
-    served = _serve(model, steps, pad_to=24)
+    served = sc.serve(model, steps, pad_to=24)
     for req, toks in seq.items():
-        full = _serve(model, [[(req, toks)]])[req]
+        full = sc.serve(model, [[(req, toks)]])[req]
         assert served[req].shape == full.shape == (len(toks), model.config.vocab_size)
         torch.testing.assert_close(served[req], full, atol=ATOL, rtol=0)
     assert (full[1:] - full[:-1]).abs().max() > 0.1
@@ -349,20 +335,11 @@ def test_gpt_oss_traces_fullgraph(tiny_models):
 
 # TBO == no TBO ------------------------------------------------------------------------------------
 
-def _plans(model_dir, out_dir, ep=1, moe_comm="a2a"):
-    paths = {}
-    for name, kw in sc.PLANS.items():
-        p = out_dir / f"{name}_ep{ep}_{moe_comm}.pt"
-        compile_model_dir(model_dir, p, ep=ep, moe_comm=moe_comm, dtype=torch.float32, block_size=sc.BLOCK_SIZE,
-                          max_blocks=sc.MAX_BLOCKS, profile="cpu", **kw)
-        paths[name] = p
-    return paths
-
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tbo_equals_eager_single_rank(tiny_dirs, tiny_models, arch, tmp_path):
     d, model = tiny_dirs[arch], tiny_models[arch]
-    plans = {k: load_plan(p, d, dtype=torch.float32, policy="tbo") for k, p in _plans(d, tmp_path).items()}
+    plans = {k: load_plan(p, d, dtype=torch.float32, policy="tbo") for k, p in sc.compile_plans(d, tmp_path).items()}
     assert {k: sc.cuts(v) for k, v in plans.items()} == {"prefill": [(4, 2), (14, 7)], "decode": [(1, 0), (3, 2)],
                                                          "mtp": [(6, 4)]}
     logit_diff, cache_diff, scale = sc.compare(model, plans, seed=3, vocab=model.config.vocab_size)
@@ -379,7 +356,7 @@ def test_tbo_equals_eager_ep2_gloo(tiny_dirs, tiny_models, tmp_path):
     from tbo_compiler.runtime.launch import run_ranks
 
     jobs = [("gpt_oss", "a2a"), ("mixtral", "allgather")]
-    specs = [(str(tiny_dirs[a]), {k: str(p) for k, p in _plans(tiny_dirs[a], tmp_path, 2, m).items()}, m)
+    specs = [(str(tiny_dirs[a]), {k: str(p) for k, p in sc.compile_plans(tiny_dirs[a], tmp_path, 2, m).items()}, m)
              for a, m in jobs]
     seed = 5
     results = run_ranks(sc.rank_compare_many, 2, specs, seed)

@@ -20,7 +20,6 @@ import fakes
 import fakes.ranks
 from fakes import ContractError
 from tbo_compiler import load_plan
-from tbo_compiler.compile import compile_model_dir
 from tbo_compiler.models.tiny import make_tiny
 from tbo_compiler.runtime import comm, kernels
 from tbo_compiler.runtime.comm import mori as mori_backend
@@ -268,16 +267,6 @@ def tiny_dir(tmp_path_factory):
     return make_tiny("deepseek_v3", root / "m", seed=4, num_hidden_layers=3, n_routed_experts=8)
 
 
-def _plans(model_dir, out_dir, ep, names):
-    paths = {}
-    for name in names:
-        p = out_dir / f"{name}_ep{ep}.pt"
-        compile_model_dir(model_dir, p, ep=ep, dtype=torch.float32, block_size=sc.BLOCK_SIZE,
-                          max_blocks=sc.MAX_BLOCKS, profile="cpu", **sc.PLANS[name])
-        paths[name] = p
-    return paths
-
-
 def _run(paths, model_dir, steps):
     plans = {k: load_plan(p, model_dir, dtype=torch.float32, policy="tbo") for k, p in paths.items()}
     kv = plans["prefill"].new_kv_cache(sc.NUM_BLOCKS)
@@ -294,7 +283,7 @@ def _run(paths, model_dir, steps):
 def test_tbo_program_with_aiter_equals_torch_reference(with_fakes, tiny_dir, tmp_path, caplog):
     """One rank: the TBO plans (prefill, decode, MTP buckets) with aiter's MLA and fused MoE give
     the logits and KV caches of the same plans on the torch reference kernels."""
-    paths = _plans(tiny_dir, tmp_path, 1, sc.PLANS)
+    paths = sc.compile_plans(tiny_dir, tmp_path, 1)
     steps = sc.steps(3, 256)
     for op in kernels.AITER_OPS:
         kernels.prefer(op, "torch")
@@ -322,7 +311,7 @@ def test_ep2_gloo_tbo_program_with_mori_and_aiter(tiny_dir, tmp_path):
     ubatch's exchanges take its own op; mori's calls follow the split-phase order."""
     from tbo_compiler.runtime.launch import run_ranks
 
-    paths = _plans(tiny_dir, tmp_path, 2, sc.PLANS)
+    paths = sc.compile_plans(tiny_dir, tmp_path, 2)
     res = run_ranks(fakes.ranks.rank_rocm, 2, str(tiny_dir), {k: str(p) for k, p in paths.items()}, 5)
     for rank, r in enumerate(res):
         assert r["scale"] > 0.5

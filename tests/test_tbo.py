@@ -20,16 +20,6 @@ ATOL = 2e-5
 ARCHS = ["deepseek_v3", "kimi_k25", "qwen3_moe"]
 
 
-def _plans(model_dir, out_dir, ep=1, moe_comm="a2a"):
-    paths = {}
-    for name, kw in sc.PLANS.items():
-        p = out_dir / f"{name}_ep{ep}_{moe_comm}.pt"
-        compile_model_dir(model_dir, p, ep=ep, moe_comm=moe_comm, dtype=torch.float32, block_size=sc.BLOCK_SIZE,
-                          max_blocks=sc.MAX_BLOCKS, profile="cpu", **kw)
-        paths[name] = p
-    return paths
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tbo_tiny")
@@ -39,7 +29,7 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tbo_equals_eager_single_rank(tiny, arch, tmp_path):
-    paths = _plans(tiny[arch], tmp_path)
+    paths = sc.compile_plans(tiny[arch], tmp_path)
     model = load_model(tiny[arch], dtype=torch.float32, block_size=sc.BLOCK_SIZE)
     for policy in ("tbo", "serial"):  # both programs of every bucket
         plans = {k: load_plan(p, tiny[arch], dtype=torch.float32, policy=policy) for k, p in paths.items()}
@@ -62,7 +52,7 @@ def test_tbo_equals_eager_ep2_gloo(tiny, tmp_path):
 
     jobs = [("deepseek_v3", "a2a"), ("qwen3_moe", "a2a"), ("kimi_k25", "allgather")]
     for arch, mode in jobs:
-        paths = _plans(tiny[arch], tmp_path, ep=2, moe_comm=mode)
+        paths = sc.compile_plans(tiny[arch], tmp_path, ep=2, moe_comm=mode)
         res = run_ranks(sc.rank_compare, 2, str(tiny[arch]), {k: str(p) for k, p in paths.items()}, mode, 5)
         for rank, (logit_diff, cache_diff, scale, cuts) in enumerate(res):
             assert scale > 0.5
