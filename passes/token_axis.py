@@ -642,10 +642,9 @@ def _nb_attention(node):  # sdpa(q [.., L, E], k [.., S, E], v, ...)
     return _rank(node) - 2
 
 
-def _rule_attention(node, ctx):
-    """scaled_dot_product_attention variants: q/k/v [*batch, L|S, E], mask broadcast to
-    [*batch, L, S]. Tokens on a batch axis (a request per row, heads) are independent."""
-    return _batched_rule(_nb_attention, batch_args=(0, 1, 2, 3))(node, ctx)
+#: scaled_dot_product_attention variants: q/k/v [*batch, L|S, E], mask broadcast to [*batch, L, S];
+#: tokens on a batch axis (a request per row, heads) are independent
+_rule_attention = _batched_rule(_nb_attention, batch_args=(0, 1, 2, 3))
 
 
 def _rule_batch_norm_eval(node, ctx):  # _native_batch_norm_legit_no_training(x, w, b, rm, rv, mom, eps)
