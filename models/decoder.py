@@ -49,7 +49,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg, par: ParallelConfig | None = None, block_size: int = 16, dtype=torch.float32):
         super().__init__()
         self.config, self.block_size, self.dtype = cfg, block_size, dtype
-        par = par or ParallelConfig()
+        self.parallel = par = par or ParallelConfig()
         D = cfg.hidden_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, D, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(self.make_attention(i), *self.make_mlp(i, par), D,

@@ -27,6 +27,7 @@ class GraphedProgram:
         self.static: dict[int, torch.Tensor] = {}
         self.ptrs: tuple = ()
         self.out = None
+        self.captures = 0  # how many times this program was captured (1 unless inputs moved)
 
     def _static_ptrs(self, args) -> tuple:
         return tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a
@@ -48,6 +49,7 @@ class GraphedProgram:
         with torch.cuda.graph(g, pool=self.pool):
             self.out = self.program(*run_args)
         self.graph, self.ptrs = g, self._static_ptrs(args)
+        self.captures += 1
 
     def __call__(self, *args):
         if self.graph is None or self._static_ptrs(args) != self.ptrs:

@@ -151,6 +151,7 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
                            split=_split_option(opts.get("split", "auto")),
                            strict=bool(opts.get("strict", False)))
     dump_dir = opts.get("dump_dir", os.environ.get("TBO_DUMP_DIR"))
+    _count_sizes(gm, example_inputs)
 
     def compiler(aot_gm: fx.GraphModule, aot_inputs):
         phs = [n for n in aot_gm.graph.nodes if n.op == "placeholder"]
@@ -221,6 +222,23 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
 
 
 _N = [0]
+_SIZES: dict[tuple, set] = {}
+
+
+def _count_sizes(gm: fx.GraphModule, example_inputs) -> None:
+    """Warn once when a graph reaches dynamo's recompile limit by batch size: past it, dynamo runs
+    the frame eagerly (without TBO) for every new size, which would otherwise go unnoticed."""
+    key = (tuple(n.target for n in gm.graph.nodes if n.op == "placeholder"), len(gm.graph.nodes))
+    shape = tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor))
+    sizes = _SIZES.setdefault(key, set())
+    sizes.add(shape)
+    cfg = torch._dynamo.config
+    limit = getattr(cfg, "recompile_limit", None) or getattr(cfg, "cache_size_limit", 8)
+    if len(sizes) == limit:
+        warnings.warn(TboFallbackWarning(
+            f"tbo: this graph is now compiled for {limit} input shapes, dynamo's recompile_limit: any new "
+            "batch size runs eagerly, without TBO. Pad batches to a few bucket sizes "
+            "(kv.make_batch(..., pad_to=bucket)) or raise torch._dynamo.config.recompile_limit"))
 
 
 def _counter() -> int:
