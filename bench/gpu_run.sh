@@ -4,6 +4,7 @@
 #   bash bench/gpu_run.sh tests        # the whole test suite (GPU tests included)
 #   bash bench/gpu_run.sh kernels      # the kernel micro-benchmarks
 #   bash bench/gpu_run.sh bench ARGS   # bench/tbo_bench.py ARGS
+#   bash bench/gpu_run.sh reliability  # compute-sanitizer memcheck/racecheck, 1000-step memory loop, rank death (2 GPUs)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -15,6 +16,16 @@ case "$stage" in
   gputests) python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests "$@" 2>&1 | tee "$OUT/pytest_gpu_only.log"; exit ${PIPESTATUS[0]} ;;
   kernels) for m in triton_mla triton_elementwise triton_moe triton_gqa; do
              timeout 120 python3 -m tbo_compiler.runtime.kernels.$m 2>&1 | tee -a "$OUT/kernels.log"; done ;;
+  reliability)  # issue 8 item 4 and the NCCL rank-death record; parts: step memcheck racecheck memloop faults
+           for part in "${@:-step memcheck racecheck memloop faults}"; do for part in $part; do case $part in
+             step)    timeout 150 python3 bench/gpu_reliability.py step --out "$OUT" > "$OUT/step.log" 2>&1 ;;
+             memcheck|racecheck)
+                      timeout 230 compute-sanitizer --tool $part --target-processes all --print-limit 50 --report-api-errors no \
+                        --log-file "$OUT/sanitizer_$part.%p.log" python3 bench/gpu_reliability.py step --no-teardown \
+                        --out "$OUT/$part" > "$OUT/sanitizer_$part.stdout" 2>&1 ;;
+             memloop) timeout 240 python3 bench/gpu_reliability.py memloop --out "$OUT" > "$OUT/memloop.log" 2>&1 ;;
+             faults)  timeout 200 python3 bench/gpu_faults.py "$OUT/faults_nccl.json" > "$OUT/faults.log" 2>&1 ;;
+           esac; echo "$part rc=$?"; done; done ;;
   bench)   python3 bench/tbo_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"; exit ${PIPESTATUS[0]} ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -169,7 +169,7 @@ def _keep_top_groups(choice_TE: Tensor, group_score_TG: Tensor, topk_group: int)
     T, G = group_score_TG.shape
     keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
     keep_TG.scatter_(1, group_score_TG.topk(topk_group, dim=-1).indices, True)
-    keep_TE = keep_TG.unsqueeze(-1).expand(T, G, choice_TE.shape[1] // G).reshape(T, -1)
+    keep_TE = keep_TG.unsqueeze(-1).expand(T, G, choice_TE.shape[1] // G).reshape(T, choice_TE.shape[1])
     return choice_TE.masked_fill(~keep_TE, float("-inf"))
 
 

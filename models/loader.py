@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -63,26 +64,56 @@ def _read_json(path: Path) -> dict:
     return d
 
 
+#: a config field's annotation -> (test, what the value must be). The config dataclasses' annotations
+#: are the table of which field has which kind; `X | None` also allows null.
+_KINDS = {
+    "int": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "float": (lambda v: type(v) in (int, float) and math.isfinite(v), "a number"),
+    "bool": (lambda v: type(v) is bool, "true or false"),
+    "str": (lambda v: type(v) is str, "a string"),
+    "list": (lambda v: type(v) is list, "a list"),
+    "dict": (lambda v: type(v) is dict, "a JSON object"),
+}
+#: integer fields where 0 means "none" (no shared experts, no dense prefix, no q LoRA, no window)
+_ZERO_OK = {"n_shared_experts", "first_k_dense_replace", "q_lora_rank", "sliding_window"}
+
+
+def _check_fields(path: Path, cfg_cls: type, text: dict) -> None:
+    for f in dataclasses.fields(cfg_cls):
+        if f.name not in text:
+            continue
+        v, (kind, _, none) = text[f.name], str(f.type).partition(" | ")
+        if kind not in _KINDS:  # a kind the table does not know is left to the dataclass
+            continue
+        test, what = _KINDS[kind]
+        if (v is None and none) or test(v) or (f.name in _ZERO_OK and type(v) is int and v == 0):
+            continue
+        raise ModelLoadError(f"{path}: field {f.name!r} must be {what}{' or null' if none else ''}, got {v!r}")
+
+
 def resolve_model(model_dir) -> tuple[object, type, str]:
     """-> (config dataclass, model class, tensor name prefix)."""
+    if not Path(model_dir).is_dir():
+        raise ModelLoadError(f"{model_dir}: no such model directory (expected config.json and *.safetensors)")
     path = Path(model_dir) / "config.json"
     raw = _read_json(path)
     prefix, text = "", raw
     mt = raw.get("model_type")
-    if mt in WRAPPERS:
+    if isinstance(mt, str) and mt in WRAPPERS:
         prefix, text = WRAPPERS[mt], raw.get("text_config")
         if not isinstance(text, dict):
             raise ModelLoadError(f"{path}: missing config field 'text_config' (model_type {mt})")
         mt = text.get("model_type")
         if "quantization_config" not in text and "quantization_config" in raw:
             text = {**text, "quantization_config": raw["quantization_config"]}
-    if mt not in ARCHITECTURES:
+    if not isinstance(mt, str) or mt not in ARCHITECTURES:
         raise ModelLoadError(f"{path}: unknown model_type {mt!r}; supported: {', '.join(SUPPORTED)}")
     cfg_cls, model_cls = ARCHITECTURES[mt]
     fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
     for name, f in fields.items():
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in text:
             raise ModelLoadError(f"{path}: missing config field {name!r} (model_type {mt})")
+    _check_fields(path, cfg_cls, text)
     try:
         cfg = cfg_cls(**{k: v for k, v in text.items() if k in fields})
     except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
@@ -174,6 +205,13 @@ def _check(ckpt: _Checkpoint, name: str, got, want) -> None:
         raise ModelLoadError(f"{ckpt.file_of(name)}: tensor {name} has shape {list(got)}, expected {list(want)}")
 
 
+def _check_dtype(ckpt: _Checkpoint, name: str, t: torch.Tensor, want: torch.dtype | None, what: str) -> None:
+    """`want` None: any floating-point dtype (a plain or fp8 weight, a scale)."""
+    if (not t.is_floating_point()) if want is None else t.dtype != want:
+        raise ModelLoadError(f"{ckpt.file_of(name)}: tensor {name} is {str(t.dtype).removeprefix('torch.')}, "
+                             f"expected {what}")
+
+
 def _read_weight(ckpt: _Checkpoint, name: str, shape: tuple, qcfg: dict) -> torch.Tensor:
     """The tensor `name` of `shape` in fp32, dequantized if stored quantized."""
     base = name.removesuffix(".weight")
@@ -182,16 +220,23 @@ def _read_weight(ckpt: _Checkpoint, name: str, shape: tuple, qcfg: dict) -> torc
         wshape = ckpt.get(base + ".weight_shape").tolist()
         _check(ckpt, base + ".weight_shape", wshape, shape)
         packed, scale = ckpt.get(base + ".weight_packed"), ckpt.get(base + ".weight_scale")
+        _check_dtype(ckpt, base + ".weight_packed", packed, torch.int32, "int32 (packed int4)")
+        _check_dtype(ckpt, base + ".weight_scale", scale, None, "a floating-point scale")
         _check(ckpt, base + ".weight_packed", packed.shape, (shape[0], -(-shape[1] // 8)))
         _check(ckpt, base + ".weight_scale", scale.shape, (shape[0], -(-shape[1] // gs)))
         return quant.dequantize_int4_group(packed, scale, wshape, gs)
     t = ckpt.get(name)
     _check(ckpt, name, t.shape, shape)
+    _check_dtype(ckpt, name, t, None, "a floating-point weight")
     if ckpt.has(name + "_scale_inv"):
         block = qcfg["fp8_block"]
         s = ckpt.get(name + "_scale_inv")
+        _check_dtype(ckpt, name + "_scale_inv", s, None, "a floating-point scale")
         _check(ckpt, name + "_scale_inv", s.shape, quant.fp8_scale_shape(shape, block))
         return quant.dequantize_fp8_block(t, s, block)
+    if t.element_size() == 1:  # fp8 without its block scales would load as raw quantized values
+        raise ModelLoadError(f"{ckpt.file_of(name)}: tensor {name} is {str(t.dtype).removeprefix('torch.')} "
+                             f"but {name}_scale_inv is missing")
     return t.float()
 
 
@@ -201,7 +246,9 @@ def _read_fused_experts(ckpt: _Checkpoint, name: str, spec: FusedExperts, num_ex
     n, rest = shape[0], tuple(shape[1:])
     if not spec.mxfp4:
         _check(ckpt, name, ckpt.shape(name), (num_experts, *rest))
-        return ckpt.get_rows(name, lo, n).float()
+        w = ckpt.get_rows(name, lo, n)
+        _check_dtype(ckpt, name, w, None, "a floating-point weight")
+        return w.float()
     blocks, scales = name + "_blocks", name + "_scales"
     if not ckpt.has(blocks) and ckpt.has(name):
         raise ModelLoadError(f"{ckpt.file_of(name)}: tensor {name} is not MXFP4 ({blocks} + {scales}); "
@@ -214,8 +261,7 @@ def _read_fused_experts(ckpt: _Checkpoint, name: str, spec: FusedExperts, num_ex
     _check(ckpt, scales, ckpt.shape(scales), (num_experts, *rest[:-1], groups))
     b, s = ckpt.get_rows(blocks, lo, n), ckpt.get_rows(scales, lo, n)
     for t, tname in ((b, blocks), (s, scales)):
-        if t.dtype != torch.uint8:
-            raise ModelLoadError(f"{ckpt.file_of(tname)}: tensor {tname} is {t.dtype}, expected uint8 (MXFP4)")
+        _check_dtype(ckpt, tname, t, torch.uint8, "uint8 (MXFP4)")
     return quant.dequantize_mxfp4(b, s)
 
 
@@ -274,7 +320,10 @@ def build_model(model_dir, *, parallel: ParallelConfig | None = None, block_size
     (shapes only: what tracing needs) or materialised uninitialised on `device`."""
     cfg, model_cls, _ = resolve_model(model_dir)
     if num_layers is not None:
-        cfg.num_hidden_layers = min(num_layers, cfg.num_hidden_layers)
+        if type(num_layers) is not int or not 0 < num_layers <= cfg.num_hidden_layers:
+            raise ModelLoadError(f"{Path(model_dir) / 'config.json'}: num_layers must be 1..{cfg.num_hidden_layers} "
+                                 f"(the model's num_hidden_layers), got {num_layers!r}")
+        cfg.num_hidden_layers = num_layers
     try:
         with torch.device("meta"):
             model = model_cls(cfg, parallel or ParallelConfig(), block_size=block_size, dtype=dtype)

@@ -175,7 +175,7 @@ class MoEBlock(nn.Module):
             ry = self.experts(rx, *unpack_meta(rmeta, K))
             h = ops.combine_start(ry, par.group, W)
             parts = ops.combine_wait(h, ry, par.group, W)
-            y = parts.view(W, T, -1).sum(0, dtype=torch.float32).to(x_TD.dtype)
+            y = parts.view(W, T, x_TD.shape[-1]).sum(0, dtype=torch.float32).to(x_TD.dtype)
         elif par.moe_comm == "allgather":
             x0 = torch.where(pad_T.unsqueeze(-1), 0.0, x_TD).to(x_TD.dtype)  # padding rows are zero
             h = ops.all_gather_start(x0, par.group, W)

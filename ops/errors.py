@@ -2,6 +2,7 @@
 
     TboError                      catch this for "any failure of tbo-compiler"
       ModelLoadError              config.json / safetensors (models/loader.py)
+      UsageError                  an argument of the API or CLI out of its range
       TboCompileError             a graph the compiler cannot transform
         CaptureError              tracing the model
         TokenAxisError            tokens mix where a split would change the result
@@ -11,7 +12,7 @@
       PlanError                   a plan file: unreadable, stale, for another model
       RuntimeFailure              running a program: comm groups, handles, buckets, backends
 
-ModelLoadError and RuntimeFailure keep ValueError / RuntimeError as second bases, so code that
+ModelLoadError, UsageError and RuntimeFailure keep ValueError / RuntimeError as second bases, so code that
 caught those before still does.
 """
 from __future__ import annotations
@@ -27,6 +28,10 @@ class TboError(Exception):
 
 class ModelLoadError(TboError, ValueError):
     """One line: the file, then what is wrong with which tensor or field."""
+
+
+class UsageError(TboError, ValueError):
+    """One line: the argument, what it must be, what it got."""
 
 
 class TboCompileError(TboError):

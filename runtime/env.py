@@ -12,3 +12,23 @@ def env_int(name: str, default: int) -> int:
         return int(raw) if raw else default
     except ValueError:
         raise RuntimeFailure(f"{name}={raw!r} is not an integer") from None
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise RuntimeFailure(f"{name}={raw!r} is not a number") from None
+
+
+COMM_TIMEOUT_ENV = "TBO_COMM_TIMEOUT_S"
+
+
+def comm_timeout_s() -> float:
+    """How long a collective of the runtime may wait for its peers before the rank fails with an
+    error naming them (TBO_COMM_TIMEOUT_S, default 300 s)."""
+    value = env_float(COMM_TIMEOUT_ENV, 300.0)
+    if value <= 0:
+        raise RuntimeFailure(f"{COMM_TIMEOUT_ENV}={value} must be a positive number of seconds")
+    return value

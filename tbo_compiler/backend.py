@@ -78,6 +78,15 @@ def _pick_token_inputs(names, examples, mutated, wanted, module_state=frozenset(
     return [i for i in cands if examples[i].shape[0] == T]
 
 
+def _input_names(gm: fx.GraphModule, phs, offset: int, dyn_names) -> dict[str, str]:
+    """aot placeholder -> the user's name (input_ids, layers.0.mlp.w1), for the dumps: aot puts the
+    module's parameters and buffers first, in named_parameters/named_buffers order."""
+    state = [*dict(gm.named_parameters(remove_duplicate=False)), *dict(gm.named_buffers(remove_duplicate=False))]
+    names = {ph.name: _user_name(state[i]) for i, ph in enumerate(phs[:offset]) if i < len(state)}
+    names.update({ph.name: _user_name(str(t)) for ph, t in zip(phs[offset:], dyn_names)})
+    return names
+
+
 def _split_option(v):
     if v in ("auto", True, False):
         return v
@@ -194,7 +203,8 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
             raise error
         if dump_dir:
             from tbo_compiler.dumps import write_dumps
-            write_dumps(compiled, os.path.join(dump_dir, f"graph{_counter()}_T{T}"), name="torch_compile")
+            write_dumps(compiled, os.path.join(dump_dir, f"graph{_counter()}_T{T}"), name="torch_compile",
+                        input_names=_input_names(gm, phs, offset, dyn_names))
         device = next((x.device for x in aot_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         prog = Program(compiled.gm, compiled.schedule.instrs, device=device)
         log.info("tbo: compiled a graph of %d tokens: %s, %d comm ops", T,

@@ -3,7 +3,8 @@
 tbo-compile MODEL_DIR --check plan.pt     validate-only: is the plan for this model and torch, and
                                           does every schedule in it still verify against its graph
 
-Exit status 0 with the plan written, or 1 with one line on stderr saying why (and no plan file).
+Exit status 0 with the plan written, or non-zero (2: bad arguments) with one line on stderr saying
+why (and no plan file written or changed).
 """
 from __future__ import annotations
 
@@ -34,8 +35,13 @@ def _positive(s: str) -> int:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the cause; the usage is in --help
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tbo-compile", description="Compile an MoE model directory into a "
+    p = _Parser(prog="tbo-compile", description="Compile an MoE model directory into a "
                                 "Two-Batch-Overlap plan.")
     p.add_argument("model_dir", help="HuggingFace-style directory: config.json + *.safetensors")
     p.add_argument("-o", "--output", help="plan file to write (e.g. plan.pt)")
@@ -65,7 +71,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # bad arguments (2) or --help (0): a status, for callers of main() too
+        return e.code
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     import torch
 
@@ -87,8 +96,8 @@ def main(argv=None) -> int:
         print(f"tbo-compile: cannot write {args.output}: {os.path.dirname(out)} is not a writable directory",
               file=sys.stderr)
         return 1
-    if os.path.exists(out):
-        print(f"tbo-compile: {args.output} exists and will be replaced when the compile succeeds", file=sys.stderr)
+    if os.path.exists(out):  # not on stderr: a failed compile's one line is the cause, and leaves the file as it was
+        logging.getLogger(__name__).info("%s exists and will be replaced when the compile succeeds", args.output)
     if args.profile not in PROFILES:
         print(f"tbo-compile: unknown --profile {args.profile!r}; have {', '.join(PROFILES)}", file=sys.stderr)
         return 1
@@ -105,14 +114,12 @@ def main(argv=None) -> int:
     from rich.console import Console
 
     from tbo_compiler.compile import compile_model_dir
+    from tbo_compiler.progress import stage_progress
 
-    console = Console(stderr=True)
     t0 = time.perf_counter()
     try:
-        with console.status("compiling") as status:
-            def progress(msg):
-                status.update(f"[bold]tbo-compile[/] {msg}  ({time.perf_counter() - t0:.1f} s)")
-
+        # a live line on a terminal, one plain line per stage on a log (tbo_compiler/progress.py)
+        with stage_progress(Console(stderr=True), first="building the model (meta device)") as progress:
             plan = compile_model_dir(args.model_dir, args.output, ep=args.ep, moe_comm=moe_comm, mode=mode,
                                      token_counts=counts, tokens_per_request=args.mtp, profile=args.profile,
                                      block_size=args.block_size, max_blocks=args.max_blocks,

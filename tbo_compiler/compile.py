@@ -9,7 +9,9 @@ the same runtime); the runtime keeps the faster (runtime/plan_module.py).
 """
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +21,14 @@ import torch
 
 from tbo_compiler.capture import InputSpec, capture_export, capture_make_fx
 from tbo_compiler.models import ParallelConfig, build_model, example_inputs
-from tbo_compiler.ops.errors import TboCompileError
+from tbo_compiler.ops.errors import PlanError, TboCompileError, UsageError
 from tbo_compiler.passes.pipeline import CompileOptions, State, compile_graph
 from tbo_compiler.passes.split_ubatches import split_point
 from tbo_compiler.plan import (bucket_record, check_plan, make_plan, programs_of, read_plan, save_plan)
 from tbo_compiler.runtime.plan_module import PlanModule
 
 log = logging.getLogger(__name__)
+_LAYER = re.compile(r"(.*\.)?layers\.\d+")   # a decoder layer's module name
 
 
 @dataclass(frozen=True)
@@ -36,25 +39,46 @@ class CompiledProgram:
     specs: tuple[InputSpec, ...]
 
 
-def _capture(model, T: int, max_blocks: int, num_blocks: int, device, capture: str):
+def _capture(model, T: int, max_blocks: int, num_blocks: int, device, capture: str, progress=None):
     cap = {"make_fx": capture_make_fx, "export": capture_export}[capture]
     inputs = example_inputs(model, T, max_blocks=max_blocks, num_blocks=num_blocks, device=device)
+    # the trace is most of a compile (~0.2 s a DeepSeek-V3 layer): say which layer it is in
+    layers = [m for name, m in model.named_modules() if _LAYER.fullmatch(name)] if progress else []
+    hooks = [m.register_forward_pre_hook(lambda *_, i=i: progress(f"capture T={T}", f"layer {i + 1}/{len(layers)}"))
+             for i, m in enumerate(layers)]
     t0 = time.perf_counter()
-    gm, specs = cap(model, inputs)
+    try:
+        gm, specs = cap(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
     return gm, specs, inputs, time.perf_counter() - t0
 
 
+def _input_names(model, inputs, specs) -> dict[str, str]:
+    """Placeholder -> the name its user knows: forward's parameter (input_ids, kv_caches[3]) or
+    the parameter's FQN; the dumps show these instead of arg1_1."""
+    params = list(inspect.signature(model.forward).parameters)
+    flat = []
+    for name, a in zip(params, inputs):
+        flat += [f"{name}[{j}]" for j in range(len(a))] if isinstance(a, (list, tuple)) else [name]
+    return {s.name: (flat[int(s.target)] if int(s.target) < len(flat) else s.name) if s.kind == "user"
+            else s.target for s in specs}
+
+
 def compile_model(model, token_counts: Sequence[int], options: CompileOptions, *, max_blocks: int = 64,
-                  num_blocks: int = 64, device="meta", progress: Callable[[str], None] | None = None,
+                  num_blocks: int = 64, device="meta", progress: Callable[..., None] | None = None,
                   dump_dir=None, capture: str = "make_fx", variants: Sequence[str] = ("tbo", "serial")
                   ) -> list[CompiledProgram]:
-    """Capture the model at each token count and run the pipeline once per variant."""
+    """Capture the model at each token count and run the pipeline once per variant.
+    `progress(stage, detail=None)` hears each stage and, while capturing, each layer
+    (tbo_compiler/progress.py draws it)."""
     n_tok = len(model.token_inputs)
     out = []
     for T in token_counts:
         if progress:
             progress(f"capture T={T}")
-        gm, specs, inputs, t_capture = _capture(model, T, max_blocks, num_blocks, device, capture)
+        gm, specs, inputs, t_capture = _capture(model, T, max_blocks, num_blocks, device, capture, progress)
         users = tuple(s.name for s in specs if s.kind == "user")[:n_tok]
         for variant in variants:
             opts = CompileOptions(**{**options.__dict__, "split": options.split and variant == "tbo"})
@@ -72,11 +96,29 @@ def compile_model(model, token_counts: Sequence[int], options: CompileOptions, *
                 compile_graph(gm2, tuple(s.name for s in specs2 if s.kind == "user")[:n_tok], T, opts)
                 raise
             st.timings = {"capture": t_capture, **st.timings}
-            if dump_dir is not None and variant == variants[0]:
-                from tbo_compiler.dumps import write_dumps
-                write_dumps(st, Path(dump_dir) / f"T{T}", name=type(model).__name__)
             out.append(CompiledProgram(T, variant, st, specs))
+        done = {r.variant: r.state for r in out if r.T == T}
+        if dump_dir is not None and done:
+            from tbo_compiler.dumps import write_dumps
+            if progress:
+                progress(f"dumps T={T}")
+            # the first variant compiled; the unsplit program, when there is one, is its baseline
+            write_dumps(next(iter(done.values())), Path(dump_dir) / f"T{T}", name=type(model).__name__,
+                        input_names=_input_names(model, inputs, specs), unsplit=done.get("serial"))
     return out
+
+
+def _check_args(token_counts, choices: dict, **positive) -> None:
+    """Arguments a caller of the API may get wrong (the CLI refuses them already): one line each."""
+    for name, (v, have) in choices.items():
+        if v not in have:
+            raise UsageError(f"{name} must be one of {', '.join(have)}, got {v!r}")
+    for name, v in positive.items():
+        if type(v) is not int or v < 1:
+            raise UsageError(f"{name} must be a positive integer, got {v!r}")
+    if isinstance(token_counts, (str, bytes)) or not token_counts or \
+            any(type(t) is not int or t < 1 for t in token_counts):
+        raise UsageError(f"token_counts must be a non-empty list of positive integers, got {token_counts!r}")
 
 
 def compile_model_dir(model_dir, out_path, *, ep: int = 1, moe_comm: str = "a2a", mode: str = "prefill",
@@ -87,6 +129,12 @@ def compile_model_dir(model_dir, out_path, *, ep: int = 1, moe_comm: str = "a2a"
                       stats: dict | None = None) -> dict:
     """Compile and write the plan atomically. Returns the plan dict; `stats` gets the seconds
     spent per stage (capture, each pass, plan) summed over buckets."""
+    from tbo_compiler.models.moe import MOE_COMM_MODES
+    from tbo_compiler.passes.cost_model import PROFILES
+
+    _check_args(token_counts, {"mode": (mode, ("prefill", "decode")), "moe_comm": (moe_comm, MOE_COMM_MODES),
+                               "profile": (profile, tuple(PROFILES)), "capture": (capture, ("make_fx", "export"))},
+                ep=ep, block_size=block_size, max_blocks=max_blocks, tokens_per_request=tokens_per_request)
     par = ParallelConfig(ep_size=ep, ep_rank=0, group="ep", moe_comm=moe_comm)
     model = build_model(model_dir, parallel=par, block_size=block_size, dtype=dtype, num_layers=num_layers)
     # a plan is compiled ahead of time: a model that cannot be split is an error here, not a fallback
@@ -101,6 +149,8 @@ def compile_model_dir(model_dir, out_path, *, ep: int = 1, moe_comm: str = "a2a"
                                "dtype": str(dtype).removeprefix("torch.")},
                      profile=profile)
     t0 = time.perf_counter()
+    if progress:
+        progress(f"write {out_path}")
     save_plan(plan, out_path)
     if stats is not None:
         for r in results:
@@ -108,6 +158,25 @@ def compile_model_dir(model_dir, out_path, *, ep: int = 1, moe_comm: str = "a2a"
                 stats[k] = stats.get(k, 0.0) + v
         stats["plan"] = time.perf_counter() - t0
     return plan
+
+
+def _check_parallel(path, p: dict, rank, group) -> None:
+    """Refuse, before any weight is read, a rank or process group the plan was not compiled for."""
+    import torch.distributed as dist
+
+    from tbo_compiler.runtime.comm import get_group, register_default_group
+
+    ep = p["ep"]
+    if group not in (None, p["group"]):
+        raise PlanError(f"{path}: plan was compiled for comm group {p['group']!r}, not {group!r}")
+    if type(rank) is not int or not 0 <= rank < ep:
+        raise PlanError(f"{path}: rank {rank!r} is outside the plan's {ep} expert-parallel ranks (0..{ep - 1})")
+    if ep > 1:
+        if register_default_group(p["group"], ep) is None and dist.is_available() and dist.is_initialized():
+            raise PlanError(f"{path}: plan was compiled for {ep} expert-parallel ranks, torch.distributed has "
+                            f"{dist.get_world_size()}: launch {ep} ranks or recompile with "
+                            f"--ep {dist.get_world_size()}")
+        get_group(p["group"], ep)  # not registered, or registered with another size: one line now
 
 
 def load_plan(plan_path, model_dir, *, rank: int = 0, device="cpu", dtype=None, group: str | None = None,
@@ -121,11 +190,13 @@ def load_plan(plan_path, model_dir, *, rank: int = 0, device="cpu", dtype=None, 
     plan = read_plan(plan_path)
     check_plan(plan, plan_path, model_dir)
     p = plan["parallel"]
-    par = ParallelConfig(ep_size=p["ep"], ep_rank=rank, group=group or p["group"], moe_comm=p["moe_comm"])
-    if par.group != p["group"]:
-        from tbo_compiler.ops.errors import PlanError
-        raise PlanError(f"{plan_path}: plan was compiled for comm group {p['group']!r}")
-    model = load_model(model_dir, dtype=dtype or getattr(torch, p["dtype"]), device=device, parallel=par,
+    if dtype is not None and dtype != getattr(torch, p["dtype"]):  # a plan's programs are of one dtype
+        raise PlanError(f"{plan_path}: plan was compiled for {p['dtype']}, not {str(dtype).removeprefix('torch.')}: "
+                        f"load it with dtype=torch.{p['dtype']} (or no dtype), or recompile with "
+                        f"--dtype {str(dtype).removeprefix('torch.')}")
+    _check_parallel(plan_path, p, rank, group)
+    par = ParallelConfig(ep_size=p["ep"], ep_rank=rank, group=p["group"], moe_comm=p["moe_comm"])
+    model = load_model(model_dir, dtype=getattr(torch, p["dtype"]), device=device, parallel=par,
                        block_size=p["block_size"], num_layers=p["num_layers"])
     return PlanModule(programs_of(plan, device), model, device, ep=p["ep"], group=par.group, policy=policy,
                       graphs=graphs, num_token_inputs=len(model.token_inputs))

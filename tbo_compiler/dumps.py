@@ -1,23 +1,29 @@
-"""Human-readable dumps of a compiled program: graphs, the predicted trace, a summary.
+"""Human-readable dumps of a compiled program: graphs, an overview, the predicted trace, a summary.
 
 `write_dumps(compiled, out_dir)` writes
   graph_before.dot / .svg   the captured graph, rows in graph order
   graph_after.dot / .svg    the split graph, rows in schedule ("run") order
+  overview.svg              every layer, one row per ubatch: its stages (`L3 u0 attn`,
+                            `L3 u1 dispatch`) on the predicted timeline, comm hidden per layer
   schedule.json             Chrome/Perfetto trace of the cost model's predicted timeline
-  summary.txt               what comm was found, how the batch was cut and scheduled, the
-                            predicted makespan and overlap (`summary_text`, printed by the CLI)
+  summary.txt               the verdict; what comm was found, how much of its predicted time is
+                            hidden and why not more; the cut, stages, schedule (`summary_text`)
 
 Contract
-  requires   a `Compiled` from `compile_graph`.
-  guarantees every output is a pure function of `compiled` (same input, same bytes); every file
+  requires   a `State` from `compile_graph`.
+  guarantees every output is a pure function of its arguments (same input, same bytes); every file
              is written to a temp file in out_dir and moved into place, so no reader sees half a
-             file; work and size are linear in nodes + edges (a 14k-node split graph: all six
-             files in about 4 s, the after-graph SVG 3.3 MB, about 230 bytes a node).
+             file; work is linear in nodes + edges. The DOT files hold the whole graph (for tools);
+             the SVGs stay openable whatever the model: the graph SVGs draw a window of layers
+             (the first MoE layer and the next, or `layers=` / $TBO_DUMP_LAYERS=a:b) and at most
+             MAX_ROWS rows, the overview a row per layer and ubatch (61 layers: ~3.6k px).
   must not   change the graphs or the schedule.
 
 Drawing (no graphviz binary on our machines, so the SVG is laid out here)
-  Step 1: rows = the inputs worth drawing, then the nodes in order. Read-only placeholders that are
-          not token inputs (weights, constants) are left out and counted in the legend.
+  Step 1: the layer of every node (its `layers.N` module; glue goes with its inputs); rows = what
+          the window reads from outside it (inputs worth drawing, under the user's names like
+          input_ids; earlier layers' values), then the window's nodes in order. Read-only
+          placeholders that are not token inputs (weights, constants) are left out and counted.
   Step 2: one lane (column) per (ubatch, stream): shared | shared comm | ubatch 0 compute |
           ubatch 0 comm | ubatch 1 compute | ubatch 1 comm (lanes with no node are dropped).
           Fill = ubatch (0 blue, 1 orange, shared grey); comm nodes have a thick black border.
@@ -30,15 +36,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 from xml.sax.saxutils import escape, quoteattr
 
 import torch
 import torch.fx as fx
 
 from tbo_compiler.ops.instr import COMM, COMPUTE
+from tbo_compiler.passes.annotate_comm import layer_of
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,9 @@ TID = {COMPUTE: 1, COMM: 2}
 
 # SVG geometry in px, integers so coordinates print the same everywhere
 ROW, LANE_W, BOX_W, BOX_H, TOP, LEGEND_W = 16, 160, 144, 12, 48, 300
+MAX_ROWS = 1200        # a graph SVG stays under 20k px tall whatever the model
+OV_ROW, OV_GAP, OV_LABEL_W, OV_PLOT_W, OV_NOTE_W = 28, 6, 80, 900, 360
+IN, OUT = "pre", "post"  # in no layer: before the first (embedding, inputs), after the last (head)
 
 
 # Node facts shared by the DOT and SVG writers ------------------------------------------------
@@ -99,15 +111,87 @@ def _none_last(x) -> tuple:
 
 # Step 1 ---------------------------------------------------------------------------------------
 
-def _rows(gm: fx.GraphModule, order: list[str], token_inputs) -> tuple[list[fx.Node], int]:
-    """Nodes to draw, top to bottom, and how many weight placeholders were left out."""
+def node_layers(gm: fx.GraphModule) -> dict[str, int | str]:
+    """Layer of every node: its module path (`layers.N`); glue with no module (the split's slices
+    and joins, top-level code) goes with its inputs' last layer; what is in no layer is IN (before
+    the first: embedding, inputs) or OUT (after the last: norm, head), a module wholly one or the
+    other (the head's weight transpose reads only inputs, yet belongs to the head)."""
+    out: dict = {}
+    module = {}   # node -> its top module, for nodes of a module outside the layers
+    for n in gm.graph.nodes:
+        ins = [out[a.name] for a in n.all_input_nodes]
+        own = layer_of(n)
+        stack = n.meta.get("nn_module_stack")
+        if own is None and not stack:
+            own = max((x for x in ins if isinstance(x, int)), default=None)
+        if own is None and stack:
+            path = list(stack.values())[0]
+            module[n.name] = str(path[0] if isinstance(path, tuple) else path)
+        out[n.name] = own if own is not None else OUT if any(x != IN for x in ins) else IN
+    late = {m for name, m in module.items() if out[name] == OUT}
+    return {name: OUT if module.get(name) in late else v for name, v in out.items()}
+
+
+def _layer_name(layer) -> str:
+    return f"L{layer}" if isinstance(layer, int) else layer
+
+
+def layer_window(layer: dict, comm_layers, choice=None) -> tuple[int, int] | None:
+    """Layers [lo, hi) the graph SVGs draw in full: `choice` ("a:b", "a", "all" or a pair), else
+    $TBO_DUMP_LAYERS, else the first layer with comm and the one after it. None: every layer."""
+    ints = sorted({v for v in layer.values() if isinstance(v, int)})
+    choice = os.environ.get("TBO_DUMP_LAYERS") if choice is None else choice
+    if not ints or choice == "all":
+        return None
+    if isinstance(choice, str):
+        a, colon, b = choice.strip().partition(":")
+        try:
+            lo = int(a) if a else ints[0]
+            choice = (lo, (int(b) if b else ints[-1] + 1) if colon else lo + 1)
+        except ValueError:
+            log.warning("TBO_DUMP_LAYERS=%r is not a:b (layers a to b-1); drawing the default window", choice)
+            choice = None
+    if choice is None:
+        first = min((c for c in comm_layers if c is not None), default=ints[0])
+        choice = (first, first + 2)
+    lo, hi = choice
+    return None if lo <= ints[0] and hi > ints[-1] else (lo, hi)
+
+
+def _inside(window, ints):
+    if window is None:
+        return lambda v: True
+    lo, hi = window
+    return lambda v: lo <= v < hi if isinstance(v, int) else (v == IN and lo <= ints[0]) or (v == OUT and hi > ints[-1])
+
+
+def _label(n: fx.Node, names: dict, default: str) -> str:
+    """A box's text: inputs and the split's slices of them by the user's name (input_ids u0)."""
+    if n.meta.get("tbo_role") == "split_input" and n.args and getattr(n.args[0], "name", None) in names:
+        return f"{names[n.args[0].name]} u{n.meta['tbo_ubatch']}"
+    return names.get(n.name, default)
+
+
+def _rows(gm: fx.GraphModule, order: list[str], token_inputs, layer: dict, window, names: dict):
+    """Nodes to draw top to bottom with their box labels, how many are inputs (drawn first, not
+    scheduled), and how many weight placeholders were left out. Inputs are what the window reads
+    from outside it: inputs worth seeing under their user names, and earlier layers' values."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inside = _inside(window, sorted({v for v in layer.values() if isinstance(v, int)}))
+    body = [nodes[name] for name in order if inside(layer[name])]
+    drawn = set(body)
+    feeders = list(dict.fromkeys(a for n in body for a in n.all_input_nodes if a not in drawn))
     # state written back (KV caches: copy_ into the placeholder) is worth seeing; weights are not
     written = {n.args[0] for n in gm.graph.nodes
                if n.op == "call_function" and n.target == torch.ops.aten.copy_.default}
+    fed = set(feeders)
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n in fed]
     kept = [n for n in inputs if n.name in token_inputs or n in written]
-    return kept + [nodes[name] for name in order], len(inputs) - len(kept)
+    outside = [a for a in feeders if a.op != "placeholder"]
+    labels = ([names.get(n.name, n.name) for n in kept]
+              + [_label(a, names, f"from {_layer_name(layer[a.name])} {a.name}") for a in outside]
+              + [_label(n, names, _op_label(n)) for n in body])
+    return kept + outside + body, labels, len(kept) + len(outside), len(inputs) - len(kept)
 
 
 def _edges(rows: list[fx.Node]) -> list[tuple[int, int]]:
@@ -115,10 +199,11 @@ def _edges(rows: list[fx.Node]) -> list[tuple[int, int]]:
     return [(row[a], i) for i, n in enumerate(rows) for a in n.all_input_nodes if a in row]
 
 
-def _titles(rows, stage: dict) -> list[str]:
+def _titles(rows, stage: dict, layer: dict, names: dict) -> list[str]:
     out = []
     for n in rows:
-        t = f"{n.name} {_shape(n.meta.get('val'))}"
+        t = f"{names[n.name]} ({n.name})" if n.name in names else n.name
+        t += f" {_shape(n.meta.get('val'))} {_layer_name(layer[n.name])} {_ub_name(n.meta.get('tbo_ubatch'))}"
         if n.name in stage:
             t += f" stage {stage[n.name]}"
         if "tbo_comm" in n.meta:
@@ -134,24 +219,24 @@ def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _dot(graph_name: str, rows, edges, titles, note: str) -> str:
+def _dot(graph_name: str, rows, labels, edges, titles, note: str) -> str:
     lanes = sorted({_lane(n) for n in rows}, key=_lane_order)
     out = [f"digraph {_q(graph_name)} {{",
            "  rankdir=TB; newrank=true;",
            '  node [shape=box, style=filled, fontname="monospace", fontsize=9, height=0.2];',
            '  edge [color="#999999", arrowsize=0.4];']
     by_lane = {lane: [] for lane in lanes}
-    for n, t in zip(rows, titles):
-        by_lane[_lane(n)].append((n, t))
+    for n, label, t in zip(rows, labels, titles):
+        by_lane[_lane(n)].append((n, label, t))
     for k, lane in enumerate(lanes):
         out.append(f"  subgraph cluster_{k} {{ label={_q(_lane_title(lane))};")
-        for n, t in by_lane[lane]:
+        for n, label, t in by_lane[lane]:
             ub = lane[0]
             if lane[1] == COMM:
                 extra = ', shape=cds, penwidth=2.5, color="#000000"'
             else:
                 extra = f', color="{BORDER[ub]}"'
-            out.append(f'    {_q(n.name)} [label={_q(_op_label(n))}, fillcolor="{FILL[ub]}"{extra}, '
+            out.append(f'    {_q(n.name)} [label={_q(label)}, fillcolor="{FILL[ub]}"{extra}, '
                        f'tooltip={_q(t)}];')
         out.append("  }")
     out.append('  subgraph cluster_legend { label="legend";')
@@ -174,7 +259,7 @@ _CSS = ("rect{stroke-width:.6}.sh rect{fill:%s;stroke:%s}.u0 rect{fill:%s;stroke
         % (FILL[None], BORDER[None], FILL[0], BORDER[0], FILL[1], BORDER[1]))
 
 
-def _svg(title: str, rows, edges, titles, note: str, first_scheduled: int) -> str:
+def _svg(title: str, rows, labels, edges, titles, note: str, first_scheduled: int) -> str:
     lanes = sorted({_lane(n) for n in rows}, key=_lane_order)
     lx = {lane: 10 + k * LANE_W for k, lane in enumerate(lanes)}
     xs = [lx[_lane(n)] for n in rows]
@@ -208,7 +293,7 @@ def _svg(title: str, rows, edges, titles, note: str, first_scheduled: int) -> st
         y = TOP + i * ROW
         out.append(f'<g class="{cls}" id={quoteattr(n.name)}><title>{escape(t)}</title>'
                    f'<rect x="{xs[i]}" y="{y}" width="{BOX_W}" height="{BOX_H}"{rx}/>'
-                   f'<text x="{xs[i] + 3}" y="{y + 9}">{escape(_op_label(n)[:26])}</text></g>')
+                   f'<text x="{xs[i] + 3}" y="{y + 9}">{escape(labels[i][:26])}</text></g>')
     out.append(_svg_legend(20 + LANE_W * len(lanes), note))
     out.append("</svg>")
     return "\n".join(out) + "\n"
@@ -237,13 +322,133 @@ def _svg_legend(x: int, note: str) -> str:
     return "".join(out)
 
 
-def _graph_dumps(gm, order, token_inputs, stage, title, order_desc):
-    rows, hidden = _rows(gm, order, token_inputs)
-    edges = _edges(rows)
-    titles = _titles(rows, stage)
+def _view(gm, order, token_inputs, stage, order_desc, layer, window, names, cap=None) -> tuple:
+    rows, labels, first, hidden = _rows(gm, order, token_inputs, layer, window, names)
     note = f"{hidden} read-only inputs (weights) not drawn; rows in {order_desc}; hover: name, shape"
-    first = len(rows) - len(order)
-    return _dot(title, rows, edges, titles, note), _svg(title, rows, edges, titles, note, first)
+    if window is not None:
+        ints = sorted({v for v in layer.values() if isinstance(v, int)})
+        note += (f"; layers {window[0]}..{window[1] - 1} of {ints[0]}..{ints[-1]}, after what they read;"
+                 " TBO_DUMP_LAYERS=a:b draws a..b-1; overview.svg: every layer")
+    if cap and len(rows) > cap:
+        note += f"; the first {cap} of {len(rows)} rows"
+        rows, labels = rows[:cap], labels[:cap]
+    return rows, labels, _edges(rows), _titles(rows, stage, layer, names), note, first
+
+
+def _graph_dumps(gm, order, token_inputs, stage, title, order_desc, layer, window, names):
+    """DOT of the whole graph (for tools); SVG of the layer window, at most MAX_ROWS rows (a real
+    model's whole graph does not open: 61 layers were 300k px tall)."""
+    common = (gm, order, token_inputs, stage, order_desc, layer)
+    return (_dot(title, *_view(*common, None, names)[:5]),
+            _svg(title, *_view(*common, window, names, MAX_ROWS)))
+
+
+# Overview: every layer, one row per ubatch ----------------------------------------------------
+
+class StageRun(NamedTuple):
+    """One named stage of one layer and ubatch on the predicted timeline (`L3 u0 attn`)."""
+    name: str        # comm kind (dispatch, combine, ...) or what the compute is (attn, experts, mlp, ...)
+    start_us: float
+    end_us: float
+    busy_us: float
+    stage: int | None
+    comm: bool
+
+
+def _what(n: fx.Node) -> str | None:
+    """What a compute node is part of: attention, experts, else its module below `layers.N`
+    (mlp, input_layernorm), or outside the layers its top module (lm_head); None for glue."""
+    op = _op_label(n)
+    if "attention" in op:
+        return "attn"
+    if "experts" in op or "grouped_mm" in op:
+        return "experts"
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = list(stack.values())[-1]
+    path = str(path[0] if isinstance(path, tuple) else path)
+    inner = re.search(r"layers\.\d+\.([^.]+)", path)
+    if inner:
+        return inner.group(1)
+    return None if re.search(r"layers\.\d+$", path) else path.split(".")[0]
+
+
+def _stage_run(spans: list, nodes: dict, stage) -> StageRun:
+    time = Counter()
+    for name, start, end in spans:
+        n = nodes[name]
+        what = n.meta["tbo_comm"]["kind"] if "tbo_comm" in n.meta else _what(n)
+        if what:
+            time[what] += end - start
+    # attention and experts name a stage whatever else it holds; otherwise the most time wins
+    name = next((w for w in ("attn", "experts") if w in time), None) or \
+        (max(time, key=lambda w: (time[w], w)) if time else "compute")
+    return StageRun(name, spans[0][1], max(e for _, _, e in spans), sum(e - s for _, s, e in spans), stage,
+                    "tbo_comm" in nodes[spans[0][0]].meta)
+
+
+def stage_runs(compiled, layer: dict) -> dict:
+    """The predicted timeline cut into named stages: (layer, ubatch) -> [StageRun] in time order,
+    a run being that layer's and ubatch's consecutive ops on one stream within one schedule stage.
+    Split, the shared ops (the weights' transforms, few and short) are left out."""
+    nodes = {n.name: n for n in compiled.gm.graph.nodes}
+    stage = {name: st for name, _, st in compiled.schedule.stages}
+    groups: dict = {}   # (layer, ubatch) -> [(stage, comm?, [(node, start, end)])]
+    for name, ub, _, start, end in compiled.schedule.timeline.spans:
+        if end <= start or (ub is None and compiled.cut):   # waits take no time
+            continue
+        key = (stage.get(name), "tbo_comm" in nodes[name].meta)
+        runs = groups.setdefault((layer[name], ub), [])
+        if not runs or runs[-1][0] != key:
+            runs.append((key, []))
+        runs[-1][1].append((name, start, end))
+    return {row: [_stage_run(spans, nodes, key[0]) for key, spans in runs] for row, runs in groups.items()}
+
+
+def _layer_order(layer) -> tuple:
+    return (layer != IN, layer == OUT, layer if isinstance(layer, int) else 0)
+
+
+def _overview_svg(title: str, rows: dict, per_layer: dict, profile: str, split: bool) -> str:
+    """One row per (layer, ubatch); x is predicted time since the layer's first op, one scale for
+    every layer; compute above, comm below in each row; a note per layer on its comm."""
+    layers = sorted({L for L, _ in rows}, key=_layer_order)
+    t0 = {L: min(r.start_us for (l2, _), runs in rows.items() if l2 == L for r in runs) for L in layers}
+    span = max((r.end_us - t0[L] for (L, _), runs in rows.items() for r in runs), default=0.0) or 1.0
+    scale = OV_PLOT_W / span
+    height = TOP + OV_ROW * len(rows) + OV_GAP * len(layers) + 20
+    width = OV_LABEL_W + OV_PLOT_W + OV_NOTE_W
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}">', f"<title>{escape(title)}</title>", f"<style>{_CSS}</style>",
+           f'<text class="hd" x="10" y="16">{escape(title)}</text>',
+           f'<text x="10" y="32">predicted by the cost model ({escape(profile)}), not measured: x = time since '
+           f"the layer's first op ({OV_PLOT_W} px = {span:.1f} us); compute above, comm below; hover for times"
+           + ("; shared ops (weights' transforms) not drawn" if split else "") + "</text>"]
+    y = TOP
+    for L in layers:
+        keys = sorted((k for k in rows if k[0] == L), key=lambda k: _none_last(k[1]))
+        out.append(f'<rect class="lane" x="4" y="{y - 2}" width="{width - 8}" height="{OV_ROW * len(keys) + 2}"/>')
+        if L in per_layer:
+            out.append(f'<text x="{OV_LABEL_W + OV_PLOT_W + 10}" y="{y + 12}">{escape(per_layer[L])}</text>')
+        for k in keys:
+            ub = k[1]
+            row = _layer_name(L) + ("" if ub is None else f" u{ub}")
+            out.append(f'<text class="hd" x="10" y="{y + 12}">{escape(row)}</text>')
+            for r in rows[k]:
+                x = OV_LABEL_W + round((r.start_us - t0[L]) * scale)
+                w = max(1, round((r.end_us - r.start_us) * scale))
+                top, h = (y + 14, 10) if r.comm else (y, 13)
+                tip = (f"{row} {r.name}: {r.start_us - t0[L]:.1f}..{r.end_us - t0[L]:.1f} us, "
+                       f"busy {r.busy_us:.1f} us, stage {r.stage}")
+                fits = w >= 6 * len(r.name) + 4   # 9px monospace: ~6 px a character
+                text = f'<text x="{x + 2}" y="{top + h - 3}">{escape(r.name)}</text>' if fits else ""
+                out.append(f'<g class="seg {UB_CLASS[ub]}{" comm" if r.comm else ""}"><title>{escape(tip)}</title>'
+                           f'<rect x="{x}" y="{top}" width="{w}" height="{h}"/>{text}</g>')
+            y += OV_ROW
+        y += OV_GAP
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
 # Trace ----------------------------------------------------------------------------------------
@@ -320,13 +525,126 @@ def _layer(layer) -> str:
     return "layer ?" if layer is None else f"layer {layer}"
 
 
-def verdict(compiled) -> str:
-    """One line first in the summary: did TBO happen, with how much comm, and if not, why."""
+class CommBeside(NamedTuple):
+    """One comm op on the predicted timeline and what ran beside it."""
+    layer: int | str
+    ubatch: int | None
+    kind: str
+    us: float
+    behind_other_us: float   # hidden behind the other ubatch's compute
+    behind_own_us: float     # hidden behind other compute: its own ubatch's (shared experts), shared ops
+    other_left: bool         # the other ubatch still had compute to run after this comm began
+
+    @property
+    def exposed_us(self) -> float:
+        return self.us - self.behind_other_us - self.behind_own_us
+
+
+def comm_beside(compiled, layer: dict) -> list[CommBeside]:
+    """Each comm-stream op and the compute-stream time beside it: one sweep, each stream's spans
+    being in time order. Nothing when the program is unsplit (its comm runs in line)."""
+    nodes = {n.name: n for n in compiled.gm.graph.nodes}
+    spans = compiled.schedule.timeline.spans
+    compute = [(s, e, ub) for _, ub, st, s, e in spans if st == COMPUTE and e > s]
+    last = {ub: e for s, e, ub in compute}   # each ubatch's last compute end
+    out, i = [], 0
+    for name, ub, st, s, e in spans:
+        if st != COMM or e <= s:
+            continue
+        while i < len(compute) and compute[i][1] <= s:
+            i += 1
+        other = own = 0.0
+        for cs, ce, cub in compute[i:]:
+            if cs >= e:
+                break
+            if cub is not None and cub != ub:
+                other += min(e, ce) - max(s, cs)
+            else:
+                own += min(e, ce) - max(s, cs)
+        left = ub is not None and last.get(1 - ub, 0.0) > s
+        out.append(CommBeside(layer[name], ub, nodes[name].meta["tbo_comm"]["kind"], e - s, other, own, left))
+    return out
+
+
+def _layers_text(layers) -> str:
+    ints = sorted(x for x in set(layers) if isinstance(x, int))
+    if not ints:
+        return "no layer"
+    runs, lo = [], ints[0]
+    for a, b in zip(ints, ints[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{lo}" if lo == a else f"{lo}-{a}")
+            lo = b
+    return "layer" + ("s " if len(ints) > 1 else " ") + ", ".join(runs)
+
+
+def explain(compiled, beside: list[CommBeside], unsplit=None) -> list[str]:
+    """What was found, what was overlapped, and why not more: every number from the timeline."""
+    before, sched = compiled.comm_before.ops, compiled.schedule
+    tl = sched.timeline
+    if not before:
+        return ["Found: 0 comm ops: nothing to overlap (TBO hides communication; this graph has none)"]
+    kinds = Counter(op.kind for op in before)
+    split = f"; after the split each runs once per ubatch ({len(compiled.comm.ops)})" if compiled.cut else ""
+    out = [f"Found: {len(before)} comm op{'s' if len(before) != 1 else ''} "
+           f"({', '.join(f'{k} x{c}' for k, c in kinds.items())}) in {_layers_text(op.layer for op in before)}{split}"]
+    nodes = {n.name: n for n in compiled.gm.graph.nodes}
+    comm_us = sum(e - s for name, _, _, s, e in tl.spans if "tbo_comm" in nodes[name].meta)
+    compute_us = sched.serial_us - comm_us
+    out.append(f"Comm predicted: {comm_us:.1f} us, {100 * comm_us / (sched.serial_us or 1):.1f}% of the "
+               f"{sched.serial_us:.1f} us the program's ops take one after another")
+    if not beside:
+        return out + [f"Hidden: nothing: with one ubatch the comm runs in line, {comm_us:.1f} us exposed"]
+    other = sum(b.behind_other_us for b in beside)
+    hidden = other + sum(b.behind_own_us for b in beside)
+    pct = 100 * hidden / comm_us if comm_us else 0.0
+    out.append(f"Hidden: {hidden:.1f} us ({pct:.1f}%) behind compute, {other:.1f} us of it behind the other "
+               "ubatch's")
+    exposed = [b for b in beside if b.exposed_us > 1e-6]
+    out.append(f"Not hidden: {comm_us - hidden:.1f} us ({100 - pct:.1f}%)" + (":" if exposed else ""))
+    starved = [b for b in exposed if b.other_left]
+    if starved:
+        worst = max(starved, key=lambda b: b.exposed_us)
+        where = _layer(worst.layer if isinstance(worst.layer, int) else None)
+        out.append(f"  {sum(b.exposed_us for b in starved):.1f} us in {len(starved)} comm ops that outlast the "
+                   "compute the other ubatch had ready beside them (its work up to its own next comm), so the "
+                   f"compute stream idled (most: {where} {worst.kind}, ubatch {worst.ubatch}: {worst.us:.1f} us "
+                   f"of comm beside {worst.behind_other_us:.1f} us of the other ubatch's compute)")
+    tail = [b for b in exposed if not b.other_left]
+    if tail:
+        out.append(f"  {sum(b.exposed_us for b in tail):.1f} us in {len(tail)} comm ops with no compute of the "
+                   "other ubatch left to run beside them (the end of the forward)")
+    # why not more: the bound any schedule of this split meets, then what the split itself costs
+    bound = sched.serial_us / (max(compute_us, comm_us) or 1)
+    now = sched.serial_us / (tl.makespan_us or 1)
+    why = [f"compute ({compute_us:.1f} us) outweighs comm ({comm_us:.1f} us): hiding all of the comm gives"
+           if comm_us <= compute_us else
+           f"comm ({comm_us:.1f} us) outweighs compute ({compute_us:.1f} us): the wire sets the pace,"]
+    why[0] += f" at most {bound:.2f}x over the ops run one after another; this schedule: {now:.2f}x"
+    if compiled.cut and 2 * compiled.cut != compiled.T:
+        why.append(f"the ubatches are unequal ({compiled.cut} + {compiled.T - compiled.cut} tokens): the "
+                   "smaller one's compute covers less of the larger one's comm")
+    base = unsplit.schedule.timeline.makespan_us if unsplit is not None and unsplit is not compiled else 0.0
+    if base and sched.serial_us > 1.01 * base:
+        why.append(f"the split costs work: the two ubatches' ops take {sched.serial_us:.1f} us one after another "
+                   f"vs {base:.1f} us for the unsplit program (+{100 * (sched.serial_us / base - 1):.0f}%: each "
+                   "op runs twice on half the tokens, and per-op costs do not halve); vs the unsplit program "
+                   f"{base / (tl.makespan_us or 1):.2f}x")
+    return out + ["Why not more:"] + [f"  {w}" for w in why]
+
+
+def verdict(compiled, unsplit=None) -> str:
+    """One line first in the summary: did TBO happen, with how much comm, and if not, why;
+    `unsplit`: the same bucket's one-ubatch program, the baseline the runtime measures against."""
     n = len(compiled.comm_before.ops)
     comm = f"{n} comm op{'s' if n != 1 else ''} found"
     if compiled.cut:
         tl, serial = compiled.schedule.timeline, compiled.schedule.serial_us
         pred = f"; predicted {serial / tl.makespan_us:.2f}x by the cost model" if tl.makespan_us else ""
+        if unsplit is not None and unsplit is not compiled and tl.makespan_us:
+            base = unsplit.schedule.timeline.makespan_us
+            pred += (f" over its ops run one after another, {base / tl.makespan_us:.2f}x vs the unsplit program"
+                     " (the runtime measures both and keeps the faster)")
         return (f"Verdict: TBO on: split into 2 ubatches ({compiled.cut} + {compiled.T - compiled.cut} tokens), "
                 f"{comm}, each run once per ubatch beside the other ubatch's compute{pred}")
     if compiled.fallback:
@@ -338,10 +656,12 @@ def verdict(compiled) -> str:
     return f"Verdict: no TBO: compiled unsplit as asked (split={compiled.options.split!r}; {comm})"
 
 
-def summary_text(compiled, *, name: str = "model") -> str:
+def summary_text(compiled, *, name: str = "model", unsplit=None, layer: dict | None = None) -> str:
     o, sched = compiled.options, compiled.schedule
     tl = sched.timeline
-    out = [f"TBO summary: {name}", verdict(compiled)]
+    layer = layer or node_layers(compiled.gm)
+    out = [f"TBO summary: {name}", verdict(compiled, unsplit)]
+    out += explain(compiled, comm_beside(compiled, layer), unsplit) + [""]
     mode = o.mode + (f" ({o.tokens_per_request} tokens per request)" if o.mode == "decode" else "")
     if compiled.cut:
         out.append(f"tokens T={compiled.T}, cut at {compiled.cut}: ubatch sizes "
@@ -409,22 +729,38 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_dumps(compiled, out_dir, *, name: str = "model") -> dict[str, Path]:
-    """Write the graphs, trace and summary into out_dir; returns {file name: path}."""
+def write_dumps(compiled, out_dir, *, name: str = "model", input_names: dict | None = None, unsplit=None,
+                layers=None) -> dict[str, Path]:
+    """Write the graphs, overview, trace and summary into out_dir; returns {file name: path}.
+    `input_names`: placeholder -> the user's name (input_ids, kv_caches[0]); `unsplit`: the
+    bucket's one-ubatch program, the summary's baseline; `layers`: the window the graph SVGs
+    draw ("a:b", (a, b), "all"; default $TBO_DUMP_LAYERS, else the first MoE layer and the next)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    token_inputs = compiled.axes.token_inputs if compiled.axes is not None else ()
-    stage = {n: s for n, _, s in compiled.schedule.stages}
+    names = input_names or {}
+    sched = compiled.schedule
+    stage = {n: s for n, _, s in sched.stages}
     before_order = [n.name for n in compiled.original.graph.nodes if n.op not in ("placeholder", "output")]
-    after_order = [i.node for i in compiled.schedule.instrs if i.op == "run"]
+    after_order = [i.node for i in sched.instrs if i.op == "run"]
+    layer_before, layer_after = node_layers(compiled.original), node_layers(compiled.gm)
+    window = layer_window(layer_before, [op.layer for op in compiled.comm_before.ops], layers)
     texts = {}
     texts["graph_before.dot"], texts["graph_before.svg"] = _graph_dumps(
-        compiled.original, before_order, token_inputs, {}, f"{name} before split", "graph order")
+        compiled.original, before_order, compiled.token_inputs, {}, f"{name} before split", "graph order",
+        layer_before, window, names)
     texts["graph_after.dot"], texts["graph_after.svg"] = _graph_dumps(
-        compiled.gm, after_order, token_inputs, stage, f"{name} after split ({compiled.schedule.order_name})",
-        "schedule order")
+        compiled.gm, after_order, compiled.token_inputs, stage, f"{name} after split ({sched.order_name})",
+        "schedule order", layer_after, window, names)
+    comm, hidden = Counter(), Counter()
+    for b in comm_beside(compiled, layer_after):
+        comm[b.layer] += b.us
+        hidden[b.layer] += b.us - b.exposed_us
+    per_layer = {L: f"comm {c:.1f} us, {100 * hidden[L] / c:.0f}% hidden" for L, c in comm.items() if c}
+    texts["overview.svg"] = _overview_svg(f"{name}: every layer's stages ({sched.order_name} schedule)",
+                                          stage_runs(compiled, layer_after), per_layer, compiled.options.profile,
+                                          bool(compiled.cut))
     texts["schedule.json"] = _trace_json(trace_events(compiled))
-    texts["summary.txt"] = summary_text(compiled, name=name)
+    texts["summary.txt"] = summary_text(compiled, name=name, unsplit=unsplit, layer=layer_after)
     paths = {}
     for fname, text in texts.items():
         paths[fname] = out / fname

@@ -5,8 +5,9 @@ A plan is `torch.save` of plain containers only (dicts, lists, strings, numbers)
 programs: "tbo" (split into two ubatches) and "serial" (one ubatch), each as a JSON node list (ATen
 op names, no weights: parameters are placeholders named by their FQN in the model directory) with
 its schedule and predicted times; plus the split policy, the parallel config, versions and a hash
-of the model's config.json. Same input, same bytes (no timestamps, sorted keys). A loaded
-program's schedule is verified again before it runs (passes/pipeline.py `validate`).
+of the model's config.json. The JSON text is stored with its sha256, checked at load, so an edited
+or damaged plan is refused rather than run. Same input, same bytes (no timestamps, sorted keys). A
+loaded program's schedule is verified again before it runs (passes/pipeline.py `validate`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import json
 import math
 import operator
 import os
+import pickle
 import tempfile
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from tbo_compiler.ops.errors import PlanError
 from tbo_compiler.ops.instr import Instr
 from tbo_compiler.passes.pipeline import validate
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the JSON text's sha256 beside it
 
 
 # Step 1: values <-> JSON ----------------------------------------------------------------------
@@ -192,7 +195,8 @@ def save_plan(plan: dict, path) -> None:
     """Atomic: a temp file in the same directory, then a rename. A failure leaves no plan file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"json": json.dumps(plan, sort_keys=True, separators=(",", ":"))}
+    text = json.dumps(plan, sort_keys=True, separators=(",", ":"))
+    payload = {"json": text, "sha256": hashlib.sha256(text.encode()).hexdigest()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -205,22 +209,40 @@ def save_plan(plan: dict, path) -> None:
 
 
 def read_plan(path) -> dict:
+    """The plan dict; one PlanError line if the file is no plan, damaged, edited or of another format."""
     try:
-        payload = torch.load(path, weights_only=True)
-        plan = json.loads(payload["json"])
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols: the error below says it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, weights_only=True)  # plain containers only: no pickled code runs
     except FileNotFoundError:
         raise PlanError(f"{path}: no such plan file") from None
+    except IsADirectoryError:
+        raise PlanError(f"{path}: is a directory, not a plan file") from None
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never for a plan
+        raise PlanError(f"{path}: not a tbo plan (it holds pickled objects, not plain data; "
+                        "refused without running them)") from None
     except Exception as e:
-        raise PlanError(f"{path}: not a tbo plan ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if plan.get("kind") != "tbo-plan":
+        raise PlanError(f"{path}: not a tbo plan, or truncated ({type(e).__name__})") from None
+    text, digest = (payload.get("json"), payload.get("sha256")) if isinstance(payload, dict) else (None, None)
+    corrupted = PlanError(f"{path}: plan is corrupted (checksum mismatch); recompile it")
+    if isinstance(text, str) and digest not in (None, hashlib.sha256(text.encode()).hexdigest()):
+        raise corrupted  # before parsing: an edited byte may also break the JSON
+    try:
+        plan = json.loads(text)
+    except (TypeError, ValueError):
+        plan = None
+    if not isinstance(plan, dict) or plan.get("kind") != "tbo-plan":
         raise PlanError(f"{path}: not a tbo plan")
+    fmt = (plan.get("versions") or {}).get("format")
+    if fmt != FORMAT_VERSION:  # before the checksum: format 2 had none
+        raise PlanError(f"{path}: plan format {fmt} is not {FORMAT_VERSION}; recompile it")
+    if digest is None:
+        raise corrupted
     return plan
 
 
 def check_plan(plan: dict, path, model_dir) -> None:
     have, want = versions(), plan["versions"]
-    if want.get("format") != FORMAT_VERSION:
-        raise PlanError(f"{path}: plan format {want.get('format')} is not {FORMAT_VERSION}; recompile it")
     if want.get("torch") != have["torch"]:
         raise PlanError(f"{path}: plan was compiled with torch {want.get('torch')}, this is torch "
                         f"{have['torch']}; recompile it")

@@ -90,21 +90,21 @@ def test_graph_break_between_comm_halves_is_reported_with_source_line():
     assert isinstance(e.value, TboCompileError) or "TboCompileError" in msg
 
 
-def test_recompile_limit_by_batch_size_is_warned(tmp_path, monkeypatch):
+def test_recompile_limit_by_batch_size_is_warned(tmp_path):
     """Past dynamo's recompile_limit a new batch size runs eagerly without TBO: the backend says so
     when a graph reaches the limit (once), and not before."""
     import warnings
 
     from tbo_compiler import TboFallbackWarning
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
     model = load_model(make_tiny("qwen3_moe", tmp_path / "m", num_hidden_layers=1), dtype=torch.float32)
     torch._dynamo.reset()
     fast = torch.compile(model, backend="tbo", dynamic=False, options={"split": True})
     kv = model.new_kv_cache(64)
     warned = []
     for i, n in enumerate((3, 4, 5, 6)):
-        with warnings.catch_warnings(record=True) as rec, torch.no_grad():
+        with warnings.catch_warnings(record=True) as rec, torch.no_grad(), \
+                torch._dynamo.config.patch(recompile_limit=3):
             warnings.simplefilter("always")
             fast(*kv.make_batch([(f"r{i}", list(range(1, n + 1)))]).args(), kv.caches)
         warned.append([str(w.message) for w in rec if issubclass(w.category, TboFallbackWarning)])

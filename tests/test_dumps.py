@@ -14,13 +14,16 @@ import torch.nn.functional as F
 
 from tbo_compiler.ops.kernels import unpack_meta
 from tbo_compiler.capture import capture_export
-from tbo_compiler.dumps import FILL, summary_text, write_dumps
+from tbo_compiler.dumps import FILL, node_layers, summary_text, write_dumps
+from tbo_compiler.models import ParallelConfig, build_model
 from tbo_compiler.models.batch import PagedKVCache
+from tbo_compiler.models.tiny import make_tiny
+from tbo_compiler.ops.instr import COMM
 from tbo_compiler.passes.pipeline import CompileOptions, compile_graph
 
 # Legend: T tokens, D hidden, E experts, F expert ffn, K top-k, H heads, Dh head dim
 D, E, F_, K, H, DH, VOCAB, LAYERS, BLOCK = 16, 4, 8, 2, 2, 8, 50, 2, 4
-FILES = {"graph_before.dot", "graph_before.svg", "graph_after.dot", "graph_after.svg",
+FILES = {"graph_before.dot", "graph_before.svg", "graph_after.dot", "graph_after.svg", "overview.svg",
          "schedule.json", "summary.txt"}
 SVG = "{http://www.w3.org/2000/svg}"
 ops = torch.ops.tbo
@@ -50,10 +53,10 @@ class Block(nn.Module):
 
 
 class ToyMoE(nn.Module):
-    def __init__(self):
+    def __init__(self, layers=LAYERS):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, D)
-        self.layers = nn.ModuleList(Block() for _ in range(LAYERS))  # "layers.N": comm gets a layer
+        self.layers = nn.ModuleList(Block() for _ in range(layers))  # "layers.N": comm gets a layer
         self.head = nn.Linear(D, VOCAB)
 
     def forward(self, ids_T, pos_T, slots_T, bt_TB, caches):
@@ -222,3 +225,120 @@ def test_no_split_baseline(captured, tmp_path):
     assert len(c.comm.ops) == len(c.comm_before.ops) > 0
     xs = [e for e in json.loads(paths["schedule.json"].read_text())["traceEvents"] if e["ph"] == "X"]
     assert {e["args"]["ubatch"] for e in xs} == {None}
+
+
+# Real size: a window of layers in full, every layer in the overview -----------------------------
+
+def _toy(layers):
+    torch.manual_seed(0)
+    kv = PagedKVCache([(2, H, DH)] * layers, 16, BLOCK)
+    batch = kv.make_batch([("a", list(range(5))), ("b", list(range(3, 10)))])
+    gm, specs = capture_export(ToyMoE(layers).eval(), (*batch.args(), [c.clone() for c in kv.caches]))
+    return compile_graph(gm, tuple(s.name for s in specs if s.kind == "user")[:4], batch.num_tokens)
+
+
+@pytest.fixture(scope="module")
+def deep():
+    return {n: _toy(n) for n in (4, 20)}
+
+
+def _height(path) -> int:
+    return int(ET.parse(path).getroot().get("height"))
+
+
+def _drawn_layers(path, compiled):
+    layer = node_layers(compiled.gm)
+    return {layer[g.get("id")] for g in _svg_nodes(path)}
+
+
+def test_graph_svgs_draw_a_window_whatever_the_depth(deep, tmp_path):
+    paths = {n: write_dumps(c, tmp_path / str(n)) for n, c in deep.items()}
+    for f in ("graph_before.svg", "graph_after.svg"):
+        assert _height(paths[4][f]) == _height(paths[20][f]) < 20_000, f  # the window does not grow
+    # default window: the first layer with comm and the next, after what precedes them
+    assert _drawn_layers(paths[20]["graph_after.svg"], deep[20]) == {"pre", 0, 1}
+    # the DOT keeps the whole graph, for tools
+    assert set(_runs(deep[20])) <= set(_dot_nodes(paths[20]["graph_after.dot"].read_text()))
+
+
+def test_dump_layers_picks_the_window(deep, tmp_path, monkeypatch):
+    monkeypatch.setenv("TBO_DUMP_LAYERS", "7:9")
+    c = deep[20]
+    p = write_dumps(c, tmp_path)["graph_after.svg"]
+    assert _drawn_layers(p, c) == {7, 8}
+    ids = {g.get("id") for g in _svg_nodes(p)}
+    assert {op.start for op in c.comm.ops if op.layer in (7, 8)} <= ids
+    # what layers 7..8 read from layer 6 is drawn as inputs, named by layer
+    root = ET.parse(p).getroot()
+    inputs = [g for g in root.iter(f"{SVG}g") if g.get("class", "").split()[0] == "in"]
+    assert any(g.find(f"{SVG}text").text.startswith("from L6 ") for g in inputs)
+    assert write_dumps(c, tmp_path / "all", layers="all")["graph_after.svg"].stat().st_size > 5 * p.stat().st_size
+
+
+def test_overview_has_every_layer_and_ubatch_as_named_stages(deep, tmp_path):
+    c = deep[20]
+    path = write_dumps(c, tmp_path)["overview.svg"]
+    assert _height(path) < 20_000
+    root = ET.parse(path).getroot()
+    tips = [g.find(f"{SVG}title").text for g in root.iter(f"{SVG}g") if "seg" in g.get("class", "").split()]
+    for layer in range(20):
+        for ub in (0, 1):
+            for kind in ("dispatch", "combine"):
+                assert any(t.startswith(f"L{layer} u{ub} {kind}: ") for t in tips), (layer, ub, kind)
+    # comm segments on the comm band carry the comm class; the rest is compute
+    comm = [g for g in root.iter(f"{SVG}g") if "comm" in g.get("class", "").split()]
+    assert len(comm) == 2 * 2 * 20 and all(" dispatch: " in g.find(f"{SVG}title").text
+                                            or " combine: " in g.find(f"{SVG}title").text for g in comm)
+
+
+# The summary explains itself: a tiny DeepSeek-V3 compiled for EP=2 ---------------------------------
+
+@pytest.fixture(scope="module")
+def ep2(tmp_path_factory):
+    from tbo_compiler.compile import compile_model
+
+    root = tmp_path_factory.mktemp("ep2")
+    model = build_model(make_tiny("deepseek_v3", root / "ds"), parallel=ParallelConfig(ep_size=2, group="ep"),
+                        dtype=torch.float32, block_size=4)
+    progs = compile_model(model, [16], CompileOptions(profile="h200", strict=True), max_blocks=8,
+                          dump_dir=root / "dumps")
+    return {p.variant: p.state for p in progs}, root / "dumps" / "T16"
+
+
+def _us(text, label):
+    return float(re.search(rf"^{label}: ([\d.]+) us", text, re.M).group(1))
+
+
+def test_summary_leads_with_verdict_then_what_was_found_hidden_and_why(ep2):
+    states, out = ep2
+    st, serial = states["tbo"], states["serial"]
+    text = (out / "summary.txt").read_text()
+    lines = text.splitlines()
+    assert lines[1].startswith("Verdict: TBO on: ") and "vs the unsplit program" in lines[1]
+    kinds = [op.kind for op in st.comm_before.ops]
+    assert lines[2] == (f"Found: {len(kinds)} comm ops (dispatch x{kinds.count('dispatch')}, combine "
+                        f"x{kinds.count('combine')}) in layers 1-2; after the split each runs once per ubatch "
+                        f"({2 * len(kinds)})")
+    tl = st.schedule.timeline
+    comm, hidden = _us(text, "Comm predicted"), _us(text, "Hidden")
+    assert comm == pytest.approx(tl.busy_us[COMM], abs=0.1)
+    assert hidden == pytest.approx(tl.overlap_us(), abs=0.1)   # the sweep over both streams agrees
+    assert _us(text, "Not hidden") == pytest.approx(comm - hidden, abs=0.2)
+    causes = re.findall(r"^  ([\d.]+) us in \d+ comm ops", text, re.M)
+    assert sum(map(float, causes)) == pytest.approx(comm - hidden, abs=0.2)
+    why = text.split("Why not more:\n")[1].split("\n\n")[0]
+    compute = st.schedule.serial_us - tl.busy_us[COMM]
+    assert f"at most {st.schedule.serial_us / max(compute, comm):.2f}x" in why
+    base = serial.schedule.timeline.makespan_us
+    if st.schedule.serial_us > 1.01 * base:   # the split's own cost, against the unsplit program
+        assert f"vs {base:.1f} us for the unsplit program" in why
+
+
+def test_dumps_name_inputs_and_stages_as_the_user_knows_them(ep2):
+    _, out = ep2
+    texts = [t.text for t in ET.parse(out / "graph_after.svg").getroot().iter(f"{SVG}text")]
+    assert "positions u0" in texts and "kv_caches[1]" in texts
+    assert not [t for t in texts if re.fullmatch(r"arg\d+_\d+", t or "")]
+    root = ET.parse(out / "overview.svg").getroot()
+    tips = [g.find(f"{SVG}title").text for g in root.iter(f"{SVG}g") if "seg" in g.get("class", "").split()]
+    assert any(t.startswith("L1 u0 attn: ") for t in tips) and any(t.startswith("L2 u1 dispatch: ") for t in tips)

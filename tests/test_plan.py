@@ -28,7 +28,7 @@ def test_same_input_same_bytes_and_no_code(qwen, tmp_path):
     assert a.read_bytes() == b.read_bytes()
     # only plain containers: torch.load(weights_only=True) and no class references in the pickle
     payload = torch.load(a, weights_only=True)
-    assert set(payload) == {"json"} and isinstance(payload["json"], str)
+    assert set(payload) == {"json", "sha256"} and isinstance(payload["json"], str)
     import zipfile
     with zipfile.ZipFile(a) as z:
         names = z.namelist()

@@ -14,6 +14,10 @@ all_reduce); each starts the collective and returns an object whose `wait()` giv
 Compiled programs call those methods directly. The eager custom ops (a model called as plain
 PyTorch) need a tensor to carry between their start and wait halves: the start returns a one-element
 *handle* tensor whose storage address keys the pending result here.
+
+A peer that dies or hangs: every host-side wait is bounded by TBO_COMM_TIMEOUT_S and fails with a
+one-line PeerFailure naming the peer (faults.py); `announce_failure(exc)` in a rank's last handler
+lets its peers quote its error.
 """
 from __future__ import annotations
 
@@ -28,11 +32,14 @@ from torch import Tensor
 
 from tbo_compiler.ops import impl as op_impl
 from tbo_compiler.ops.errors import RuntimeFailure
+from tbo_compiler.runtime.comm.faults import (PeerFailure, announce_failure, peer_failure, synchronize,
+                                               timed_opts, wait_device, wait_works)
+from tbo_compiler.runtime.env import comm_timeout_s
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CommGroup", "register_group", "get_group", "clear_groups", "pending_count", "backend_for",
-           "agree_num_tokens", "register_default_group"]
+           "agree_num_tokens", "register_default_group", "PeerFailure", "announce_failure", "synchronize"]
 
 
 # Step 1: groups and their backends ------------------------------------------------------------
@@ -177,8 +184,13 @@ op_impl.bind("wait", _wait)
 
 def agree_num_tokens(num_tokens: int, group: str) -> int:
     """The token count every rank of `group` pads to: the max over ranks (one collective, and the
-    one host synchronisation of a step)."""
+    one host synchronisation of a step). Bounded by TBO_COMM_TIMEOUT_S: a peer that died or hangs
+    makes this raise PeerFailure naming it (faults.py), on NCCL too, where the collective queues
+    behind whatever the previous step left spinning on the GPU."""
+    import time
+
     import torch.distributed as dist
+    from torch._C import _distributed_c10d as c10d
 
     grp = _GROUPS.get(group)
     if grp is None or grp.world == 1:
@@ -188,6 +200,19 @@ def agree_num_tokens(num_tokens: int, group: str) -> int:
     # group needs a device tensor (and the .item() below then waits for the GPU)
     on_cpu = "gloo" in backend or "cpu" in backend or not torch.cuda.is_available()
     dev = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([num_tokens], dtype=torch.int64, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=grp.pg)
+    # a fill, not a copy from the host: a pageable copy would block behind a collective left spinning
+    t = torch.full((1,), num_tokens, dtype=torch.int64, device=dev)
+    timeout_s = comm_timeout_s()
+    started = time.monotonic()
+    try:
+        opts = timed_opts(c10d.AllreduceOptions, timeout_s if on_cpu else None, reduceOp=dist.ReduceOp.MAX)
+        work = grp.pg.allreduce([t], opts)
+        if not on_cpu:
+            work.wait()  # orders the current stream after it (returns at once); the poll below bounds it
+    except Exception as e:  # noqa: BLE001 - a peer already gone can fail the issue itself
+        raise peer_failure(grp, "collective 'agree_num_tokens'", time.monotonic() - started, timeout_s, e) from e
+    if on_cpu:
+        wait_works([work], grp, "agree_num_tokens", started, timeout_s)
+    else:  # NCCL's own wait with a timeout sleeps milliseconds between polls: coarse for a decode step
+        wait_device(grp, "collective 'agree_num_tokens'", started, timeout_s)
     return int(t.item())

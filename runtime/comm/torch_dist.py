@@ -1,11 +1,21 @@
 """torch.distributed with async work handles: gloo on CPU (the multi-process tests), and any
-process group in eager use. The start issues the collective with `async_op=True`; the wait waits
-on the work and returns the result. Not for CUDA graphs (the work objects are Python state)."""
+process group in eager use. The start issues the collective asynchronously; the wait waits on the
+work and returns the result. Not for CUDA graphs (the work objects are Python state).
+
+Every wait is bounded by the runtime's timeout (TBO_COMM_TIMEOUT_S): a peer that died or hangs
+fails it with a PeerFailure naming the peer (faults.py). On gloo the collective carries the timeout
+in its c10d options too, so gloo's worker thread gives up as well instead of blocking the process's
+exit for the group's 30 minutes."""
 from __future__ import annotations
 
-import torch.distributed as dist
+import time
 
+import torch.distributed as dist
+from torch._C import _distributed_c10d as c10d
+
+from tbo_compiler.runtime.comm.faults import peer_failure, timed_opts, wait_works
 from tbo_compiler.runtime.comm.local import Done
+from tbo_compiler.runtime.env import comm_timeout_s
 
 NAME = "torch_dist"
 
@@ -19,13 +29,19 @@ def reduce_scatter_into(out, inp, **kw):
     return getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(out, inp, **kw)
 
 
+def _method(pg, new: str, old: str):
+    """A ProcessGroup method under its torch 2.13 name, or its older one (torch 2.11)."""
+    return getattr(pg, new, None) or getattr(pg, old)
+
+
 class Pending:
-    def __init__(self, works, finish):
-        self.works, self.finish = works, finish
+    def __init__(self, backend, kind, works, finish):
+        self.backend, self.kind, self.works, self.finish = backend, kind, works, finish
+        self.started = time.monotonic()
 
     def wait(self):
-        for w in self.works:
-            w.wait()
+        b = self.backend
+        wait_works(self.works, b.group, self.kind, self.started, b.timeout_s)
         return self.finish()
 
 
@@ -35,38 +51,57 @@ class TorchDistBackend:
     def __init__(self, group):
         self.group, self.pg, self.W = group, group.pg, group.world
         self.gloo = "gloo" in str(dist.get_backend(self.pg))
+        comm_timeout_s()  # a bad value fails here, not at the first collective
 
-    def _a2a(self, send):
+    @property
+    def timeout_s(self) -> float:
+        return comm_timeout_s()  # read per collective: an engine may tighten it after warm-up
+
+    def _issue(self, kind, method, *args, opts_cls, **fields):
+        started = time.monotonic()
+        try:
+            return method(*args, timed_opts(opts_cls, self.timeout_s if self.gloo else None, **fields))
+        except Exception as e:  # noqa: BLE001 - a peer that is already gone can fail the issue itself
+            raise peer_failure(self.group, f"collective '{kind}'", time.monotonic() - started, self.timeout_s, e) from e
+
+    def _a2a(self, kind, send):
         recv = send.new_empty(send.shape)
         if send.numel() == 0:  # every rank has the same shape, so all skip together
             return recv, []
-        return recv, [dist.all_to_all_single(recv, send.contiguous(), group=self.pg, async_op=True)]
+        a2a = _method(self.pg, "all_to_all_single", "alltoall_base")
+        return recv, [self._issue(kind, a2a, recv, send.contiguous(), [], [], opts_cls=c10d.AllToAllOptions)]
 
     def dispatch(self, send_x, send_meta):
-        rx, wx = self._a2a(send_x)
-        rm, wm = self._a2a(send_meta)
-        return Pending(wx + wm, lambda: (rx, rm))
+        rx, wx = self._a2a("dispatch", send_x)
+        rm, wm = self._a2a("dispatch", send_meta)
+        return Pending(self, "dispatch", wx + wm, lambda: (rx, rm))
 
     def combine(self, y):
-        recv, works = self._a2a(y)
-        return Pending(works, lambda: recv)
+        recv, works = self._a2a("combine", y)
+        return Pending(self, "combine", works, lambda: recv)
 
     def all_gather(self, x):
         out = x.new_empty(self.W * x.shape[0], *x.shape[1:])
-        works = [all_gather_into(out, x.contiguous(), group=self.pg, async_op=True)] if x.numel() else []
-        return Pending(works, lambda: out)
+        ag = _method(self.pg, "all_gather_single", "_allgather_base")
+        works = [self._issue("all_gather", ag, out, x.contiguous(), opts_cls=c10d.AllgatherOptions)
+                 ] if x.numel() else []
+        return Pending(self, "all_gather", works, lambda: out)
 
     def reduce_scatter(self, x):
         T = x.shape[0] // self.W
         if self.gloo:  # gloo has no reduce_scatter: an all_to_all of the slabs, then a local sum
-            recv, works = self._a2a(x.reshape(self.W, T, *x.shape[1:]))
-            return Pending(works, lambda: recv.sum(0))
+            recv, works = self._a2a("reduce_scatter", x.reshape(self.W, T, *x.shape[1:]))
+            return Pending(self, "reduce_scatter", works, lambda: recv.sum(0))
         out = x.new_empty(T, *x.shape[1:])
-        works = [reduce_scatter_into(out, x.contiguous(), group=self.pg, async_op=True)] if x.numel() else []
-        return Pending(works, lambda: out)
+        rs = _method(self.pg, "reduce_scatter_single", "_reduce_scatter_base")
+        works = [self._issue("reduce_scatter", rs, out, x.contiguous(), opts_cls=c10d.ReduceScatterOptions,
+                             reduceOp=dist.ReduceOp.SUM)] if x.numel() else []
+        return Pending(self, "reduce_scatter", works, lambda: out)
 
     def all_reduce(self, x):
         out = x.clone()
         if x.numel() == 0:
             return Done(out)
-        return Pending([dist.all_reduce(out, group=self.pg, async_op=True)], lambda: out)
+        work = self._issue("all_reduce", self.pg.allreduce, [out], opts_cls=c10d.AllreduceOptions,
+                           reduceOp=dist.ReduceOp.SUM)
+        return Pending(self, "all_reduce", [work], lambda: out)
