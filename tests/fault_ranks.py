@@ -188,3 +188,17 @@ def rank_agree(rank, world, model_dir, plan_path, token_counts, policies=("auto"
         y, ref = fn(x), m(x)
     return {"plan": plan_steps, "compiled": any_models.report(seen), "diff": float((y - ref).abs().max()) if
             y.numel() else 0.0, "shape": list(y.shape)}
+
+
+def rank_dies_while_compiling(rank, world):
+    """torch.compile(backend="tbo") of a comm model: rank 1 dies before its compile agreement;
+    rank 0's compile must fail naming it, not wait in the agreement."""
+    from funcol_moe import FuncolMoE
+
+    if rank == 1:
+        os._exit(3)
+    m = FuncolMoE(world, rank)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(m, backend="tbo", dynamic=False, fullgraph=True)(torch.randn(4, 16))
+    return "compiled"

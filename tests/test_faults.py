@@ -190,3 +190,11 @@ def test_step_watchdog_ends_a_process_stuck_behind_a_dead_peer(monkeypatch):
     msg, code = said
     assert code == 1 and msg.startswith("rank 0: comm group 'wd' step (bucket 8, tbo) failed after 0.3 s: "
                                         "peer rank 1 did not answer within TBO_COMM_TIMEOUT_S=0.3")
+
+
+def test_a_rank_dying_while_compiling_is_named():
+    """The torch.compile path's one agreement per graph is bounded and names the peer too."""
+    outcomes = spawn_ranks(fr.rank_dies_while_compiling, 2, timeout=120, env={"TBO_COMM_TIMEOUT_S": "20"})
+    r0 = outcomes[0]
+    assert r0.status == "error", r0
+    assert "peer rank 1" in r0.value and "compile agreement" in r0.value, r0.value
