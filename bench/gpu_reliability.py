@@ -63,6 +63,8 @@ def _load(rank, world, model_dir, plans):
 
 
 def rank_step(rank, world, model_dir, plans, steps):
+    from tbo_compiler.runtime.comm import agree_num_tokens
+
     model, runs = _load(rank, world, model_dir, plans)
     dev = os.environ["RELIABILITY_DEVICE"]
     V = model.config.vocab_size
@@ -77,7 +79,6 @@ def rank_step(rank, world, model_dir, plans, steps):
         T = sum(len(t) for _, t in batch)
         with torch.no_grad():
             out = runs[kind](*kv.make_batch(batch, max_blocks=MAX_BLOCKS, device=dev).args(), kv.caches)
-            from tbo_compiler.runtime.comm import agree_num_tokens
             b = kv_ref.make_batch(batch, max_blocks=MAX_BLOCKS, device=dev, pad_to=agree_num_tokens(T, "ep"))
             ref = model(*b.args(), kv_ref.caches)[:T]
         worst = max(worst, float((out.float() - ref.float()).abs().max() / ref.float().abs().max()))

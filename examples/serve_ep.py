@@ -25,11 +25,11 @@ import os
 import torch
 import torch.distributed as dist
 
+from tbo_compiler.runtime.comm import agree_num_tokens
+
 
 def bucket(num_tokens: int, buckets=(4, 16, 64, 256)) -> int:
     """The smallest bucket holding every rank's batch (ranks must run the same shapes)."""
-    from tbo_compiler.runtime.comm import agree_num_tokens
-
     most = agree_num_tokens(num_tokens, "ep")
     return next(b for b in buckets if b >= most)
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             logits = serve[kind](*batch.args(), kv.caches)[:T]
         if args.check:  # the reference runs the padded shape every rank agreed on (its all-to-all needs it)
-            ref_b = ref_kv.make_batch(reqs, pad_to=pad or agree_max(T), max_blocks=max_blocks, device=device)
+            ref_b = ref_kv.make_batch(reqs, pad_to=pad or agree_num_tokens(T, "ep"), max_blocks=max_blocks, device=device)
             with torch.no_grad():
                 ref = ref_model(*ref_b.args(), ref_kv.caches)[:T]
             if T:
@@ -128,12 +128,6 @@ def main(argv=None) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
-
-
-def agree_max(num_tokens: int) -> int:
-    from tbo_compiler.runtime.comm import agree_num_tokens
-
-    return agree_num_tokens(num_tokens, "ep")
 
 
 if __name__ == "__main__":

@@ -76,8 +76,6 @@ class GptOssConfig:
             raise ValueError(f"sliding layers need a positive sliding_window, got {self.sliding_window!r}")
         if rope_type(self.rope_scaling) not in (None, "yarn", "default"):
             raise ValueError(f"rope_scaling type {rope_type(self.rope_scaling)!r} not supported (have 'yarn')")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads is not a multiple of num_key_value_heads")
         if not 0 < self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} not in 1..{self.num_local_experts}")
 

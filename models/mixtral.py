@@ -45,8 +45,6 @@ class MixtralConfig:
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.rope_scaling:
             raise ValueError(f"rope_scaling {self.rope_scaling!r} is not supported for mixtral")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads is not a multiple of num_key_value_heads")
         if not 0 < self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} not in 1..{self.num_local_experts}")
         if self.sliding_window is not None and self.sliding_window < 1:

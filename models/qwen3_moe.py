@@ -50,8 +50,6 @@ class Qwen3MoeConfig:
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.rope_scaling:
             raise ValueError(f"rope_scaling {self.rope_scaling!r} is not supported for qwen3_moe")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads is not a multiple of num_key_value_heads")
 
     def is_moe_layer(self, i: int) -> bool:
         return (i not in self.mlp_only_layers and self.num_experts > 0

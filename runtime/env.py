@@ -6,20 +6,20 @@ import os
 from tbo_compiler.ops.errors import RuntimeFailure
 
 
-def env_int(name: str, default: int) -> int:
+def _env(name: str, default, cast, what: str):
     raw = os.environ.get(name, "").strip()
     try:
-        return int(raw) if raw else default
+        return cast(raw) if raw else default
     except ValueError:
-        raise RuntimeFailure(f"{name}={raw!r} is not an integer") from None
+        raise RuntimeFailure(f"{name}={raw!r} is not {what}") from None
+
+
+def env_int(name: str, default: int) -> int:
+    return _env(name, default, int, "an integer")
 
 
 def env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise RuntimeFailure(f"{name}={raw!r} is not a number") from None
+    return _env(name, default, float, "a number")
 
 
 COMM_TIMEOUT_ENV = "TBO_COMM_TIMEOUT_S"

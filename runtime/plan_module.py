@@ -25,7 +25,7 @@ import torch.fx as fx
 from tbo_compiler.ops.errors import PlanError, RuntimeFailure
 from tbo_compiler.ops.instr import Instr
 from tbo_compiler.runtime.comm import agree_num_tokens, get_group, register_default_group
-from tbo_compiler.runtime.comm.faults import StepWatchdog
+from tbo_compiler.runtime.comm.faults import step_watchdog
 from tbo_compiler.runtime.graphs import GraphedProgram, time_replays
 from tbo_compiler.runtime.program import Program
 
@@ -61,7 +61,7 @@ class PlanModule:
         self.graphs = cuda and (graphs if graphs is not None else os.environ.get("TBO_CUDA_GRAPHS", "1") != "0")
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         # a peer that dies mid-step leaves this GPU spinning in a collective: bounded (faults.py)
-        self.watchdog = StepWatchdog(group) if cuda and ep > 1 else None
+        self.watchdog = step_watchdog(group) if cuda and ep > 1 else None
         state = dict(model.named_parameters())
         state.update(dict(model.named_buffers()))
         self.buckets: dict[int, dict[str, tuple]] = {}

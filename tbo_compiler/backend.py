@@ -142,29 +142,17 @@ def _agree(group, local: dict) -> list[dict]:
 
 
 def _gather_bounded(outs, buf, group) -> None:
-    """The agreement's all_gather, bounded by TBO_COMM_TIMEOUT_S (gloo carries it; NCCL's device
-    wait polls): a peer that died or hangs while compiling fails it with one line naming it."""
-    import time
-
+    """The agreement's all_gather, bounded by TBO_COMM_TIMEOUT_S like the runtime's collectives: a
+    peer that died or hangs while compiling fails it with one line naming it."""
     import torch.distributed as dist
     from torch._C import _distributed_c10d as c10d
 
     from tbo_compiler.runtime.comm import CommGroup
-    from tbo_compiler.runtime.comm.faults import peer_failure, timed_opts, wait_device, wait_works
-    from tbo_compiler.runtime.env import comm_timeout_s
+    from tbo_compiler.runtime.comm.faults import bounded_collective, timed_opts
 
     grp = CommGroup("torch.compile agreement", dist.get_world_size(group), dist.get_rank(group), group)
-    timeout_s, started = comm_timeout_s(), time.monotonic()
-    on_cpu = buf.device.type == "cpu"
-    try:
-        work = group.allgather([outs], [buf], timed_opts(c10d.AllgatherOptions, timeout_s if on_cpu else None))
-    except Exception as e:  # noqa: BLE001 - a peer already gone can fail the issue itself
-        raise peer_failure(grp, "collective 'compile agreement'", time.monotonic() - started, timeout_s, e) from e
-    if on_cpu:
-        wait_works([work], grp, "compile agreement", started, timeout_s)
-    else:
-        work.wait()
-        wait_device(grp, "collective 'compile agreement'", started, timeout_s)
+    bounded_collective(grp, "compile agreement", lambda timeout_s: group.allgather(
+        [outs], [buf], timed_opts(c10d.AllgatherOptions, timeout_s)), buf.device.type == "cpu")
 
 
 def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):

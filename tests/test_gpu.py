@@ -69,9 +69,7 @@ def test_plan_on_gpu_matches_eager(tiny, tmp_path, policy, graphs):
     equals eager, fp32 with TF32 off, through prefill, decode and MTP steps on one KV cache."""
     torch.backends.cuda.matmul.allow_tf32 = False
     d = tiny["deepseek_v3"]
-    paths = {k: tmp_path / f"{k}.pt" for k in sc.PLANS}
-    for k, kw in sc.PLANS.items():
-        compile_model_dir(d, paths[k], dtype=torch.float32, block_size=sc.BLOCK_SIZE, max_blocks=sc.MAX_BLOCKS, **kw)
+    paths = sc.compile_plans(d, tmp_path)
     model = load_model(d, dtype=torch.float32, device="cuda", block_size=sc.BLOCK_SIZE)
     plans = {k: load_plan(p, d, device="cuda", dtype=torch.float32, policy=policy, graphs=graphs)
              for k, p in paths.items()}

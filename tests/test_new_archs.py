@@ -21,7 +21,6 @@ from safetensors import safe_open
 
 from tbo_compiler import load_plan
 from tbo_compiler.cli import main as cli_main
-from tbo_compiler.compile import compile_model_dir
 from tbo_compiler.models import ModelLoadError, ParallelConfig, build_model, load_model, read_config
 from tbo_compiler.models import quant
 from tbo_compiler.models.gpt_oss import GptOssModel
@@ -465,9 +464,7 @@ def test_gpt_oss_plan_on_gpu_matches_eager(tiny_dirs, tmp_path):
     """GPT-OSS's TBO plan as a CUDA graph of the two-stream program equals eager (fp32, TF32 off)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     d = tiny_dirs["gpt_oss"]
-    paths = {k: tmp_path / f"{k}.pt" for k in sc.PLANS}
-    for k, kw in sc.PLANS.items():
-        compile_model_dir(d, paths[k], dtype=torch.float32, block_size=sc.BLOCK_SIZE, max_blocks=sc.MAX_BLOCKS, **kw)
+    paths = sc.compile_plans(d, tmp_path)
     model = load_model(d, dtype=torch.float32, device="cuda", block_size=sc.BLOCK_SIZE)
     plans = {k: load_plan(p, d, device="cuda", dtype=torch.float32, policy="tbo", graphs=True) for k, p in paths.items()}
     logit_diff, cache_diff, scale = sc.compare(model, plans, 4, model.config.vocab_size, device="cuda")

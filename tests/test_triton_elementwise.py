@@ -16,8 +16,8 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from tbo_compiler.runtime.kernels import torch_ref
 from tbo_compiler.runtime.kernels import triton_elementwise as te
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -42,34 +42,10 @@ def exact_sum_input(gen, *shape, dtype):
     return (k / 8).to(dtype).to(DEV)
 
 
-# References: the torch expressions of models/ ----------------------------------------------
+# References: the torch reference backend (the expressions of models/) ------------------------
 
-def ref_rms_norm(x, w, eps):
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
-def ref_silu_mul(gu):
-    g, u = gu.chunk(2, dim=-1)
-    return F.silu(g) * u
-
-
-def ref_rope_interleaved(x, positions, inv_freq, mul):
-    T, R = x.shape[0], x.shape[-1]
-    ang = positions.float()[:, None] * inv_freq[None, :]
-    ang = ang.view(T, *([1] * (x.dim() - 2)), R // 2)
-    cos, sin = torch.cos(ang) * mul, torch.sin(ang) * mul
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).to(x.dtype)
-
-
-def ref_rope_half(x, positions, inv_freq):
-    ang = (positions.float()[:, None] * inv_freq[None, :]).unsqueeze(1)
-    cos, sin = torch.cos(ang), torch.sin(ang)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+ref_rms_norm, ref_silu_mul = torch_ref.rms_norm, torch_ref.silu_mul
+ref_rope_interleaved, ref_rope_half = torch_ref.rope_interleaved, torch_ref.rope_half
 
 
 # Comparisons --------------------------------------------------------------------------------

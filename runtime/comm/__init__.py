@@ -32,9 +32,8 @@ from torch import Tensor
 
 from tbo_compiler.ops import impl as op_impl
 from tbo_compiler.ops.errors import RuntimeFailure
-from tbo_compiler.runtime.comm.faults import (PeerFailure, announce_failure, peer_failure, synchronize,
-                                               timed_opts, wait_device, wait_works)
-from tbo_compiler.runtime.env import comm_timeout_s
+from tbo_compiler.runtime.comm.faults import (PeerFailure, announce_failure, bounded_collective, synchronize,
+                                               timed_opts)
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +186,6 @@ def agree_num_tokens(num_tokens: int, group: str) -> int:
     one host synchronisation of a step). Bounded by TBO_COMM_TIMEOUT_S: a peer that died or hangs
     makes this raise PeerFailure naming it (faults.py), on NCCL too, where the collective queues
     behind whatever the previous step left spinning on the GPU."""
-    import time
-
     import torch.distributed as dist
     from torch._C import _distributed_c10d as c10d
 
@@ -202,17 +199,6 @@ def agree_num_tokens(num_tokens: int, group: str) -> int:
     dev = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
     # a fill, not a copy from the host: a pageable copy would block behind a collective left spinning
     t = torch.full((1,), num_tokens, dtype=torch.int64, device=dev)
-    timeout_s = comm_timeout_s()
-    started = time.monotonic()
-    try:
-        opts = timed_opts(c10d.AllreduceOptions, timeout_s if on_cpu else None, reduceOp=dist.ReduceOp.MAX)
-        work = grp.pg.allreduce([t], opts)
-        if not on_cpu:
-            work.wait()  # orders the current stream after it (returns at once); the poll below bounds it
-    except Exception as e:  # noqa: BLE001 - a peer already gone can fail the issue itself
-        raise peer_failure(grp, "collective 'agree_num_tokens'", time.monotonic() - started, timeout_s, e) from e
-    if on_cpu:
-        wait_works([work], grp, "agree_num_tokens", started, timeout_s)
-    else:  # NCCL's own wait with a timeout sleeps milliseconds between polls: coarse for a decode step
-        wait_device(grp, "collective 'agree_num_tokens'", started, timeout_s)
+    bounded_collective(grp, "agree_num_tokens", lambda timeout_s: grp.pg.allreduce(
+        [t], timed_opts(c10d.AllreduceOptions, timeout_s, reduceOp=dist.ReduceOp.MAX)), on_cpu)
     return int(t.item())

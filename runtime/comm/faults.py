@@ -41,7 +41,7 @@ from tbo_compiler.runtime.env import COMM_TIMEOUT_ENV, comm_timeout_s
 log = logging.getLogger(__name__)
 
 __all__ = ["PeerFailure", "announce_failure", "reported_failures", "peer_failure", "timed_opts", "wait_works",
-           "wait_device", "synchronize", "StepWatchdog", "on_abort"]
+           "wait_device", "bounded_collective", "synchronize", "StepWatchdog", "step_watchdog", "on_abort"]
 
 _KEY = "tbo/failed/{}"   # global rank -> that rank's one-line error, in the default store
 
@@ -179,6 +179,25 @@ def wait_device(group, what: str, started: float, timeout_s: float) -> None:
             time.sleep(0.0002 if now - t0 < 0.05 else 0.002)
 
 
+def bounded_collective(group, what: str, issue, on_cpu: bool) -> None:
+    """Issue a collective whose result the host needs now and wait for it, bounded by
+    TBO_COMM_TIMEOUT_S. `issue(timeout_s)` issues it on `group.pg` and returns its work; it gets the
+    timeout for the c10d options on CPU backends (gloo) and None on NCCL, where the wait polls the
+    stream instead (NCCL's own timed wait sleeps milliseconds between polls: coarse for a decode
+    step)."""
+    timeout_s, started = comm_timeout_s(), time.monotonic()
+    try:
+        work = issue(timeout_s if on_cpu else None)
+        if not on_cpu:
+            work.wait()  # orders the current stream after it (returns at once); the poll below bounds it
+    except Exception as e:  # noqa: BLE001 - a peer already gone can fail the issue itself
+        raise peer_failure(group, f"collective '{what}'", time.monotonic() - started, timeout_s, e) from e
+    if on_cpu:
+        wait_works([work], group, what, started, timeout_s)
+    else:
+        wait_device(group, f"collective '{what}'", started, timeout_s)
+
+
 def synchronize(group_name: str = "ep", timeout_s: float | None = None) -> None:
     """Wait for the current CUDA stream's work, bounded by TBO_COMM_TIMEOUT_S: where a plain
     `.item()` or `torch.cuda.synchronize()` would spin forever behind a collective whose peer died
@@ -201,6 +220,16 @@ def on_abort(fn) -> None:
     """Call fn(message) before the watchdog ends the process (run_ranks records it as the rank's
     error); hooks must not touch the GPU."""
     _ABORT_HOOKS.append(fn)
+
+
+_DOGS: dict = {}
+
+
+def step_watchdog(group_name: str) -> "StepWatchdog":
+    """The process's one watchdog of `group_name` (every plan of the group shares its thread)."""
+    if group_name not in _DOGS:
+        _DOGS[group_name] = StepWatchdog(group_name)
+    return _DOGS[group_name]
 
 
 class StepWatchdog:
