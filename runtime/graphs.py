@@ -46,7 +46,9 @@ class GraphedProgram:
             self.program(*run_args)
         cur.wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
+        # thread-local capture: the step watchdog (comm/faults.py) queries events from its own
+        # thread, which a global-mode capture forbids (the query would invalidate the capture)
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
             self.out = self.program(*run_args)
         self.graph, self.ptrs = g, self._static_ptrs(args)
         self.captures += 1

@@ -238,7 +238,11 @@ class StepWatchdog:
     `mark()` (the runtime calls it after issuing a step) records an event on the current stream.
     The thread polls the oldest unfinished event; one older than TBO_COMM_TIMEOUT_S means the GPU
     is stuck in the step's collectives: it writes `tbo watchdog: <PeerFailure line>` to stderr,
-    runs the abort hooks and ends the process with exit status 1."""
+    runs the abort hooks and ends the process with exit status 1.
+
+    Its queries can land while the main thread captures a CUDA graph: a capture begun in the
+    default global mode is then invalidated, so captures in a process with a watchdog use
+    `capture_error_mode="thread_local"` (GraphedProgram does; so must an engine's own)."""
 
     def __init__(self, group_name: str, poll_s: float = 0.05):
         import collections
