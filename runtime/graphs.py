@@ -62,18 +62,30 @@ class GraphedProgram:
         return self.out
 
 
-def time_replays(fns: dict, reps: int = 5) -> dict[str, float]:
-    """Median ms of each callable, interleaved so clocks and caches treat them alike."""
-    times: dict[str, list] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times[k].append(s.elapsed_time(e))
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+def time_replays(fns: dict, block: int = 3, rounds: int = 2) -> dict[str, float]:
+    """Mean ms of one call of each callable as a serving loop sees it: each timed over `block`
+    calls back to back (after one untimed call, the switch from the other), in the order A B B A,
+    so that a drift of the clocks during the measurement falls on both alike.
+
+    Why blocks: under load the GPUs run at their power cap, and the SM clock follows the recent
+    load. On 4 H200s, single replays alternated between TBO and serial (each after a host sync)
+    found TBO 5 % faster than serial at prefill 4096 where back-to-back replays, and the bench,
+    found it 1-2 % slower (bench/results/ep4_h200/auto_check_ep4.json)."""
+    names = list(fns)
+    order: list = []
+    for r in range(rounds):
+        order += names if r % 2 == 0 else names[::-1]
+    times: dict[str, list] = {k: [] for k in names}
+    for k in order:
+        fns[k]()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(block):
+            fns[k]()
+        e.record()
+        e.synchronize()
+        times[k].append(s.elapsed_time(e) / block)
+    return {k: sum(v) / len(v) for k, v in times.items()}
 
 
 __all__ = ["GraphedProgram", "time_replays"]

@@ -21,6 +21,7 @@ lets its peers quote its error.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -136,6 +137,11 @@ def backend_for(group: str, world: int, override: str | None = None):
 def clear_groups() -> None:
     _GROUPS.clear()
     _PENDING.clear()
+
+
+# at exit, before the interpreter's finalisation: a process group kept alive by this registry past
+# it is freed during finalisation, where gloo's worker threads can abort the process
+atexit.register(clear_groups)
 
 
 # Step 2: the eager ops: pending results keyed by the handle's storage ---------------------------
