@@ -8,10 +8,10 @@ choice between the two made by measuring them.
   2. the token inputs are padded to the bucket (padding rows: token 0, position 0, the null
      block) and the program runs; on CUDA as a replayed CUDA graph of the whole two-stream step;
   3. which program runs, TBO or serial, is the policy's: "tbo", "serial", or "auto". With "auto"
-     on CUDA the first step of a bucket captures both, times their replays (back to back, in blocks
-     ordered A B B A: graphs.time_replays) and keeps
-     the faster; the ranks sum their timings with one collective, so they all keep the same
-     program. On CPU "auto" follows the compiler's prediction (the plan's predicted_us).
+     on CUDA the first step of a bucket captures both, times their replays (back to back, in
+     blocks ordered A B B A: graphs.time_replays) and keeps the faster; the ranks sum their
+     timings with one collective, so they all keep the same program. On CPU "auto" follows the
+     compiler's prediction (the plan's predicted_us).
 """
 from __future__ import annotations
 

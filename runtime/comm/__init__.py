@@ -139,9 +139,16 @@ def clear_groups() -> None:
     _PENDING.clear()
 
 
-# at exit, before the interpreter's finalisation: a process group kept alive by this registry past
-# it is freed during finalisation, where gloo's worker threads can abort the process
-atexit.register(clear_groups)
+@atexit.register
+def _release_groups() -> None:
+    """At exit, while the interpreter is still whole: a process group still referenced by this
+    registry, or by runtime objects in reference cycles (plans, backends), would be freed during
+    finalisation, where gloo's worker threads can abort the process ("terminate called without an
+    active exception")."""
+    import gc
+
+    clear_groups()
+    gc.collect()
 
 
 # Step 2: the eager ops: pending results keyed by the handle's storage ---------------------------
