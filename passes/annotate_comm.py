@@ -4,11 +4,17 @@ Contract
   requires   an ATen graph with meta["val"].
   guarantees a frozen `CommOps` record listing every comm op as (start node, wait node, kind, group,
              world, bytes, layer); sets meta["tbo_comm"] = {"kind", "role": start|wait, "pair"} on
-             both halves. Raises if a start has no wait or more than one (a graph break between
-             the two halves shows up here).
-  must not   change the graph's structure or values.
+             both halves. Raises if a start has no wait or more than one, or a wait reads a
+             graph input (a graph break between the two halves shows up here).
+  changes    only no-op waits: a native `wait_tensor` of a value this graph computed without a
+             collective (most often a second wait on an already-waited result: torch's
+             `all_to_all_single_autograd` waits while traced and transformers' EP waits again) has
+             nothing pending, so torch returns its input; it is removed, its users read its input.
+             Every start then has exactly one wait, and the runtime never waits twice.
+  must not   change values.
 
 Pseudo-code
+  Step 0: drop no-op waits (a native wait whose input is neither a collective nor a graph input).
   Step 1: for each call_function node, classify: tbo start op, tbo wait op, native collective
           (`_c10d_functional.*`), native `wait_tensor`.
   Step 2: pair starts with waits through the data edge (wait consumes the start's output).
@@ -91,7 +97,28 @@ def _group_world(node: fx.Node):
     return str(args[-1]), (args[world] if world is not None else 0)
 
 
+def drop_noop_waits(gm: fx.GraphModule) -> tuple[str, ...]:
+    """Step 0: remove each native wait of a value computed in this graph by anything but a
+    collective. The graph is functional, so the only collectives that can leave work pending on a
+    tensor it made are its own; such a wait (a second one on a waited result) returns its input
+    in torch. Returns the removed waits' names."""
+    dropped = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != NATIVE_WAIT:
+            continue
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.op == "call_function" and src.target not in NATIVE_COLLECTIVES:
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            dropped.append(node.name)
+    if dropped:
+        gm.graph.lint()
+        gm.recompile()
+    return tuple(dropped)
+
+
 def annotate_comm(gm: fx.GraphModule) -> CommOps:
+    drop_noop_waits(gm)
     ops = []
     for node in gm.graph.nodes:
         if node.op != "call_function":

@@ -25,66 +25,18 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import warnings
 
 import torch
 import torch.fx as fx
 
+from tbo_compiler.graph_inputs import AotInputs, is_module_state, pick_token_inputs
 from tbo_compiler.ops.errors import TboCompileError, one_line
 from tbo_compiler.passes.pipeline import CompileOptions, TboFallbackWarning, compile_graph
 from tbo_compiler.runtime.graphs import GraphedProgram
 from tbo_compiler.runtime.program import Program
 
 log = logging.getLogger(__name__)
-_DYNAMO_NAME = re.compile(r"^L_(.*)_$")
-
-
-def _user_name(placeholder_target: str) -> str:
-    m = _DYNAMO_NAME.match(placeholder_target)
-    return m.group(1) if m else placeholder_target
-
-
-def _is_module_state(placeholder: fx.Node) -> bool:
-    """A dynamo placeholder for the module's own parameters or buffers (or a global), not an input
-    of the call: its source is rooted at `self` (e.g. L['self']._modules['rotary'].inv_freq)."""
-    arg = placeholder.meta.get("grapharg")
-    src = getattr(arg, "source", None)
-    name = getattr(src, "name", None) if src is not None else None
-    name = name() if callable(name) else name   # a property in newer torch, a method in older
-    name = name if isinstance(name, str) else str(placeholder.target)
-    return name.startswith(("L['self']", "G[", "L_self_", "G_"))
-
-
-def _pick_token_inputs(names, examples, mutated, wanted, module_state=frozenset()):
-    users = [i for i, x in enumerate(examples)
-             if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) and i not in module_state]
-    if wanted is not None:
-        picked = []
-        for w in wanted:
-            if isinstance(w, int):
-                picked.append(users[w])
-            else:
-                hit = [i for i in users if _user_name(names[i]) == w or names[i] == w]
-                if not hit:
-                    raise TboCompileError(f"token input {w!r} is not an input of the compiled graph "
-                                          f"(inputs: {[_user_name(names[i]) for i in users]})")
-                picked.extend(hit)
-        return picked
-    cands = [i for i in users if i not in mutated and examples[i].dim() >= 1]
-    if not cands:
-        return []
-    T = examples[cands[0]].shape[0]
-    return [i for i in cands if examples[i].shape[0] == T]
-
-
-def _input_names(gm: fx.GraphModule, phs, offset: int, dyn_names) -> dict[str, str]:
-    """aot placeholder -> the user's name (input_ids, layers.0.mlp.w1), for the dumps: aot puts the
-    module's parameters and buffers first, in named_parameters/named_buffers order."""
-    state = [*dict(gm.named_parameters(remove_duplicate=False)), *dict(gm.named_buffers(remove_duplicate=False))]
-    names = {ph.name: _user_name(state[i]) for i, ph in enumerate(phs[:offset]) if i < len(state)}
-    names.update({ph.name: _user_name(str(t)) for ph, t in zip(phs[offset:], dyn_names)})
-    return names
 
 
 def _split_option(v):
@@ -165,9 +117,8 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
             for x in example_inputs):
         raise TboCompileError("backend='tbo' compiles static shapes (one graph per batch bucket); "
                               "pass dynamic=False to torch.compile")
-    dyn_names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    module_state = frozenset(i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
-                             if _is_module_state(n))
+    dyn_phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    module_state = frozenset(i for i, n in enumerate(dyn_phs) if is_module_state(n))
     copts = CompileOptions(mode=opts.get("mode", "prefill"),
                            tokens_per_request=int(opts.get("tokens_per_request", 1)),
                            profile=opts.get("profile", "cpu"), order=opts.get("order"),
@@ -177,15 +128,12 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
     _count_sizes(gm, example_inputs)
 
     def compiler(aot_gm: fx.GraphModule, aot_inputs):
-        phs = [n for n in aot_gm.graph.nodes if n.op == "placeholder"]
-        offset = len(phs) - len(example_inputs)   # aot puts the module's own params first
-        mutated = {phs.index(n.args[0]) - offset for n in aot_gm.graph.nodes
-                   if n.op == "call_function" and n.target == torch.ops.aten.copy_.default
-                   and n.args[0].op == "placeholder"}
-        picked = _pick_token_inputs(dyn_names, list(example_inputs), mutated, opts.get("token_inputs"),
-                                    module_state)
-        T = int(example_inputs[picked[0]].shape[0]) if picked else 0
-        token_names = tuple(phs[i + offset].name for i in picked)
+        inputs = AotInputs.of(aot_gm, gm)   # what aot_autograd says each placeholder is
+        asked = opts.get("token_inputs")
+        picked = inputs.token_placeholders(pick_token_inputs(dyn_phs, list(example_inputs), inputs.mutated_users(),
+                                                             asked, module_state), dyn_phs, asked=asked is not None)
+        T = int(picked[0].meta["val"].shape[0]) if picked else 0
+        token_names = tuple(n.name for n in picked)
         o = copts if picked else CompileOptions(**{**copts.__dict__, "split": False})
         if not picked:
             log.info("tbo: no token inputs in this graph; compiled without a split")
@@ -218,7 +166,7 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
         if dump_dir:
             from tbo_compiler.dumps import write_dumps
             write_dumps(compiled, os.path.join(dump_dir, f"graph{_counter()}_T{T}"), name="torch_compile",
-                        input_names=_input_names(gm, phs, offset, dyn_names))
+                        input_names=inputs.names)
         device = next((x.device for x in aot_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         prog = Program(compiled.gm, compiled.schedule.instrs, device=device)
         log.info("tbo: compiled a graph of %d tokens: %s, %d comm ops", T,
@@ -228,7 +176,7 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
             opts["on_compile"](compiled)
         graphed = device.type == "cuda" and opts.get("cuda_graphs", True)
         if graphed:
-            prog = GraphedProgram(prog, [i + offset for i in picked], name=f"torch.compile T={T}")
+            prog = GraphedProgram(prog, [inputs.index(n) for n in picked], name=f"torch.compile T={T}")
 
         def run(args):
             out = prog(*args)
