@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from tbo_compiler.passes.token_axis import is_alias
+
 aten = torch.ops.aten
 
 
@@ -84,9 +86,7 @@ def node_cost_us(node: fx.Node, prof: DeviceProfile, comm_bytes: int | None = No
         return prof.link_latency_us + comm_bytes / prof.link_bw * 1e6
     if node.op != "call_function" or node.target is operator.getitem:
         return 0.0
-    if node.target in (aten.view.default, aten._unsafe_view.default, aten.permute.default, aten.t.default,
-                       aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor,
-                       aten.select.int, aten.transpose.int, aten.alias.default):
+    if is_alias(node.target):
         return 0.5  # views: no kernel
     moved = nbytes(node.meta.get("val")) + sum(nbytes(a.meta.get("val")) for a in node.all_input_nodes)
     return prof.launch_us + max(node_flops(node, world) / prof.flops, moved / prof.mem_bw) * 1e6

@@ -29,15 +29,10 @@ import torch
 import torch.fx as fx
 
 from tbo_compiler.ops.errors import SplitError, node_error
-from tbo_compiler.passes.token_axis import STATE, TokenAxes, TokenDim, is_token_dependent
+from tbo_compiler.passes.token_axis import (STATE, TokenAxes, TokenDim, has_sizes_arg, is_token_dependent,
+                                            plain_factory, writes_rows)
 
 aten = torch.ops.aten
-_SCATTERS = {aten.index_put.default, aten.index_put_.default, aten.index_copy.default,
-             aten.scatter.src, aten.scatter.value, aten.scatter_add.default, aten.index_add.default,
-             aten.scatter_reduce.two}
-
-_NEW_FACTORIES = {aten.new_empty.default: aten.empty.memory_format, aten.new_zeros.default: aten.zeros.default,
-                  aten.new_ones.default: aten.ones.default, aten.new_full.default: aten.full.default}
 
 
 def split_point(num_tokens: int, mode: str, tokens_per_request: int = 1) -> int:
@@ -92,7 +87,7 @@ def classify_split(gm: fx.GraphModule, axes: TokenAxes, cut: int) -> SplitLayout
             continue
         if node.op == "call_function" and is_token_dependent(axes[node]):
             per.append(node.name)
-            if axes[node] is STATE and node.target in _SCATTERS:
+            if axes[node] is STATE and writes_rows(node.target):
                 base = node.args[0]
                 root = chain_of.get(base.name, base.name) if axes[base] is STATE else base.name
                 if axes[base] is STATE and base.name not in chain_of:
@@ -109,8 +104,7 @@ def _rewrite_shape_args(node: fx.Node, old: fx.Node, axes: TokenAxes, T: int, Tu
     ax = axes[old]
     t = old.target
 
-    if t in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
-             aten.new_zeros.default, aten.new_empty.default, aten.new_full.default, aten.new_ones.default):
+    if has_sizes_arg(t):
         if isinstance(ax, TokenDim):
             size = list(node.args[1])
             want = ax.size(T)
@@ -203,18 +197,18 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
                 ub[u][node.name] = s
 
     def emit(node: fx.Node, u: int | None) -> fx.Node:
-        if u is None and node.target in _NEW_FACTORIES and is_token_dependent(axes[node.args[0]]):
+        if u is None and plain_factory(node.target) and is_token_dependent(axes[node.args[0]]):
             # new_empty(x, size) with a token tensor x reads only x's dtype and device: make it
             # a plain factory so the shared buffer does not wait on either ubatch
             tmpl = node.args[0].meta["val"]
             kw = {"dtype": node.kwargs.get("dtype") or tmpl.dtype, "device": node.kwargs.get("device") or tmpl.device}
-            op, args = _NEW_FACTORIES[node.target], (list(node.args[1]), *node.args[2:])
+            op, args = plain_factory(node.target), (list(node.args[1]), *node.args[2:])
             c = new.call_function(op, args, kw)
             c.meta = dict(node.meta)
             c.meta.pop("val", None)
             c.meta.update(tbo_ubatch=None, tbo_origin=node.name)
             return c
-        if u is not None and node.target in _SCATTERS and node.name in chain_root:
+        if u is not None and writes_rows(node.target) and node.name in chain_root:
             root = chain_root[node.name]
             first = root == node.name
             if u == 1 and first:  # ubatch 1's first write goes on top of ubatch 0's last
