@@ -4,6 +4,7 @@
 #   bash bench/gpu_run.sh tests        # the whole test suite (GPU tests included)
 #   bash bench/gpu_run.sh kernels      # the kernel micro-benchmarks
 #   bash bench/gpu_run.sh bench ARGS   # bench/tbo_bench.py ARGS
+#   bash bench/gpu_run.sh anymodel ARGS  # bench/any_model_bench.py ARGS (backend="tbo" vs Inductor)
 #   bash bench/gpu_run.sh reliability  # compute-sanitizer memcheck/racecheck, 1000-step memory loop, rank death (2 GPUs)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -26,6 +27,7 @@ case "$stage" in
              memloop) timeout 240 python3 bench/gpu_reliability.py memloop --out "$OUT" > "$OUT/memloop.log" 2>&1 ;;
              faults)  timeout 200 python3 bench/gpu_faults.py "$OUT/faults_nccl.json" > "$OUT/faults.log" 2>&1 ;;
            esac; echo "$part rc=$?"; done; done ;;
+  anymodel) python3 bench/any_model_bench.py "$@" 2>&1 | tee -a "$OUT/any_model.log"; exit ${PIPESTATUS[0]} ;;
   bench)   python3 bench/tbo_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"; exit ${PIPESTATUS[0]} ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -68,6 +68,8 @@ class State:
     timings: dict = field(default_factory=dict)
     #: why the graph runs unsplit although a split was asked for (None: it split, or was not asked)
     fallback: str | None = None
+    #: the runtime program the torch.compile backend built from this state (for on_compile callbacks)
+    program: object | None = None
 
     @property
     def did_split(self) -> bool:

@@ -42,6 +42,7 @@ from tbo_compiler.ops.instr import COMM, COMPUTE, Instr, other_stream
 from tbo_compiler.ops.kernels import KERNEL_OPS
 from tbo_compiler.runtime import kernels
 from tbo_compiler.runtime.comm import backend_for
+from tbo_compiler.runtime.regions import Region, RegionCache, fusible
 
 aten = torch.ops.aten
 _KERNEL_NAMES = {v: k for k, v in KERNEL_OPS.items()}
@@ -127,7 +128,8 @@ class Program:
     """Callable(*flat_inputs) -> outputs of the graph, the schedule compiled to Python."""
 
     def __init__(self, gm: fx.GraphModule, instrs: Sequence[Instr], device: torch.device | str = "cpu",
-                 *, inplace: bool = True, mode: str = "full", comm_backend: str | None = None):
+                 *, inplace: bool = True, mode: str = "full", comm_backend: str | None = None,
+                 inductor: bool | dict = False):
         if mode not in ("full", "compute", "comm", "profile"):
             raise ValueError(f"unknown program mode {mode!r}")
         self.device = torch.device(device)
@@ -141,6 +143,11 @@ class Program:
         self._comm: dict[tuple, str] = {}       # (group, world) -> the bound backend's name
         self.events = 0
         self.profiled: list[str] = []   # profile mode: the node timed by each event
+        # inductor: the compute between comm points runs as Inductor-compiled regions (a dict: its
+        # config options); else one ATen op per line
+        self.regions: list[Region] = []
+        self.region_cache = RegionCache(inductor if isinstance(inductor, dict) else None) \
+            if inductor is not False and mode == "full" else None
         lines = self._emit(gm, instrs)
         self.source = "\n".join(lines) + "\n"
         if mode == "profile":
@@ -218,7 +225,45 @@ class Program:
             return self._emit_profile(nodes, instrs, params)
         cur = COMPUTE
         streams = {COMPUTE: "SC", COMM: "SM"}
+        region: list[str] = []      # the open region's nodes (Inductor mode)
+        members: set[str] = set()
+        deferred: list[Instr] = []  # frees met inside it
+        hidden: set[str] = set()    # region-internal values (no variable in the program)
+        eager = self.inplace | {n.name for n in gm.graph.nodes if n.op == "get_attr"}
+
+        def close():
+            nonlocal cur
+            if region:
+                if self.cuda and cur != COMPUTE:
+                    body.append(f"_set({streams[COMPUTE]})")
+                    cur = COMPUTE
+                body.extend(self._region_call(gm, region))
+                # values that live and die inside the region have no variable to free (their free
+                # may come after the region closed, e.g. behind an event record)
+                hidden.update(members - {o.name for o in self.regions[-1].outputs})
+            for f in deferred:
+                if f.node not in hidden:
+                    self._free(body, f, streams)
+            region.clear()
+            members.clear()
+            deferred.clear()
+
         for ins in instrs:
+            if ins.op == "run" and self.region_cache is not None and fusible(
+                    nodes[ins.node], ins, eager, members):
+                region.append(ins.node)
+                members.add(ins.node)
+                continue
+            if ins.op == "free" and region:
+                deferred.append(ins)
+                continue
+            if ins.op == "run" and region and (nodes[ins.node].target is operator.getitem
+                                               or nodes[ins.node].op == "get_attr"):
+                # reading a value defined before the region (a comm result's element, a constant):
+                # no GPU work, so it runs ahead of the region's call, and the region stays open
+                body.append(f"v_{ins.node} = {self._call(nodes[ins.node])}")
+                continue
+            close()
             if ins.op == "run":
                 if self.cuda and ins.stream != cur:
                     body.append(f"_set({streams[ins.stream]})")
@@ -229,10 +274,9 @@ class Program:
                 body.append(f"E[{ins.event}].record({streams[ins.stream]})")
             elif ins.op == "wait" and self.cuda:
                 body.append(f"{streams[ins.stream]}.wait_event(E[{ins.event}])")
-            elif ins.op == "free":
-                if self.cuda and ins.event is not None:
-                    body.append(f"_rs(v_{ins.node}, {streams[other_stream(ins.stream)]})")
-                body.append(f"del v_{ins.node}")
+            elif ins.op == "free" and ins.node not in hidden:
+                self._free(body, ins, streams)
+        close()
         out = next(n for n in gm.graph.nodes if n.op == "output")
         ret = f"return {self._arg(tuple(out.args[0]) if isinstance(out.args[0], (list, tuple)) else out.args[0])}"
         if self.cuda:
@@ -241,6 +285,20 @@ class Program:
         else:
             head, tail = [], []
         return [f"def program({params}):"] + ["    " + x for x in head + body + tail + [ret]]
+
+    def _free(self, body: list[str], ins: Instr, streams: dict) -> None:
+        if self.cuda and ins.event is not None:
+            body.append(f"_rs(v_{ins.node}, {streams[other_stream(ins.stream)]})")
+        body.append(f"del v_{ins.node}")
+
+    def _region_call(self, gm: fx.GraphModule, names: list[str]) -> list[str]:
+        """One line calling a compiled region (and one per tuple-valued output it returns)."""
+        r = Region(gm, names, self.region_cache, f"{names[0]}..{names[-1]}")
+        self.regions.append(r)
+        fn = self._bind("R", r)
+        args = ", ".join(f"v_{a.name}" for a in r.inputs)
+        outs = "".join(f"v_{o.name}, " for o in r.outputs)
+        return [f"{outs}= {fn}({args})" if outs else f"{fn}({args})"]
 
     def _emit_profile(self, nodes, instrs, params) -> list[str]:
         body = ["P[0].record()"]

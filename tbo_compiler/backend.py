@@ -19,6 +19,9 @@ options:
   dump_dir            write graph/schedule dumps (default $TBO_DUMP_DIR)
   cuda_graphs         capture the program in a CUDA graph (default True on CUDA)
   on_compile          callback(state) with each compiled graph's pipeline state (tests, tools)
+  inductor            True (default; $TBO_INDUCTOR=0 changes the default): the compute between
+                      two comm points runs as Inductor-compiled regions (a dict: Inductor config
+                      options for them); False: today's runtime, one ATen op per generated line
 Shapes must be static (one compiled graph per batch-size bucket): use dynamic=False.
 """
 from __future__ import annotations
@@ -43,6 +46,18 @@ def _split_option(v):
     if v in ("auto", True, False):
         return v
     raise TboCompileError(f"options['split'] must be 'auto', True or False, not {v!r}")
+
+
+def _inductor_option(v):
+    """options['inductor']: True, False or a dict of Inductor options; unset: $TBO_INDUCTOR (default on)."""
+    if v is None:
+        raw = os.environ.get("TBO_INDUCTOR", "1").strip().lower()
+        if raw not in ("0", "1", "false", "true", ""):
+            raise TboCompileError(f"TBO_INDUCTOR={raw!r} must be 0 or 1")
+        return raw not in ("0", "false")
+    if isinstance(v, bool) or isinstance(v, dict):
+        return v
+    raise TboCompileError(f"options['inductor'] must be True, False or a dict of Inductor options, not {v!r}")
 
 
 def _agreement_group(gm: fx.GraphModule):
@@ -125,6 +140,7 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
                            split=_split_option(opts.get("split", "auto")),
                            strict=bool(opts.get("strict", False)))
     dump_dir = opts.get("dump_dir", os.environ.get("TBO_DUMP_DIR"))
+    inductor = _inductor_option(opts.get("inductor"))
     _count_sizes(gm, example_inputs)
 
     def compiler(aot_gm: fx.GraphModule, aot_inputs):
@@ -168,10 +184,11 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
             write_dumps(compiled, os.path.join(dump_dir, f"graph{_counter()}_T{T}"), name="torch_compile",
                         input_names=inputs.names)
         device = next((x.device for x in aot_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        prog = Program(compiled.gm, compiled.schedule.instrs, device=device)
+        prog = Program(compiled.gm, compiled.schedule.instrs, device=device, inductor=inductor)
         log.info("tbo: compiled a graph of %d tokens: %s, %d comm ops", T,
                  f"split {compiled.cut}+{T - compiled.cut}" if compiled.cut else
                  f"not split ({compiled.fallback or 'not asked'})", len(compiled.comm_before.ops))
+        compiled.program = prog
         if opts.get("on_compile"):
             opts["on_compile"](compiled)
         graphed = device.type == "cuda" and opts.get("cuda_graphs", True)

@@ -7,6 +7,10 @@ import torch
 # be set before any kernel module is imported (triton.jit reads it at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# backend="tbo" compiles its compute regions with Inductor by default; on CPU that is a C++ compile
+# per region (seconds each), so the suite runs the ATen runtime unless a test asks for Inductor
+# (tests/test_inductor_path.py does, on tiny graphs). Spawned ranks inherit it.
+os.environ.setdefault("TBO_INDUCTOR", "0")
 
 import pytest  # noqa: E402
 
