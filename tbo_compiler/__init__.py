@@ -3,6 +3,8 @@
     torch.compile(model, backend="tbo")                       # the dynamo backend
     tbo-compile MODEL_DIR -o plan.pt                          # the CLI
     run = tbo_compiler.load_plan("plan.pt", MODEL_DIR)        # plan -> callable like the model
+    torch.compile(model, backend="inductor",                  # inside an engine's own compile
+                  options={"post_grad_custom_post_pass": tbo_compiler.tbo_pass()})
 
 Every error the project raises on bad input is a `tbo_compiler.TboError`.
 """
@@ -20,4 +22,11 @@ def load_plan(plan_path, model_dir, **kw):
     return _load(plan_path, model_dir, **kw)
 
 
-__all__ = ["load_plan", "declare_op", "TboError", "TboFallbackWarning", "__version__"]
+def tbo_pass(token_inputs=None, **options):
+    """TBO's split + schedule as an Inductor custom graph pass (tbo_compiler/inductor_pass.py)."""
+    from tbo_compiler.inductor_pass import tbo_pass as _pass   # imports torch._inductor: lazily
+
+    return _pass(token_inputs, **options)
+
+
+__all__ = ["load_plan", "tbo_pass", "declare_op", "TboError", "TboFallbackWarning", "__version__"]
