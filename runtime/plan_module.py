@@ -48,7 +48,7 @@ class BucketProgram:
 class PlanModule:
     def __init__(self, buckets: dict[int, dict[str, BucketProgram]], model, device, *, ep: int = 1,
                  group: str = "ep", policy: str = "auto", graphs: bool | None = None,
-                 num_token_inputs: int = 4):
+                 num_token_inputs: int = 4, inductor: bool = False):
         if policy not in ("auto", *VARIANTS):
             raise RuntimeFailure(f"unknown TBO policy {policy!r} (auto, tbo, serial)")
         self.model, self.device = model, torch.device(device)
@@ -70,7 +70,7 @@ class PlanModule:
             self.buckets[tokens] = {}
             for variant, bp in buckets[tokens].items():
                 bound = [self._bind(kind, target, state) for kind, target in bp.inputs]
-                prog = Program(bp.gm, bp.instrs, device=self.device)
+                prog = Program(bp.gm, bp.instrs, device=self.device, inductor=inductor)
                 copied = [i for i, b in enumerate(bound) if isinstance(b, int) and b < num_token_inputs]
                 run = GraphedProgram(prog, copied, self.pool, f"bucket {tokens} {variant}") if self.graphs else prog
                 self.buckets[tokens][variant] = (bp, bound, prog, run)

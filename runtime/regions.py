@@ -66,6 +66,11 @@ def fusible(n: fx.Node, ins: Instr, eager: set[str], members: set[str]) -> bool:
 
 # Step 2 + 3 ------------------------------------------------------------------------------------
 
+def _is_tensor_record(v) -> bool:
+    """A plan's record of one tensor value is [shape, dtype name]; of a tuple, a list of those."""
+    return len(v) == 2 and isinstance(v[0], list) and isinstance(v[1], str)
+
+
 class RegionCache:
     """Compiled regions of one program, by canonical key (the two ubatches' identical stages hit)."""
 
@@ -100,8 +105,8 @@ class Region:
             env[n] = g.node_copy(n, lambda a: env[a])
         flat, self.unflatten = [], []
         for n in self.outputs:
-            v = n.meta.get("val")
-            if isinstance(v, (tuple, list)):
+            v = n.meta.get("val", n.meta.get("tbo_val"))   # a capture's fake value, a plan's record
+            if isinstance(v, (tuple, list)) and not _is_tensor_record(v):
                 idx = []
                 for k in range(len(v)):
                     idx.append(len(flat))

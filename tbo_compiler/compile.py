@@ -180,7 +180,7 @@ def _check_parallel(path, p: dict, rank, group) -> None:
 
 
 def load_plan(plan_path, model_dir, *, rank: int = 0, device="cpu", dtype=None, group: str | None = None,
-              policy: str = "auto", graphs: bool | None = None) -> PlanModule:
+              policy: str = "auto", graphs: bool | None = None, inductor: bool = False) -> PlanModule:
     """The plan as a callable with the model's forward signature; weights from `model_dir`.
 
     With EP > 1 the comm group is the plan's ("ep"): registered already, or set up here from
@@ -199,7 +199,7 @@ def load_plan(plan_path, model_dir, *, rank: int = 0, device="cpu", dtype=None, 
     model = load_model(model_dir, dtype=getattr(torch, p["dtype"]), device=device, parallel=par,
                        block_size=p["block_size"], num_layers=p["num_layers"])
     return PlanModule(programs_of(plan, device), model, device, ep=p["ep"], group=par.group, policy=policy,
-                      graphs=graphs, num_token_inputs=len(model.token_inputs))
+                      graphs=graphs, num_token_inputs=len(model.token_inputs), inductor=inductor)
 
 
 __all__ = ["compile_model", "compile_model_dir", "load_plan", "CompiledProgram"]

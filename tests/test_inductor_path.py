@@ -140,3 +140,25 @@ def test_readme_engine_snippet(tmp_path):
     script.write_text(block)
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_plan_through_inductor_equals_aten_runtime(tiny_dirs, tmp_path):
+    """load_plan(..., inductor=True): a plan's programs (TBO and serial) run their compute as
+    Inductor regions and give what the ATen runtime gives."""
+    from tbo_scenarios import compile_plans
+
+    from tbo_compiler import load_plan
+
+    path = compile_plans(tiny_dirs["qwen3_moe"], tmp_path, names=("prefill",))["prefill"]
+    prompts = [("a", [5, 6, 7, 8, 9]), ("b", [10, 11, 12])]
+    outs = {}
+    for inductor in (False, True):
+        for policy in ("tbo", "serial"):
+            run = load_plan(path, tiny_dirs["qwen3_moe"], dtype=torch.float32, policy=policy, inductor=inductor)
+            kv = run.new_kv_cache(num_blocks=32)
+            with torch.no_grad():
+                outs[inductor, policy] = run(*kv.make_batch(prompts).args(), kv.caches)[:8]
+            progs = [p for b in run.buckets.values() for (_, _, p, _) in b.values()]
+            assert all(bool(p.regions) == inductor for p in progs if p.source.count("\n") > 3)
+    for key, out in outs.items():
+        torch.testing.assert_close(out, outs[False, "serial"], rtol=1e-5, atol=1e-5, msg=str(key))
