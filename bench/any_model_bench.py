@@ -9,7 +9,8 @@ that the compute between comm points runs at Inductor's speed).
 Per model and shape, modes (each compiled afresh, first call timed as the compile time):
   eager, inductor, inductor-ro (mode="reduce-overhead"), tbo-unsplit (split=False),
   tbo-split (split=True), tbo-split-aten (split=True, inductor=False: today's runtime),
-  tbo-unsplit-aten. ms per forward = median of CUDA-event-timed calls after warm-up; every mode's
+  tbo-unsplit-aten, inductor-pass (backend="inductor" with tbo_pass(split=True) as its
+  post_grad_custom_post_pass). ms per forward = median of CUDA-event-timed calls after warm-up; every mode's
 output is compared with eager (max abs difference, and relative to eager's max abs).
 """
 from __future__ import annotations
@@ -47,6 +48,8 @@ MODES = {
     "tbo-split": dict(backend="tbo", options={"split": True}),
     "tbo-split-aten": dict(backend="tbo", options={"split": True, "inductor": False}),
     "tbo-unsplit-aten": dict(backend="tbo", options={"split": False, "inductor": False}),
+    # the engine hook: plain Inductor with tbo_pass as its post-grad custom pass
+    "inductor-pass": dict(backend="inductor", options={"post_grad_custom_post_pass": "tbo_pass"}),
 }
 
 
@@ -94,6 +97,7 @@ def run_mode(model, mode: str, make_call, device, iters: int, ref):
     torch._dynamo.reset()
     spec = MODES[mode]
     info: dict = {}
+    tbo_pass = None
     if spec is None:
         fn = model
     else:
@@ -101,6 +105,10 @@ def run_mode(model, mode: str, make_call, device, iters: int, ref):
         if spec["backend"] == "tbo":
             spec["options"]["on_compile"] = lambda st: info.update(
                 cut=st.cut, T=st.T, fallback=st.fallback, comm=len(st.comm_before.ops))
+        tbo_pass = None
+        if spec.get("options", {}).get("post_grad_custom_post_pass") == "tbo_pass":
+            import tbo_compiler
+            tbo_pass = spec["options"]["post_grad_custom_post_pass"] = tbo_compiler.tbo_pass(split=True)
         fn = torch.compile(model, dynamic=False, **spec)
     call = make_call(fn)
     if device.type == "cuda":
@@ -111,16 +119,35 @@ def run_mode(model, mode: str, make_call, device, iters: int, ref):
     if device.type == "cuda":
         torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
+    if tbo_pass is not None and tbo_pass.last is not None:
+        st = tbo_pass.last
+        info.update(cut=st.cut, T=st.T, fallback=st.fallback, comm=len(st.comm_before.ops))
     with torch.no_grad():
         for _ in range(3):
             out = call()
         ms = timed(call, iters, device)
         out = call().float().clone()
+        if _TRACE and mode in _TRACE[1]:
+            _trace(call, Path(_TRACE[0]) / f"trace_{_TRACE[2]}_{mode}.json")
     row = {"mode": mode, "ms": round(ms, 4), "first_call_s": round(first_s, 2), **info}
     if ref is not None:
         d = (out - ref).abs().max().item()
         row.update(max_abs_diff=d, rel_diff=d / max(ref.abs().max().item(), 1e-30))
     return row, out
+
+
+_TRACE: list = []  # (dir, modes, label): a Chrome trace of two calls per traced mode
+
+
+def _trace(call, path: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            call()
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
 
 
 _SINK: list = []   # (path, meta, rows): every row is written as soon as it is measured
@@ -143,6 +170,8 @@ def bench_hf(name, layers, shapes, modes, tiny, dtype, device, iters):
 
         def make_call(fn):
             return lambda: fn(input_ids=ids, use_cache=False).logits
+        if _TRACE:
+            _TRACE[2] = f"hf_{name}_{B}x{S}"
         ref = None
         for mode in modes:
             try:
@@ -175,6 +204,8 @@ def bench_own(slice_name, shapes, modes, dtype, device, iters, tmp: Path):
 
         def make_call(fn):
             return lambda: fn(*args, kv.caches)
+        if _TRACE:
+            _TRACE[2] = f"own_{slice_name}_{phase}{T}"
         ref = None
         for mode in modes:
             try:
@@ -202,6 +233,7 @@ def main(argv=None):
     ap.add_argument("--own-shapes", default="prefill:4096,decode:256")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--trace", default="", help="DIR:mode,mode -- Chrome traces of these modes (GPU)")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -213,6 +245,9 @@ def main(argv=None):
             "dtype": str(dtype), "vocab": VOCAB, "layers": a.layers, "date": time.strftime("%Y-%m-%d"),
             "argv": sys.argv[1:]}
     _SINK[:] = [out, meta, []]
+    if a.trace and device.type == "cuda":
+        tdir, _, tmodes = a.trace.partition(":")
+        _TRACE[:] = [tdir, set(tmodes.split(",")), ""]
     rows = []
     for name in filter(None, a.hf.split(",")):
         rows += bench_hf(name, a.layers, shapes, modes, a.tiny, dtype, device, a.iters)

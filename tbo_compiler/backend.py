@@ -42,6 +42,11 @@ from tbo_compiler.runtime.program import Program
 log = logging.getLogger(__name__)
 
 
+#: the options this backend reads (the module docstring says what each does)
+OPTIONS = ("token_inputs", "mode", "tokens_per_request", "profile", "order", "split", "strict", "dump_dir",
+           "cuda_graphs", "on_compile", "inductor")
+
+
 def _split_option(v):
     if v in ("auto", True, False):
         return v
@@ -127,6 +132,10 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
     from torch._functorch.aot_autograd import aot_module_simplified
 
     opts = dict(options or {})
+    unknown = sorted(set(opts) - set(OPTIONS))
+    if unknown:
+        raise TboCompileError(f"unknown backend='tbo' option(s) {', '.join(map(repr, unknown))}; "
+                              f"valid: {', '.join(OPTIONS)}")
     if any(isinstance(x, torch.SymInt) for x in example_inputs) or any(
             isinstance(x, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in x.shape)
             for x in example_inputs):

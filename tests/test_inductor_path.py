@@ -83,6 +83,12 @@ def test_bad_inductor_option_is_one_line(world1):
         fn(torch.ones(8, 16))
 
 
+def test_misspelt_option_names_the_valid_ones(world1):
+    fn, _ = _compile(_TwoLayerAllReduce(), splitt=True)
+    with pytest.raises(Exception, match=r"unknown backend='tbo' option\(s\) 'splitt'; valid: token_inputs, mode"):
+        fn(torch.ones(8, 16))
+
+
 def test_own_model_through_inductor_equals_eager(tiny_models):
     """The project's own model (custom kernel ops stay extern calls inside the regions, the KV cache
     updated in place between them) split and compiled: logits and caches equal eager."""
