@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import stat
 import sys
 import time
 
@@ -66,8 +67,44 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-split", action="store_true", help="one ubatch (the no-TBO baseline)")
     p.add_argument("--dump-dir", default=os.environ.get("TBO_DUMP_DIR"),
                    help="write graph/schedule dumps here (default: $TBO_DUMP_DIR)")
+    p.add_argument("--force", action="store_true", help="replace a symlink at the -o path (never a device, FIFO, "
+                   "socket or directory)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _inside(path: str, root: str) -> bool:
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def output_problem(output: str, model_dir: str, force: bool = False) -> str | None:
+    """Why `-o output` must not be written, or None. The plan is written to a temporary file and
+    renamed over the path: right for a plan file, destructive for anything else (as root, a
+    rename over /dev/null replaces the device), so only a regular file (or nothing) is replaced."""
+    out = os.path.abspath(output)
+    if os.path.islink(out) and not force:
+        return f"-o {output} is a symbolic link; pass --force to replace the link with the plan"
+    if os.path.lexists(out):
+        mode = os.stat(out).st_mode if os.path.exists(out) else os.lstat(out).st_mode
+        for test, what in _KINDS:
+            if test(mode) and not (force and os.path.islink(out) and what != "a directory"):
+                hint = f"; give a plan file path (e.g. {output}/plan.pt)" if what == "a directory" else ""
+                return f"-o {output} is {what}, not a plan file{hint}"
+    if os.path.isdir(model_dir) and _inside(out, model_dir):
+        return (f"-o {output} is inside the model directory {model_dir}: the plan must not replace or sit "
+                "among the model's files; write it elsewhere")
+    return None
+
+
+def dump_dir_problem(dump_dir: str | None) -> str | None:
+    if dump_dir and os.path.lexists(dump_dir) and not os.path.isdir(dump_dir):
+        return f"--dump-dir {dump_dir} exists and is not a directory"
+    return None
 
 
 def main(argv=None) -> int:
@@ -88,14 +125,14 @@ def main(argv=None) -> int:
         return 1
 
     out = os.path.abspath(args.output)
-    if os.path.isdir(out):
-        print(f"tbo-compile: -o {args.output} is a directory; give a plan file path (e.g. {args.output}/plan.pt)",
-              file=sys.stderr)
-        return 1
+    why = output_problem(args.output, args.model_dir, args.force) or dump_dir_problem(args.dump_dir)
+    if why:
+        print(f"tbo-compile: {why}", file=sys.stderr)
+        return 2
     if not os.path.isdir(os.path.dirname(out)) or not os.access(os.path.dirname(out), os.W_OK):
         print(f"tbo-compile: cannot write {args.output}: {os.path.dirname(out)} is not a writable directory",
               file=sys.stderr)
-        return 1
+        return 2
     if os.path.exists(out):  # not on stderr: a failed compile's one line is the cause, and leaves the file as it was
         logging.getLogger(__name__).info("%s exists and will be replaced when the compile succeeds", args.output)
     if args.profile not in PROFILES:

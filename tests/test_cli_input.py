@@ -2,6 +2,9 @@
 nothing written."""
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from tbo_compiler.cli import main
@@ -22,8 +25,45 @@ def test_bad_numbers_are_refused_by_name(tmp_path, capsys, extra, says):
 
 
 def test_output_directory_or_unwritable_is_refused_before_compiling(tmp_path, capsys):
-    assert main([str(tmp_path / "no-model"), "-o", str(tmp_path)]) == 1
+    assert main([str(tmp_path / "no-model"), "-o", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
-    assert main([str(tmp_path / "no-model"), "-o", str(tmp_path / "missing" / "plan.pt")]) == 1
+    assert main([str(tmp_path / "no-model"), "-o", str(tmp_path / "missing" / "plan.pt")]) == 2
     assert "not a writable directory" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_that_is_not_a_plain_file_is_never_replaced(tmp_path, capsys):
+    """-o refuses, before compiling, a path that holds something other than a regular file (a device,
+    FIFO, socket, directory, or a symlink without --force) and a path inside the model directory;
+    --dump-dir refuses an existing file. Nothing at those paths changes."""
+    import socket
+
+    from tbo_compiler.cli import output_problem
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    # /dev/null itself: the check is a pure function, so nothing is ever written to it here
+    assert output_problem("/dev/null", str(model)) == "-o /dev/null is a character device, not a plan file"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    target = tmp_path / "target.pt"
+    target.write_text("keep")
+    link = tmp_path / "link.pt"
+    link.symlink_to(target)
+    cases = {str(fifo): "is a FIFO, not a plan file", str(sock_path): "is a socket, not a plan file",
+             str(link): "is a symbolic link; pass --force", str(model / "config.json"): "is inside the model directory",
+             str(model / "plan.pt"): "is inside the model directory"}
+    for out, says in cases.items():
+        assert main([str(model), "-o", out]) == 2, out
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    sock.close()
+    assert (model / "config.json").read_text() == "{}" and target.read_text() == "keep" and link.is_symlink()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and not (model / "plan.pt").exists()
+    assert output_problem(str(link), str(model), force=True) is None
+    assert main([str(model), "-o", str(tmp_path / "p.pt"), "--dump-dir", str(target)]) == 2
+    assert "--dump-dir" in capsys.readouterr().err and target.read_text() == "keep"
