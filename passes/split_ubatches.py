@@ -119,6 +119,14 @@ def _rewrite_shape_args(node: fx.Node, old: fx.Node, axes: TokenAxes, T: int, Tu
         if dim % rank == ax.axis and len(args) > 3 and args[3] is not None and args[3] < 2 ** 62:
             args[3] = ax.size(Tu)  # the token rule allows only full slices along tokens
             node.args = tuple(args)
+    elif t in (aten.split.Tensor, aten.split_with_sizes.default) and isinstance(axes[old.args[0]], TokenDim):
+        src = axes[old.args[0]]  # along the token axis only in whole outer blocks (an all_gather's ranks)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if dim % len(old.args[0].meta["val"].shape) == src.axis:
+            sizes = node.args[1]
+            block, ublock = src.size(T) // src.outer, src.size(Tu) // src.outer
+            new = [s // block * ublock for s in sizes] if isinstance(sizes, (list, tuple)) else sizes // block * ublock
+            node.args = (node.args[0], new, *node.args[2:])
     elif t == aten.native_group_norm.default and isinstance(ax, tuple) and isinstance(ax[0], TokenDim):
         node.args = (*node.args[:3], ax[0].size(Tu), *node.args[4:])  # (x, w, b, N, C, HxW, groups, eps)
     elif t == torch.ops._c10d_functional.all_to_all_single.default:
@@ -150,6 +158,7 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
         return ub[1][name]
 
     aligned = axes.aligned or {}
+    renumbered = axes.renumbered or {}
     rows: dict[tuple, fx.Node] = {}
 
     def rows_of(n: fx.Node, ax: TokenDim, u: int) -> fx.Node:
@@ -168,6 +177,18 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
                 sl.meta = {"tbo_ubatch": u, "tbo_role": "aligned_rows"}
                 r = new.call_function(aten.reshape.default, (sl, shape[:ax.axis] + [ax.size(hi - lo)] + shape[ax.axis + 1:]))
             r.meta = {"tbo_ubatch": u, "tbo_role": "aligned_rows", "stack_trace": n.meta.get("stack_trace")}
+            rows[key] = r
+        return rows[key]
+
+    def iota_of(n: fx.Node, ax: TokenDim, u: int) -> fx.Node:
+        """Ubatch u's own arange(rows) in place of a shared arange numbering the token rows."""
+        key = (n.name, "iota", u)
+        if key not in rows:
+            end = 0 if n.target == aten.arange.default else 1
+            args = list(n.args)
+            args[end] = ax.size(sizes[u])
+            r = new.call_function(n.target, tuple(args), dict(n.kwargs))
+            r.meta = {"tbo_ubatch": u, "tbo_role": "iota", "stack_trace": n.meta.get("stack_trace")}
             rows[key] = r
         return rows[key]
 
@@ -216,9 +237,15 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
                 c = new.node_copy(node, lambda n: base if n is node.args[0] else lookup(n, u))
             else:
                 c = new.node_copy(node, lambda n: lookup(n, u))
-        elif u is not None and any((node.name, a.name) in aligned for a in node.all_input_nodes):
-            c = new.node_copy(node, lambda n: rows_of(n, aligned[(node.name, n.name)], u)
-                              if (node.name, n.name) in aligned else lookup(n, u))
+        elif u is not None and any((node.name, a.name) in aligned or (node.name, a.name) in renumbered
+                                   for a in node.all_input_nodes):
+            def arg(n):
+                if (node.name, n.name) in aligned:
+                    return rows_of(n, aligned[(node.name, n.name)], u)
+                if (node.name, n.name) in renumbered:
+                    return iota_of(n, renumbered[(node.name, n.name)], u)
+                return lookup(n, u)
+            c = new.node_copy(node, arg)
         else:
             c = new.node_copy(node, lambda n: lookup(n, u))
         c.meta = dict(node.meta)

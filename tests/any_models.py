@@ -15,6 +15,8 @@ from tbo_compiler.passes.pipeline import TboFallbackWarning
 # HuggingFace transformers ---------------------------------------------------------------------
 
 HF_MODELS = ("qwen3_moe", "mixtral", "deepseek_v3")
+#: with their default implementations (grouped_mm experts, eager/sdpa attention) all four split
+HF_DEFAULT_MODELS = HF_MODELS + ("gpt_oss",)
 
 
 def hf_model(name: str, experts_implementation: str | None = None, seed: int = 0):
@@ -36,6 +38,10 @@ def hf_model(name: str, experts_implementation: str | None = None, seed: int = 0
                                   first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1)
         model = tf.DeepseekV3ForCausalLM(cfg)
+    elif name == "gpt_oss":  # attention sinks, biased experts, alternating sliding-window layers
+        cfg = tf.GptOssConfig(**{**common, "intermediate_size": 32}, head_dim=16, num_local_experts=4,
+                              num_experts_per_tok=2, sliding_window=4)
+        model = tf.GptOssForCausalLM(cfg)
     else:
         raise ValueError(name)
     if experts_implementation:

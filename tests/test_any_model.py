@@ -37,34 +37,57 @@ def test_transformers_model_splits_at_prefill_and_decode(name):
     assert verdict(seen[0]).startswith("Verdict: TBO on: split into 2 ubatches (2 + 2 tokens), 0 comm ops found")
 
 
-@pytest.mark.parametrize("name", any_models.HF_MODELS)
-def test_transformers_model_with_grouped_experts_falls_back_with_one_warning(name):
-    """The default grouped_mm experts sort every token of the batch by expert: that mixes
-    tokens, so the graph runs unsplit, outputs unchanged, with one warning naming the line."""
+@pytest.mark.parametrize("name", any_models.HF_DEFAULT_MODELS)
+def test_transformers_model_with_default_implementations_splits(name):
+    """Default experts (grouped_mm: sort the (token, k) pairs by expert, count them, grouped GEMM,
+    unsort) and default attention: the sort -> grouped GEMM -> unsort region splits as a whole,
+    each ubatch sorting its own requests' tokens, at prefill and decode (KV cache), equal to eager."""
     pytest.importorskip("transformers")
+    from transformers import DynamicCache
+
     m = any_models.hf_model(name)
+    assert m.config._experts_implementation == "grouped_mm"  # nothing set: the library's default
+    ids, nxt = torch.randint(0, 128, (4, 8)), torch.randint(0, 128, (4, 1))
+    fn, seen, warned = any_models.compile_tbo(m, split=True, strict=True, inductor=False)
+    with torch.no_grad():
+        r1 = m(ids, past_key_values=DynamicCache(config=m.config), use_cache=True)
+        r2 = m(nxt, past_key_values=r1.past_key_values, use_cache=True).logits
+        o1 = fn(ids, past_key_values=DynamicCache(config=m.config), use_cache=True)
+        o2 = fn(nxt, past_key_values=o1.past_key_values, use_cache=True).logits
+    assert (o1.logits - r1.logits).abs().max() <= ATOL and (o2 - r2).abs().max() <= ATOL
+    assert [(c.T, c.cut, c.did_split) for c in seen] == [(4, 2, True), (4, 2, True)], any_models.report(seen)
+    sorts = [n for n in seen[0].gm.graph.nodes if n.target == torch.ops.aten.sort.default]
+    per = [n.meta["tbo_ubatch"] for n in sorts]  # one sort per MoE layer and ubatch
+    assert per and per.count(0) == per.count(1) == len(per) // 2
+    assert not warned
+
+
+def test_transformers_model_that_mixes_tokens_falls_back_with_one_warning():
+    """Experts that sort the batch's tokens and never put them back (an experts function of the
+    user's, registered with transformers) mix tokens: the graph runs unsplit, outputs unchanged,
+    with one warning naming the sort and the user's line; strict raises it in one line."""
+    pytest.importorskip("transformers")
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    def sorted_rows_experts(self, hidden_states, top_k_index, top_k_weights):
+        order = torch.sort(top_k_index[:, 0]).indices        # never inverted: rows stay sorted
+        return hidden_states[order] * top_k_weights.sum(-1, keepdim=True)
+
+    ALL_EXPERTS_FUNCTIONS.register("tbo_test_sorted_rows", sorted_rows_experts)
+    m = any_models.hf_model("qwen3_moe", experts_implementation="tbo_test_sorted_rows")
     ids = torch.randint(0, 128, (4, 8))
-    fn, seen, warned = any_models.compile_tbo(m, split=True)
+    fn, seen, warned = any_models.compile_tbo(m, split=True, inductor=False)
     with torch.no_grad():
         ref, out = m(ids, use_cache=False).logits, fn(ids, use_cache=False).logits
     assert (out - ref).abs().max() <= ATOL
     (rep,) = any_models.report(seen)
-    assert rep["cut"] == 0 and rep["fallback"]
-    assert len(warned) == 1 and "without TBO" in warned[0] and ".py:" in warned[0]
+    assert rep["cut"] == 0 and "order of sort" in rep["fallback"]
+    assert len(warned) == 1 and "without TBO" in warned[0] and "test_any_model.py:" in warned[0]
     assert verdict(seen[0]).startswith("Verdict: no TBO, the graph runs unsplit (0 comm ops found): ")
-    if name != "deepseek_v3":  # names the op and the library line that mixes the tokens
-        assert "sort" in warned[0] and "transformers" in warned[0]
-
-
-def test_transformers_model_strict_raises_one_line():
-    pytest.importorskip("transformers")
-    from tbo_compiler.ops.errors import TokenAxisError
-
-    m = any_models.hf_model("qwen3_moe")
-    fn, _, _ = any_models.compile_tbo(m, split=True, strict=True)
-    with pytest.raises(Exception) as e, torch.no_grad():
-        fn(torch.randint(0, 128, (4, 8)), use_cache=False)
-    assert "TokenAxisError" in str(e.value) or isinstance(e.value, TokenAxisError)
+    strict, _, _ = any_models.compile_tbo(m, split=True, strict=True, inductor=False)
+    with pytest.raises(Exception, match="TokenAxisError") as e, torch.no_grad():
+        strict(ids, use_cache=False)
+    assert "sort" in str(e.value)
 
 
 def test_transformers_model_without_split_asked_compiles_unsplit():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from tbo_compiler.ops.comm import START_OPS, TOKEN_BLOCKS, WAIT_OPS, group_world
-from tbo_compiler.passes.token_axis.helpers import fail
+from tbo_compiler.passes.token_axis.helpers import fail, require_plain
 from tbo_compiler.passes.token_axis.lattice import PER_UBATCH, SHARED, TokenDim
 from tbo_compiler.passes.token_axis.registry import register
 
@@ -17,6 +17,7 @@ def scaled(ax, node, mul=1, div=1):
     """`ax` (tokens on axis 0) with its outer blocks times `mul` over `div`."""
     if not isinstance(ax, TokenDim) or ax.axis != 0:
         return ax if ax is SHARED else fail(node, "tokens not on axis 0")
+    require_plain(node, node.args[0], ax, "communicates")
     if (ax.outer * mul) % div:
         fail(node, f"reduce-scatter of {ax.outer * mul} token blocks over {div} ranks splits tokens")
     return TokenDim(0, ax.outer * mul // div, ax.inner)
@@ -29,6 +30,7 @@ def rule_comm_start(node, ctx):
         return SHARED
     if not isinstance(ax, TokenDim) or ax.axis != 0:
         fail(node, "communicates a tensor whose tokens are not on axis 0")
+    require_plain(node, node.args[0], ax, "communicates")
     return PER_UBATCH
 
 
@@ -44,7 +46,10 @@ def rule_comm_wait(node, ctx):
 
 @register("comm", c10d.all_reduce.default, c10d.wait_tensor.default)
 def rule_c10d_same(node, ctx):
-    return ctx.ax(node.args[0])
+    ax = ctx.ax(node.args[0])
+    if node.target == c10d.all_reduce.default:
+        require_plain(node, node.args[0], ax, "communicates")
+    return ax
 
 
 @register("comm", c10d.all_gather_into_tensor.default)
@@ -63,6 +68,7 @@ def rule_c10d_reduce_scatter(node, ctx):  # reduce_scatter_tensor(x, op, group_s
 def rule_c10d_a2a(node, ctx):  # all_to_all_single(x, out_splits, in_splits, group_name)
     ax = ctx.ax(node.args[0])
     if isinstance(ax, TokenDim):
+        require_plain(node, node.args[0], ax, "communicates")
         if ax.axis != 0 or ax.outer == 1:
             fail(node, "all_to_all_single must exchange [ranks x tokens] blocks on axis 0 "
                        "(reshape to [W*T, ...] first)")

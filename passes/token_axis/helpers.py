@@ -6,20 +6,28 @@ import torch
 import torch.fx as fx
 
 from tbo_compiler.ops.errors import TokenAxisError, node_error
-from tbo_compiler.passes.token_axis.lattice import PER_UBATCH, SHARED, STATE, TokenDim, is_token_dependent
+from tbo_compiler.passes.token_axis.lattice import SHARED, TokenDim, is_token_dependent
 
 
 class Ctx:
     def __init__(self, axes: dict, T: int):
         self.axes, self.T = axes, T
         self.aligned: dict = {}
+        self.renumbered: dict = {}
 
     def align(self, node: fx.Node, arg: fx.Node, ax: TokenDim) -> None:
         """`arg` is shared, but its axis `ax.axis` pairs row by row with the op's tokens."""
+        if not ax.plain:
+            fail(node, f"shared input {arg.name} as long as the tokens meets rows in the order of "
+                       f"sort '{ax.order}' (its rows pair with tokens in token order)")
         prev = self.aligned.get((node.name, arg.name))
         if prev is not None and prev != ax:
             fail(node, f"shared input {arg.name} lines up with the tokens in two ways")
         self.aligned[(node.name, arg.name)] = ax
+
+    def renumber(self, node: fx.Node, arg: fx.Node, ax: TokenDim) -> None:
+        """`arg` is a shared arange numbering the rows of `ax`: each ubatch numbers its own."""
+        self.renumbered[(node.name, arg.name)] = ax
 
     def ax(self, a):
         if isinstance(a, fx.Node):
@@ -87,7 +95,16 @@ def align_shared(node, ctx, ax: TokenDim, positions) -> None:
 def only_tokendims(node, ctx):
     ins = token_inputs(node, ctx)
     for a, ax in ins:
-        if ax is STATE or ax is PER_UBATCH or isinstance(ax, tuple):
+        if not isinstance(ax, TokenDim):
             fail(node, f"input {a.name} is {ax if not isinstance(ax, tuple) else 'a tuple'}, not a "
                        "token-major tensor")
     return ins
+
+
+def require_plain(node, a, ax, what: str):
+    """Ops that pair rows across ubatches or ranks (comm, joins) take token-ordered data only."""
+    if isinstance(ax, TokenDim) and not ax.plain:
+        why = (f"rows in the order of sort '{ax.order}'" if ax.points_to is None else
+               f"positions of rows (the indices of a sort), numbered by each ubatch from 0")
+        fail(node, f"{what} {a.name}, which holds {why}; only its inverse permutation gives rows "
+                   "in token order")

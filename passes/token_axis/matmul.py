@@ -15,8 +15,10 @@ def rule_mm(node, ctx):  # mm(a[M,K], b[K,N]); addmm(bias, a, b)
     off = 1 if node.target == aten.addmm.default else 0
     a, b = node.args[off], node.args[off + 1]
     axa, axb = ctx.ax(a), ctx.ax(b)
-    if off and is_token_dependent(ctx.ax(node.args[0])) and not is_token_dependent(axa):
-        fail(node, "bias carries tokens")
+    bias = ctx.ax(node.args[0]) if off else SHARED
+    if is_token_dependent(bias) and not (isinstance(bias, TokenDim) and isinstance(axa, TokenDim)
+                                         and bias.order == axa.order and bias.points_to is None):
+        fail(node, "bias carries tokens, or its rows are in another order than the input's")
     if isinstance(axa, TokenDim) and axa.axis == 0 and not is_token_dependent(axb):
         return axa
     if isinstance(axb, TokenDim) and axb.axis == 1 and not is_token_dependent(axa):
@@ -39,7 +41,7 @@ def rule_bmm(node, ctx):  # bmm(a[B,M,K], b[B,K,N])
     if isinstance(axb, TokenDim) and axb.axis in (0, 2) and not is_token_dependent(axa):
         if axb.axis == 0:
             align_shared(node, ctx, axb, (0,))
-        return axb if axb.axis == 0 else TokenDim(2, axb.outer, axb.inner)
+        return axb if axb.axis == 0 else axb.at(2)
     if not is_token_dependent(axa) and not is_token_dependent(axb):
         return SHARED
     fail(node, "batched matmul mixes tokens")

@@ -40,8 +40,6 @@ for _op, _why in (
     (aten._adaptive_avg_pool2d_backward.default, _POOL_BACKWARD),
     (aten.unique_dim.default, _UNIQUE),
     (aten._unique2.default, _UNIQUE),
-    (aten.bincount.default, "bincount counts over all tokens"),
-    (aten.histc.default, "histc counts over all tokens"),
     (aten.resize_.default, "resize_ changes the tensor's size in place"),
 ):
     register("mixes", _op)(rule_mixes(_why))

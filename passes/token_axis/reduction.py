@@ -10,9 +10,11 @@ from tbo_compiler.passes.token_axis.registry import register
 aten = torch.ops.aten
 
 
-def dim_rule(pos: int, default, removes: bool):
+def dim_rule(pos: int, default, removes: bool, over_tokens=None):
     """A rule for an op over `dim` (args[pos], or kwargs["dim"]; 99: no dim arg, so `default`).
-    `removes`: the dim goes away unless keepdim (args[pos + 1] or kwargs["keepdim"])."""
+    `removes`: the dim goes away unless keepdim (args[pos + 1] or kwargs["keepdim"]).
+    `over_tokens(node, ctx, ax)`: what the op gives over the token axis (a sort: permutation.py);
+    without it the op mixes tokens there."""
 
     def rule(node, ctx):
         ax = ctx.ax(node.args[0])
@@ -27,13 +29,15 @@ def dim_rule(pos: int, default, removes: bool):
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = [norm_dim(d, rank) for d in dims] if rank else []
         if ax.axis in dims:
+            if over_tokens is not None and len(dims) == 1:
+                return over_tokens(node, ctx, ax)
             fail(node, "reduces, sorts or scans over the token axis (mixes tokens)")
         keep = node.kwargs.get("keepdim", node.args[pos + 1] if len(node.args) > pos + 1 and
                                isinstance(node.args[pos + 1], bool) else False)
         a = ax.axis
         if removes and not keep:
             a -= sum(1 for d in dims if d < ax.axis)
-        out = TokenDim(a, ax.outer, ax.inner)
+        out = ax.at(a)
         v = node.meta.get("val")
         return tuple(out for _ in v) if isinstance(v, (tuple, list)) else out
 
@@ -49,9 +53,8 @@ _DIM_OPS = (  # op, position of dim, default dim, whether the dim goes away
     (aten.sum.default, 99, None, True), (aten.any.default, 99, None, True), (aten.mean.default, 99, None, True),
     (aten.prod.default, 99, None, True),
     (aten._softmax.default, 1, -1, False), (aten._log_softmax.default, 1, -1, False),
-    (aten.topk.default, 2, -1, False), (aten.sort.default, 1, -1, False), (aten.sort.stable, 99, -1, False),
-    (aten.argsort.default, 1, -1, False), (aten.argsort.stable, 99, -1, False),
-    (aten.cumsum.default, 1, None, False), (aten.cumprod.default, 1, None, False),
+    (aten.topk.default, 2, -1, False),  # sort, argsort, cumsum: permutation.py
+    (aten.cumprod.default, 1, None, False),
     (aten.flip.default, 1, None, False), (aten.roll.default, 2, None, False),
     (aten.var.correction, 1, None, True), (aten.var.dim, 1, None, True), (aten.std.correction, 1, None, True),
     (aten.median.dim, 1, None, True), (aten.mode.default, 1, None, True), (aten.kthvalue.default, 2, None, True),

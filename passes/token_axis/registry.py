@@ -26,6 +26,11 @@ class OpRule:
     alias: bool = False
     #: new_*(x, size, ...) reads only x's dtype and device: it is this factory of `size`
     plain_factory: Any = None
+    #: the rule takes what a sort over the tokens leaves (positions, per-ubatch counts); every
+    #: other op reading one is refused before its rule runs
+    reads_order: bool = False
+    #: its result may be a sort's keys (the sort, copies, getitem); every other op's result is not
+    keeps_keys: bool = False
 
 
 _REGISTRY: dict[Any, OpRule] = {}
@@ -59,10 +64,27 @@ def register_rule(target, rule: Rule, family: str = "user") -> None:
     _REGISTRY[target] = OpRule(rule, family)
 
 
+def register_named(family: str, qualname: str, **facts) -> Callable[[Rule], Rule]:
+    """As `register`, for an op of a library that may not be loaded ("transformers::grouped_mm_fallback",
+    every overload): the rule applies once the op exists."""
+
+    def deco(rule: Rule) -> Rule:
+        _BY_NAME[qualname] = OpRule(rule, family, **facts)
+        return rule
+
+    return deco
+
+
+_BY_NAME: dict[str, OpRule] = {}
+
+
 def lookup(target) -> OpRule | None:
     """The op's registration; ops tagged pointwise and shape queries have one by construction."""
     r = _REGISTRY.get(target)
     if r is not None or not isinstance(target, torch._ops.OpOverload):
+        return r
+    r = _BY_NAME.get(target.name().split(".")[0])
+    if r is not None:
         return r
     if torch.Tag.pointwise in target.tags:
         return _FALLBACKS["pointwise"]

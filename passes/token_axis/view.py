@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tbo_compiler.passes.token_axis.helpers import dim_arg, fail, norm_dim, only_tokendims, rank, shape, val
+from tbo_compiler.passes.token_axis.helpers import dim_arg, fail, norm_dim, only_tokendims, rank, require_plain, shape, val
 from tbo_compiler.passes.token_axis.lattice import SHARED, TokenDim, is_token_dependent
 from tbo_compiler.passes.token_axis.registry import register
 
@@ -34,6 +34,11 @@ def rule_view(node, ctx):
     m = view_map(shape(src), ax, shape(node), ctx.T)
     if m is None:
         fail(node, f"view {list(shape(src))} -> {list(shape(node))} scatters the token axis")
+    if not ax.plain:  # rows in a sort's order: the axis of rows must stay whole, as it is
+        if (m.outer, m.inner) != (ax.outer, ax.inner):
+            fail(node, f"view {list(shape(src))} -> {list(shape(node))} reshapes rows in the order of "
+                       f"sort '{ax.order}'")
+        return ax.at(m.axis)
     return m
 
 
@@ -43,7 +48,7 @@ def rule_permute(node, ctx):
     if not isinstance(ax, TokenDim):
         return ax
     dims = [norm_dim(d, len(shape(node))) for d in node.args[1]]
-    return TokenDim(dims.index(ax.axis), ax.outer, ax.inner)
+    return ax.at(dims.index(ax.axis))
 
 
 @register("view", aten.transpose.int, alias=True)
@@ -54,14 +59,14 @@ def rule_transpose(node, ctx):
     r = len(shape(node))
     d0, d1 = (norm_dim(d, r) for d in node.args[1:3])
     a = d1 if ax.axis == d0 else d0 if ax.axis == d1 else ax.axis
-    return TokenDim(a, ax.outer, ax.inner)
+    return ax.at(a)
 
 
 @register("view", aten.t.default, alias=True)
 def rule_t(node, ctx):
     ax = ctx.ax(node.args[0])
     if isinstance(ax, TokenDim) and len(shape(node)) == 2:
-        return TokenDim(1 - ax.axis, ax.outer, ax.inner)
+        return ax.at(1 - ax.axis)
     return ax
 
 
@@ -71,7 +76,7 @@ def rule_unsqueeze(node, ctx):
     if not isinstance(ax, TokenDim):
         return ax
     d = norm_dim(node.args[1], len(shape(node)))
-    return TokenDim(ax.axis + (1 if d <= ax.axis else 0), ax.outer, ax.inner)
+    return ax.at(ax.axis + (1 if d <= ax.axis else 0))
 
 
 @register("view", aten.squeeze.dims, aten.squeeze.default)
@@ -89,7 +94,7 @@ def rule_squeeze(node, ctx):
         gone = {norm_dim(d, len(ins)) for d in dims if ins[norm_dim(d, len(ins))] == 1}
     if ax.axis in gone:
         fail(node, "squeezes the token axis")
-    return TokenDim(ax.axis - sum(1 for d in gone if d < ax.axis), ax.outer, ax.inner)
+    return ax.at(ax.axis - sum(1 for d in gone if d < ax.axis))
 
 
 @register("view", aten.expand.default, sizes_arg=True, alias=True)
@@ -97,7 +102,7 @@ def rule_expand(node, ctx):
     ax = ctx.ax(node.args[0])
     if not isinstance(ax, TokenDim):
         return ax
-    return TokenDim(ax.axis + len(shape(node)) - len(shape(node.args[0])), ax.outer, ax.inner)
+    return ax.at(ax.axis + len(shape(node)) - len(shape(node.args[0])))
 
 
 @register("view", aten.slice.Tensor, alias=True)
@@ -119,7 +124,7 @@ def rule_select(node, ctx):
     dim = norm_dim(node.args[1], len(shape(node.args[0])))
     if dim == ax.axis:
         fail(node, "selects one token")
-    return TokenDim(ax.axis - (1 if dim < ax.axis else 0), ax.outer, ax.inner)
+    return ax.at(ax.axis - (1 if dim < ax.axis else 0))
 
 
 @register("view", aten.diagonal.default)
@@ -132,7 +137,7 @@ def rule_diagonal(node, ctx):  # diagonal(x, offset, dim1, dim2): both dims remo
     d2 = norm_dim(node.args[3] if len(node.args) > 3 else 1, r)
     if ax.axis in (d1, d2):
         fail(node, "takes a diagonal across the token axis")
-    return TokenDim(ax.axis - sum(1 for d in (d1, d2) if d < ax.axis), ax.outer, ax.inner)
+    return ax.at(ax.axis - sum(1 for d in (d1, d2) if d < ax.axis))
 
 
 @register("view", aten.repeat.default)
@@ -142,40 +147,63 @@ def rule_repeat(node, ctx):  # repeat(x, repeats): tiles; new leading dims when 
         return ax
     reps = list(node.args[1])
     a = ax.axis + len(reps) - rank(node)
+    if reps[a] != 1:
+        require_plain(node, node.args[0], ax, "tiles the token axis of")
     return TokenDim(a, ax.outer * reps[a], ax.inner)
 
 
 def _cat_inputs(node, ctx):
-    """The token layout shared by every (non-empty) input of cat/stack, or SHARED."""
+    """The token layout shared by every token input of cat/stack (or SHARED), the inputs (torch.cat
+    skips legacy empty [0] tensors: an empty cache) and the shared ones among them."""
     tensors = [t for t in node.args[0] if not (val(t) is not None and val(t).numel() == 0 and val(t).dim() == 1)]
-    axes = [ctx.ax(t) for t in tensors]   # torch.cat skips legacy empty [0] tensors (an empty cache)
+    axes = [ctx.ax(t) for t in tensors]
     dep = [a for a in axes if is_token_dependent(a)]
     if not dep:
-        return SHARED, tensors
-    if any(not isinstance(a, TokenDim) for a in dep) or len(dep) != len(axes) or len(set(dep)) != 1:
-        fail(node, "concatenates token and shared tensors, or tensors with different token axes")
-    return dep[0], tensors
+        return SHARED, tensors, []
+    if any(not isinstance(a, TokenDim) for a in dep) or len(set(a.at(a.axis) for a in dep)) != 1:
+        fail(node, "concatenates tensors with different token axes, or values that are not token rows")
+    return dep[0].at(dep[0].axis), tensors, [t for t, a in zip(tensors, axes) if not is_token_dependent(a)]
+
+
+def _align_cat(node, ctx, ax, shared):
+    """A shared input is as long as the tokens on their axis (cat and stack need equal sizes
+    there): each ubatch takes its rows of it, as matmul does (GPT-OSS's sinks, expanded to the batch)."""
+    for t in shared:
+        ctx.align(node, t, ax)
 
 
 @register("view", aten.cat.default)
 def rule_cat(node, ctx):
-    ax, tensors = _cat_inputs(node, ctx)
+    ax, tensors, shared = _cat_inputs(node, ctx)
     if not isinstance(ax, TokenDim):
         return ax
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if norm_dim(dim, len(shape(tensors[0]))) == ax.axis:
         fail(node, "concatenates along the token axis")
+    _align_cat(node, ctx, ax, shared)
     return ax
 
 
 @register("view", aten.stack.default)
 def rule_stack(node, ctx):  # stack inserts a new axis: it never runs along the token axis
-    ax, _ = _cat_inputs(node, ctx)
+    ax, _, shared = _cat_inputs(node, ctx)
     if not isinstance(ax, TokenDim):
         return ax
+    _align_cat(node, ctx, ax, shared)
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     dim = norm_dim(dim, len(shape(node)))
-    return TokenDim(ax.axis + (1 if dim <= ax.axis else 0), ax.outer, ax.inner)
+    return ax.at(ax.axis + (1 if dim <= ax.axis else 0))
+
+
+def _split_blocks(node, ctx, ax):
+    """A split along the token axis into whole outer blocks (the [W*T] rows of an all_gather, one
+    piece per rank, as DTensor's gather along another dim does): each piece holds every token."""
+    block = ax.size(ctx.T) // ax.outer
+    sizes = [int(v.shape[ax.axis]) for v in node.meta["val"]]
+    if node.target == aten.unbind.int or any(s % block or s == 0 for s in sizes):
+        fail(node, "splits along the token axis")
+    require_plain(node, node.args[0], ax, "splits")
+    return tuple(TokenDim(ax.axis, s // block, ax.inner) for s in sizes)
 
 
 @register("view", aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default)
@@ -187,7 +215,7 @@ def rule_split(node, ctx):  # split / split_with_sizes / unbind / chunk -> tuple
     dim = dim_arg(node, 2 if node.target != aten.unbind.int else 1, 0)
     dim = norm_dim(dim, len(shape(node.args[0])))
     if dim == ax.axis:
-        fail(node, "splits along the token axis")
+        return _split_blocks(node, ctx, ax)
     if node.target == aten.unbind.int:
-        ax = TokenDim(ax.axis - (1 if dim < ax.axis else 0), ax.outer, ax.inner)
+        ax = ax.at(ax.axis - (1 if dim < ax.axis else 0))
     return tuple(ax for _ in range(n))
