@@ -48,6 +48,25 @@ log = logging.getLogger(__name__)
 _MODES = ("prefill", "decode")
 
 
+def _register_inductor_prims() -> None:
+    """Token-axis rules for the ops only Inductor's post-grad graph holds (torch._inductor.
+    inductor_prims), registered here because only this pass meets them: `prepare_softmax_online`
+    is amax and sum(exp(x - amax)) over `dim` with keepdim (a reduction), `fma` is pointwise,
+    `inductor_force_stride_order` a copy."""
+    import torch._inductor.inductor_prims  # noqa: F401  (defines the prims)
+
+    from tbo_compiler.passes.token_axis.pointwise import rule_pointwise
+    from tbo_compiler.passes.token_axis.reduction import dim_rule
+    from tbo_compiler.passes.token_axis.registry import register
+
+    prims = torch.ops.prims
+    register("reduction", prims.prepare_softmax_online.default)(dim_rule(1, None, removes=False))
+    register("pointwise", prims.fma.default, prims.inductor_force_stride_order.default)(rule_pointwise)
+
+
+_register_inductor_prims()
+
+
 def _is_user_input(ph: fx.Node) -> bool:
     desc = ph.meta.get("desc")
     if desc is None:   # an older torch without descriptors: every tensor placeholder may be one

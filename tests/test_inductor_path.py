@@ -168,3 +168,33 @@ def test_plan_through_inductor_equals_aten_runtime(tiny_dirs, tmp_path):
             assert all(bool(p.regions) == inductor for p in progs if p.source.count("\n") > 3)
     for key, out in outs.items():
         torch.testing.assert_close(out, outs[False, "serial"], rtol=1e-5, atol=1e-5, msg=str(key))
+
+
+def test_post_grad_softmax_prim_has_a_rule():
+    """Inductor's post-grad graph on GPU turns softmax into prims.prepare_softmax_online (a max and a
+    sum over dim, keepdim): a reduction that keeps the token axis when dim is another axis, and
+    refuses one over the tokens (the HF models' router and attention softmax met it on the H200)."""
+    import torch.fx as fx
+
+    import tbo_compiler.inductor_pass  # noqa: F401  (registers the prims' rules)
+    from tbo_compiler.ops.errors import TokenAxisError
+    from tbo_compiler.passes.token_axis import family, infer_token_axes
+
+    op = torch.ops.prims.prepare_softmax_online.default
+    assert family(op) == "reduction" and family(torch.ops.prims.fma.default) == "pointwise"
+    for dim, ok in ((1, True), (0, False)):
+        g = fx.Graph()
+        x = g.placeholder("x")
+        x.meta["val"] = torch.empty(8, 4)
+        m = g.call_function(op, (x, dim))
+        m.meta["val"] = op(torch.randn(8, 4), dim)
+        mx = g.call_function(__import__("operator").getitem, (m, 0))
+        mx.meta["val"] = m.meta["val"][0]
+        g.output((mx,))
+        gm = fx.GraphModule(torch.nn.Module(), g)
+        if ok:
+            axes = infer_token_axes(gm, ("x",), 8)
+            assert axes.axes["getitem"].axis == 0
+        else:
+            with pytest.raises(TokenAxisError, match="over the token axis"):
+                infer_token_axes(gm, ("x",), 8)
