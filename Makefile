@@ -18,6 +18,6 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m tbo_compiler.demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=10
 
 .PHONY: venv demo test

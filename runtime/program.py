@@ -42,7 +42,7 @@ from tbo_compiler.ops.instr import COMM, COMPUTE, Instr, other_stream
 from tbo_compiler.ops.kernels import KERNEL_OPS
 from tbo_compiler.runtime import kernels
 from tbo_compiler.runtime.comm import backend_for
-from tbo_compiler.runtime.regions import Region, RegionCache, fusible
+from tbo_compiler.runtime.regions import Region, RegionCache, fusible, runs_ahead
 
 aten = torch.ops.aten
 _KERNEL_NAMES = {v: k for k, v in KERNEL_OPS.items()}
@@ -248,17 +248,20 @@ class Program:
             members.clear()
             deferred.clear()
 
+        region_ubatch = None
         for ins in instrs:
             if ins.op == "run" and self.region_cache is not None and fusible(
                     nodes[ins.node], ins, eager, members):
+                if region and ins.ubatch != region_ubatch:
+                    close()   # one ubatch per region: the other ubatch's copy can share its code
                 region.append(ins.node)
                 members.add(ins.node)
+                region_ubatch = ins.ubatch
                 continue
             if ins.op == "free" and region:
                 deferred.append(ins)
                 continue
-            if ins.op == "run" and region and (nodes[ins.node].target is operator.getitem
-                                               or nodes[ins.node].op == "get_attr"):
+            if ins.op == "run" and region and runs_ahead(nodes[ins.node], members, ins.ubatch):
                 # reading a value defined before the region (a comm result's element, a constant):
                 # no GPU work, so it runs ahead of the region's call, and the region stays open
                 body.append(f"v_{ins.node} = {self._call(nodes[ins.node])}")

@@ -9,8 +9,10 @@ Contract
              (tensors defined before it) returning its outputs (the values read after it): on its
              first call it builds the region's own FX graph and compiles it with
              `torch._inductor.compile` (fused Triton on GPU, C++ on CPU; the project's kernel ops
-             stay extern calls inside). Regions of the two ubatches that are the same computation on
-             the same shapes (a layer's stage for ubatch 0 and ubatch 1) share one compiled module.
+             stay extern calls inside). A region holds one ubatch's nodes (or only nodes of neither):
+             regions of the two ubatches that are the same computation on the same shapes (a
+             layer's stage for ubatch 0 and ubatch 1) share one compiled module; the views that take
+             a ubatch's rows of an input run ahead of the region, outside it, for that reason.
   must not   change values: a region computes what its nodes do.
 
 Pseudo-code
@@ -52,12 +54,33 @@ def is_comm_target(t) -> bool:
 
 # Step 1 ----------------------------------------------------------------------------------------
 
+#: views the split takes of a token input or an aligned shared value (a ubatch's rows, a mask's):
+#: no kernel, and kept out of the regions so that the two ubatches' regions are the same
+#: computation (only the offsets differ)
+_INPUT_VIEWS = (aten.slice.Tensor, aten.select.int)
+
+
+def runs_ahead(n: fx.Node, members: set[str], ubatch: int | None = None) -> bool:
+    """A node with no GPU work that reads only values defined before the open region (a tuple's
+    element, a constant, a slice of a value from before the region): it runs ahead of the
+    region's call."""
+    if n.op == "get_attr":
+        return True
+    if n.op != "call_function":
+        return False
+    if n.target is operator.getitem:
+        return not (isinstance(n.args[0], fx.Node) and n.args[0].name in members)
+    # a split program's ubatch views only (an unsplit program keeps its slices inside its region)
+    return (ubatch is not None and n.target in _INPUT_VIEWS and isinstance(n.args[0], fx.Node)
+            and n.args[0].name not in members)
+
+
 def fusible(n: fx.Node, ins: Instr, eager: set[str], members: set[str]) -> bool:
     """May this run instruction join the open region (whose nodes are `members`)?"""
     if n.op != "call_function" or ins.stream != COMPUTE or n.name in eager:
         return False
     t = n.target
-    if is_comm_target(t) or t == aten.copy_.default:
+    if is_comm_target(t) or t == aten.copy_.default or runs_ahead(n, members, ins.ubatch):
         return False
     if t is operator.getitem:  # Inductor takes tensors: index a tuple inside the region only
         return isinstance(n.args[0], fx.Node) and n.args[0].name in members
@@ -167,4 +190,4 @@ class Region:
         return tuple(flat[i] if kind == "one" else [flat[j] for j in i] for kind, i in self.unflatten)
 
 
-__all__ = ["Region", "RegionCache", "fusible", "is_comm_target"]
+__all__ = ["Region", "RegionCache", "fusible", "is_comm_target", "runs_ahead"]

@@ -198,3 +198,27 @@ def test_post_grad_softmax_prim_has_a_rule():
         else:
             with pytest.raises(TokenAxisError, match="over the token axis"):
                 infer_token_axes(gm, ("x",), 8)
+
+
+def test_hf_moe_split_regions_hold_one_ubatch_and_share_code():
+    """transformers Qwen3-MoE (default grouped_mm experts) split with no comm: the program's regions
+    each hold one ubatch's nodes (or nodes of neither), and ubatch 1's region reuses ubatch 0's
+    compiled module (the views taking each ubatch's rows run ahead of the regions)."""
+    tf = pytest.importorskip("transformers")
+    cfg = tf.Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(cfg).eval()
+    ids = torch.randint(1, 128, (4, 8))
+    fn, states = _compile(model, split=True, inductor=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(input_ids=ids, use_cache=False).logits,
+                                   model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    st = states[-1]
+    assert st.cut == 2
+    ub = {n.name: n.meta.get("tbo_ubatch") for n in st.gm.graph.nodes}
+    for r in st.program.regions:
+        names = [n.name for n in r.gm.graph.nodes if n.op == "call_function" and n.name in ub]
+        assert len({ub[x] for x in names} - {None}) <= 1, r.label
+    assert st.program.region_cache.hits >= 1
