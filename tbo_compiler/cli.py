@@ -44,6 +44,13 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tbo-compile", description="Compile an MoE model directory into a "
                                 "Two-Batch-Overlap plan.")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:   # the installed distribution's version, without importing torch for --version
+        __version__ = version("tbo-compiler")
+    except PackageNotFoundError:
+        from tbo_compiler import __version__
+    p.add_argument("--version", action="version", version=f"tbo-compile {__version__}")
     p.add_argument("model_dir", help="HuggingFace-style directory: config.json + *.safetensors")
     p.add_argument("-o", "--output", help="plan file to write (e.g. plan.pt)")
     p.add_argument("--check", metavar="PLAN", help="validate an existing plan instead of compiling")

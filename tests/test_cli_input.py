@@ -67,3 +67,15 @@ def test_output_that_is_not_a_plain_file_is_never_replaced(tmp_path, capsys):
     assert output_problem(str(link), str(model), force=True) is None
     assert main([str(model), "-o", str(tmp_path / "p.pt"), "--dump-dir", str(target)]) == 2
     assert "--dump-dir" in capsys.readouterr().err and target.read_text() == "keep"
+
+
+def test_version_and_python_dash_m(capsys):
+    import subprocess
+    import sys
+
+    from tbo_compiler import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"tbo-compile {__version__}\n"
+    r = subprocess.run([sys.executable, "-m", "tbo_compiler", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == f"tbo-compile {__version__}\n"
