@@ -221,7 +221,7 @@ def bench_own(slice_name, shapes, modes, dtype, device, iters, tmp: Path):
             row.update(model=f"own_{slice_name}", layers=model.config.num_hidden_layers, batch=f"{phase} {T}")
             _emit(row)
             rows.append(row)
-    del model, kv
+    del model
     return rows
 
 
