@@ -139,8 +139,15 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
     if any(isinstance(x, torch.SymInt) for x in example_inputs) or any(
             isinstance(x, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in x.shape)
             for x in example_inputs):
-        raise TboCompileError("backend='tbo' compiles static shapes (one graph per batch bucket); "
-                              "pass dynamic=False to torch.compile")
+        # dynamic=True, or dynamo going dynamic on a second batch size: TBO needs static shapes (a
+        # cut per bucket), so this graph runs as plain Inductor (never a crash where Inductor runs)
+        from torch._inductor.compile_fx import compile_fx
+
+        warnings.warn(TboFallbackWarning(
+            "tbo: this graph has dynamic shapes (dynamic=True, or a new batch size made dynamo compile "
+            "it dynamically): it runs as plain Inductor, without TBO. backend='tbo' compiles static "
+            "shapes: pass dynamic=False to torch.compile and pad batches to a few bucket sizes"))
+        return compile_fx(gm, example_inputs)
     dyn_phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     module_state = frozenset(i for i, n in enumerate(dyn_phs) if is_module_state(n))
     copts = CompileOptions(mode=opts.get("mode", "prefill"),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import warnings
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from tbo_compiler.backend import tbo_backend
 from tbo_compiler.models import load_model
 from tbo_compiler.models.tiny import make_tiny
 from tbo_compiler.ops.errors import TboCompileError
+from tbo_compiler.passes.pipeline import TboFallbackWarning
 
 
 
@@ -57,10 +60,24 @@ def test_backend_default_token_inputs_and_dynamic_refused(tmp_path):
     with torch.no_grad():
         out = torch.compile(m, backend="tbo", dynamic=False, options={"on_compile": seen.append, "split": True})(x)
     assert torch.allclose(out, m(x), atol=1e-6) and seen[1].cut == 3
+
+
+
+def test_dynamic_shapes_run_as_plain_inductor_with_one_warning():
+    """Without dynamic=False, dynamo compiles a second batch size dynamically: backend='tbo' runs
+    that graph as plain Inductor (correct, no TBO) with one warning saying dynamic=False is needed,
+    never torch's multi-line BackendCompilerFailed."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="static shapes"):
-        with torch.no_grad():
-            torch.compile(m, backend="tbo", dynamic=True)(torch.randn(7, 4))
+    fn = torch.compile(m, backend="tbo")   # dynamic=None: static first, dynamic on a new size
+    with torch.no_grad(), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for T in (6, 7, 9):
+            x = torch.randn(T, 4)
+            torch.testing.assert_close(fn(x), m(x), rtol=1e-5, atol=1e-5)
+    said = [x for x in w if issubclass(x.category, TboFallbackWarning) and "dynamic shapes" in str(x.message)]
+    assert len(said) == 1 and "pass dynamic=False" in str(said[0].message)
 
 
 @pytest.mark.slow
