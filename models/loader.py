@@ -118,7 +118,33 @@ def resolve_model(model_dir) -> tuple[object, type, str]:
         cfg = cfg_cls(**{k: v for k, v in text.items() if k in fields})
     except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
         raise ModelLoadError(f"{path}: bad config: {one_line(e)}") from None
+    why = _config_problem(cfg)
+    if why:
+        raise ModelLoadError(f"{path}: bad config: {why}")
     return cfg, model_cls, prefix
+
+
+_EXPERT_COUNTS = ("n_routed_experts", "num_experts", "num_local_experts")
+
+
+def _config_problem(cfg) -> str | None:
+    """Values every architecture needs in range, checked before any work (the field names are the
+    config's own): a positive norm epsilon, a top-k within the experts, a valid fp8 block."""
+    eps = getattr(cfg, "rms_norm_eps", None)
+    if isinstance(eps, (int, float)) and not eps > 0:
+        return f"rms_norm_eps must be a positive number, got {eps!r}"
+    k = getattr(cfg, "num_experts_per_tok", None)
+    name = next((f for f in _EXPERT_COUNTS if isinstance(getattr(cfg, f, None), int)), None)
+    n = getattr(cfg, name) if name else None
+    if isinstance(k, int) and n and not 0 < k <= n:
+        return f"num_experts_per_tok {k} must be in 1..{name} ({n})"
+    q = getattr(cfg, "quantization_config", None) or {}
+    if isinstance(q, dict) and "weight_block_size" in q and q["weight_block_size"] is not None:
+        b = q["weight_block_size"]
+        if not (isinstance(b, (list, tuple)) and len(b) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in b)):
+            return f"quantization_config.weight_block_size must be two positive integers like [128, 128], got {b!r}"
+    return None
 
 
 def read_config(model_dir):

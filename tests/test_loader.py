@@ -218,6 +218,23 @@ def test_error_missing_config_field(tiny_dirs, tmp_path):
     _error(k, "config.json", "rms_norm_eps")
 
 
+@pytest.mark.parametrize("arch, edit, says", [
+    ("deepseek_v3", lambda c: c.setdefault("quantization_config", {"quant_method": "fp8"}).update(
+        weight_block_size=[0, 0]), "weight_block_size must be two positive integers"),
+    ("deepseek_v3", lambda c: c.setdefault("quantization_config", {"quant_method": "fp8"}).update(
+        weight_block_size="128"), "weight_block_size must be two positive integers"),
+    ("qwen3_moe", lambda c: c.update(rms_norm_eps=-1e-6), "rms_norm_eps must be a positive number"),
+    ("qwen3_moe", lambda c: c.update(num_experts_per_tok=99), "num_experts_per_tok 99 must be in 1..num_experts"),
+])
+def test_error_config_value_out_of_range(tiny_dirs, tmp_path, capfd, arch, edit, says):
+    """Out-of-range values are refused at load, one line naming the field (no ZeroDivisionError,
+    TypeError or torch log from deep inside the model)."""
+    d = _copy(tiny_dirs, arch, tmp_path)
+    _edit_config(d, edit)
+    _error(d, "config.json", says)
+    assert capfd.readouterr().err == ""
+
+
 def test_error_bad_config_value(tiny_dirs, tmp_path):
     d = _copy(tiny_dirs, "deepseek_v3", tmp_path)
     _edit_config(d, lambda c: c.update(topk_method="aux_free"))
