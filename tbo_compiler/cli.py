@@ -125,6 +125,10 @@ def main(argv=None) -> int:
     from tbo_compiler.ops.errors import one_line
     from tbo_compiler.passes.cost_model import PROFILES
 
+    if args.check and args.output:
+        print("tbo-compile: --check validates a plan and writes nothing: give -o (compile) or --check, not both",
+              file=sys.stderr)
+        return 2
     if args.check:
         return _check(args.check, args.model_dir)
     if not args.output:
@@ -146,6 +150,11 @@ def main(argv=None) -> int:
         print(f"tbo-compile: unknown --profile {args.profile!r}; have {', '.join(PROFILES)}", file=sys.stderr)
         return 1
     mode = args.mode or ("decode" if args.decode_batch else "prefill")
+    if mode == "prefill" and (args.decode_batch or args.mtp > 1):
+        what = "--decode-batch" if args.decode_batch else "--mtp"
+        print(f"tbo-compile: {what} is a decode option; with --mode prefill give --tokens "
+              "(or --mode decode)", file=sys.stderr)
+        return 2
     if args.tokens and args.decode_batch:
         print("tbo-compile: give --tokens (prefill) or --decode-batch (decode), not both", file=sys.stderr)
         return 1

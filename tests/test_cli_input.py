@@ -79,3 +79,15 @@ def test_version_and_python_dash_m(capsys):
     assert capsys.readouterr().out == f"tbo-compile {__version__}\n"
     r = subprocess.run([sys.executable, "-m", "tbo_compiler", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == f"tbo-compile {__version__}\n"
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--mode", "prefill", "--decode-batch", "4"], "--decode-batch is a decode option"),
+    (["--mtp", "2"], "--mtp is a decode option"),
+    (["--check", "plan.pt"], "give -o (compile) or --check, not both"),
+])
+def test_options_that_would_be_ignored_are_refused(tmp_path, capsys, extra, says):
+    assert main([str(tmp_path / "model"), "-o", str(tmp_path / "plan.pt"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+    assert list(tmp_path.iterdir()) == []
