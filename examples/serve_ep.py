@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -130,5 +131,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def run(argv=None) -> int:
+    """main(), with the project's errors (a bad checkpoint, a plan for another model, a peer that
+    died) as one line per rank naming it, instead of a traceback from every rank."""
+    from tbo_compiler import TboError
+    from tbo_compiler.ops.errors import one_line
+
+    try:
+        return main(argv)
+    except TboError as e:
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+        print(f"serve_ep.py: rank {rank}: {one_line(e)}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 1
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())
