@@ -192,11 +192,14 @@ def main(argv=None) -> int:
         serial = progs["serial"]["summary"]
         if "tbo" in progs:
             p, s = progs["tbo"], progs["tbo"]["summary"]
-            print(f"T={T}: TBO cut {p['cut']}/{T - p['cut']}, {s['comm_ops']} comm ops, {s['order']} schedule, "
+            # counted as the summary counts them: the model's comm ops, each then run once per ubatch
+            print(f"T={T}: TBO cut {p['cut']}/{T - p['cut']}, {s['comm_ops'] // 2} comm ops found (each run once "
+                  f"per ubatch), {s['order']} schedule, "
                   f"predicted {s['predicted_us'] / 1e3:.2f} ms vs {serial['predicted_us'] / 1e3:.2f} ms "
                   f"serial ({args.profile}; the runtime measures both and keeps the faster)")
         else:
-            print(f"T={T}: too few tokens to split; serial program, {serial['comm_ops']} comm ops")
+            why = "not split (--no-split)" if args.no_split else "too few tokens to split"
+            print(f"T={T}: {why}; serial program, {serial['comm_ops']} comm ops found")
     print(f"wrote {args.output} in {time.perf_counter() - t0:.1f} s"
           + (f"; dumps in {args.dump_dir}" if args.dump_dir else ""))
     return 0

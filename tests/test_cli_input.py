@@ -3,6 +3,7 @@ nothing written."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -91,3 +92,17 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, capsys, extra, says
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_split_and_comm_counts_are_said_as_the_summary_says_them(tiny_dirs, tmp_path, capsys):
+    d = str(tiny_dirs["qwen3_moe"])
+    assert main([d, "-o", str(tmp_path / "s.pt"), "--ep", "2", "--tokens", "16", "--dtype", "float32",
+                 "--profile", "cpu", "--no-split"]) == 0
+    out = capsys.readouterr().out
+    assert "T=16: not split (--no-split); serial program" in out and "too few tokens" not in out
+    assert main([d, "-o", str(tmp_path / "t.pt"), "--ep", "2", "--tokens", "16", "--dtype", "float32",
+                 "--profile", "cpu", "--dump-dir", str(tmp_path / "dumps")]) == 0
+    out = capsys.readouterr().out
+    n = int(re.search(r"(\d+) comm ops found \(each run once per ubatch\)", out).group(1))
+    summary = next((tmp_path / "dumps").rglob("summary.txt")).read_text()
+    assert f"{n} comm ops found" in summary
