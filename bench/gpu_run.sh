@@ -27,7 +27,10 @@ case "$stage" in
              memloop) timeout 240 python3 bench/gpu_reliability.py memloop --out "$OUT" > "$OUT/memloop.log" 2>&1 ;;
              faults)  timeout 200 python3 bench/gpu_faults.py "$OUT/faults_nccl.json" > "$OUT/faults.log" 2>&1 ;;
            esac; echo "$part rc=$?"; done; done ;;
-  anymodel) python3 bench/any_model_bench.py "$@" 2>&1 | tee -a "$OUT/any_model.log"; exit ${PIPESTATUS[0]} ;;
+  anymodel) python3 bench/any_model_bench.py "$@" 2>&1 | tee -a "$OUT/any_model.log"; rc=${PIPESTATUS[0]}
+           # the device tool returns a handful of files: traces travel as one archive
+           [ -d "$OUT/traces" ] && tar czf "$OUT/traces.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
+           exit $rc ;;
   bench)   python3 bench/tbo_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"; exit ${PIPESTATUS[0]} ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
