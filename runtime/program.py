@@ -22,6 +22,10 @@ Pseudo-code
           reader there is ordered by an event, so the allocator cannot hand the memory out early).
   Step 4: compile the source with `exec` and keep it (`Program.source`) for reading and dumps.
 
+Inductor mode (`inductor=True`, what backend="tbo" uses by default): Step 3 groups the consecutive
+compute `run`s of one ubatch between two comm points, events or in-place updates into one region
+(runtime/regions.py), emitted as one call of its Inductor-compiled module instead of a line per op.
+
 Modes for timing the parts alone (bench): "compute" runs everything with a comm backend that does
 no communication (shapes right, values not); "comm" runs only the comm ops, on preallocated
 payloads of the right shapes, one after the other on the current stream; "profile" runs every
@@ -295,7 +299,8 @@ class Program:
         body.append(f"del v_{ins.node}")
 
     def _region_call(self, gm: fx.GraphModule, names: list[str]) -> list[str]:
-        """One line calling a compiled region (and one per tuple-valued output it returns)."""
+        """The line calling a compiled region: its outputs (a tuple-valued node's as a list) bound to
+        the variables of the nodes they are."""
         r = Region(gm, names, self.region_cache, f"{names[0]}..{names[-1]}")
         self.regions.append(r)
         fn = self._bind("R", r)
