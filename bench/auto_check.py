@@ -57,7 +57,8 @@ def _alternating(fns: dict, reps: int = 5) -> dict[str, float]:
 def rank_main(rank, world, cfg):
     import torch.distributed as dist
 
-    from tbo_compiler.plan import programs_of, read_plan
+    from tbo_compiler.load import programs_of
+    from tbo_compiler.plan import read_plan
     from tbo_compiler.runtime.plan_module import PlanModule
 
     dev = torch.device("cuda", rank)

@@ -215,7 +215,8 @@ def trace_metrics(events: list) -> dict:
 def rank_main(rank, world, cfg):
     import torch.distributed as dist
 
-    from tbo_compiler.plan import programs_of, read_plan
+    from tbo_compiler.load import programs_of
+    from tbo_compiler.plan import read_plan
     from tbo_compiler.runtime.graphs import GraphedProgram
     from tbo_compiler.runtime.plan_module import PlanModule
 

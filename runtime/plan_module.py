@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from tbo_compiler.ops.errors import PlanError, RuntimeFailure
 from tbo_compiler.ops.instr import Instr
-from tbo_compiler.runtime.comm import agree_num_tokens, get_group, register_default_group
+from tbo_compiler.runtime.comm import agree_num_tokens, get_group
 from tbo_compiler.runtime.comm.faults import step_watchdog
 from tbo_compiler.runtime.graphs import GraphedProgram, time_replays
 from tbo_compiler.runtime.program import Program
@@ -55,9 +55,8 @@ class PlanModule:
         self.block_size = model.block_size
         self.ep, self.group, self.policy = ep, group, policy
         self.num_token_inputs = num_token_inputs
-        if ep > 1:
-            register_default_group(group, ep)
-            get_group(group, ep)  # a clear error now, not at the first collective
+        if ep > 1:  # registered by load_plan (tbo_compiler/load.py) or the caller: a clear error now
+            get_group(group, ep)
         cuda = self.device.type == "cuda"
         self.graphs = cuda and (graphs if graphs is not None else os.environ.get("TBO_CUDA_GRAPHS", "1") != "0")
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None

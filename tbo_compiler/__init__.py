@@ -8,8 +8,7 @@
 
 Every error the project raises on bad input is a `tbo_compiler.TboError`.
 """
-__version__ = "0.2.0"
-
+from tbo_compiler.version import __version__  # noqa: F401
 from tbo_compiler import runtime  # noqa: E402,F401  (binds the implementations of the tbo ops)
 from tbo_compiler.ops.errors import TboError  # noqa: E402
 from tbo_compiler.passes.pipeline import TboFallbackWarning  # noqa: E402
@@ -17,7 +16,7 @@ from tbo_compiler.passes.token_axis import declare_op  # noqa: E402
 
 
 def load_plan(plan_path, model_dir, **kw):
-    from tbo_compiler.compile import load_plan as _load
+    from tbo_compiler.load import load_plan as _load
 
     return _load(plan_path, model_dir, **kw)
 

@@ -36,6 +36,7 @@ import torch.fx as fx
 from tbo_compiler.graph_inputs import AotInputs, is_module_state, pick_token_inputs
 from tbo_compiler.ops.errors import TboCompileError, one_line
 from tbo_compiler.passes.pipeline import CompileOptions, TboFallbackWarning, compile_graph
+from tbo_compiler.runtime.comm import gather_records
 from tbo_compiler.runtime.graphs import GraphedProgram
 from tbo_compiler.runtime.program import Program
 
@@ -88,45 +89,6 @@ def _agreement_group(gm: fx.GraphModule):
     return group if dist.get_world_size(group) > 1 else None
 
 
-_AGREE_BYTES = 4096
-
-
-def _agree(group, local: dict) -> list[dict]:
-    """One collective: every rank's compile outcome, so all ranks take the same decision. A
-    fixed-size all_gather of the JSON record (messages cut to fit), on the group's device."""
-    import json
-
-    import torch.distributed as dist
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    local = {k: (v[:1500] if isinstance(v, str) else v) for k, v in local.items()}
-    raw = json.dumps(local).encode()
-    with unset_fake_temporarily():  # the compiler runs under dynamo's fake mode; this is real comm
-        dev = torch.device("cpu")
-        if dist.get_backend(group) == "nccl":
-            dev = torch.device("cuda", torch.cuda.current_device())
-        buf = torch.zeros(_AGREE_BYTES, dtype=torch.uint8)
-        buf[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        buf = buf.to(dev)
-        outs = [torch.empty_like(buf) for _ in range(dist.get_world_size(group))]
-        _gather_bounded(outs, buf, group)
-        return [json.loads(bytes(o.cpu().tolist()).rstrip(b"\0").decode()) for o in outs]
-
-
-def _gather_bounded(outs, buf, group) -> None:
-    """The agreement's all_gather, bounded by TBO_COMM_TIMEOUT_S like the runtime's collectives: a
-    peer that died or hangs while compiling fails it with one line naming it."""
-    import torch.distributed as dist
-    from torch._C import _distributed_c10d as c10d
-
-    from tbo_compiler.runtime.comm import CommGroup
-    from tbo_compiler.runtime.comm.faults import bounded_collective, timed_opts
-
-    grp = CommGroup("torch.compile agreement", dist.get_world_size(group), dist.get_rank(group), group)
-    bounded_collective(grp, "compile agreement", lambda timeout_s: group.allgather(
-        [outs], [buf], timed_opts(c10d.AllgatherOptions, timeout_s)), buf.device.type == "cpu")
-
-
 def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -177,9 +139,9 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
         group = _agreement_group(aot_gm)
         if group is not None:  # every rank of the graph's collectives takes the same decision
             import torch.distributed as dist
-            views = _agree(group, {"rank": dist.get_rank(), "T": T, "cut": compiled.cut if compiled else 0,
-                                   "error": one_line(error) if error else None,
-                                   "fallback": compiled.fallback if compiled else None})
+            views = gather_records(group, {"rank": dist.get_rank(), "T": T, "cut": compiled.cut if compiled else 0,
+                                           "error": one_line(error) if error else None,
+                                           "fallback": compiled.fallback if compiled else None})
             failed = [v for v in views if v["error"]]
             if failed:
                 raise TboCompileError(f"rank {failed[0]['rank']} could not compile this graph: {failed[0]['error']}")

@@ -207,7 +207,8 @@ def main(argv=None) -> int:
 
 def _check(plan_path, model_dir) -> int:
     from tbo_compiler.ops.errors import TboError, one_line
-    from tbo_compiler.plan import check_plan, programs_of, read_plan
+    from tbo_compiler.load import programs_of
+    from tbo_compiler.plan import check_plan, read_plan
 
     try:
         plan = read_plan(plan_path)

@@ -1,5 +1,4 @@
-"""`tbo-compile`'s engine: model directory -> plan; and `load_plan`: plan + model directory -> the
-runtime's PlanModule.
+"""`tbo-compile`'s engine: model directory -> plan (tbo_compiler/load.py runs it).
 
 Tracing needs shapes only, so the model is built on the meta device from config.json (no weights
 are read at compile time; a 61-layer DeepSeek-V3 compiles on a laptop). The plan is traced for
@@ -21,11 +20,10 @@ import torch
 
 from tbo_compiler.capture import InputSpec, capture_export, capture_make_fx
 from tbo_compiler.models import ParallelConfig, build_model, example_inputs
-from tbo_compiler.ops.errors import PlanError, TboCompileError, UsageError
+from tbo_compiler.ops.errors import TboCompileError, UsageError
 from tbo_compiler.passes.pipeline import CompileOptions, State, compile_graph
 from tbo_compiler.passes.split_ubatches import split_point
-from tbo_compiler.plan import (bucket_record, check_plan, make_plan, programs_of, read_plan, save_plan)
-from tbo_compiler.runtime.plan_module import PlanModule
+from tbo_compiler.plan import bucket_record, make_plan, save_plan
 
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"(.*\.)?layers\.\d+")   # a decoder layer's module name
@@ -160,46 +158,4 @@ def compile_model_dir(model_dir, out_path, *, ep: int = 1, moe_comm: str = "a2a"
     return plan
 
 
-def _check_parallel(path, p: dict, rank, group) -> None:
-    """Refuse, before any weight is read, a rank or process group the plan was not compiled for."""
-    import torch.distributed as dist
-
-    from tbo_compiler.runtime.comm import get_group, register_default_group
-
-    ep = p["ep"]
-    if group not in (None, p["group"]):
-        raise PlanError(f"{path}: plan was compiled for comm group {p['group']!r}, not {group!r}")
-    if type(rank) is not int or not 0 <= rank < ep:
-        raise PlanError(f"{path}: rank {rank!r} is outside the plan's {ep} expert-parallel ranks (0..{ep - 1})")
-    if ep > 1:
-        if register_default_group(p["group"], ep) is None and dist.is_available() and dist.is_initialized():
-            raise PlanError(f"{path}: plan was compiled for {ep} expert-parallel ranks, torch.distributed has "
-                            f"{dist.get_world_size()}: launch {ep} ranks or recompile with "
-                            f"--ep {dist.get_world_size()}")
-        get_group(p["group"], ep)  # not registered, or registered with another size: one line now
-
-
-def load_plan(plan_path, model_dir, *, rank: int = 0, device="cpu", dtype=None, group: str | None = None,
-              policy: str = "auto", graphs: bool | None = None, inductor: bool = False) -> PlanModule:
-    """The plan as a callable with the model's forward signature; weights from `model_dir`.
-
-    With EP > 1 the comm group is the plan's ("ep"): registered already, or set up here from
-    torch.distributed's default group when it has the plan's number of ranks."""
-    from tbo_compiler.models import load_model
-
-    plan = read_plan(plan_path)
-    check_plan(plan, plan_path, model_dir)
-    p = plan["parallel"]
-    if dtype is not None and dtype != getattr(torch, p["dtype"]):  # a plan's programs are of one dtype
-        raise PlanError(f"{plan_path}: plan was compiled for {p['dtype']}, not {str(dtype).removeprefix('torch.')}: "
-                        f"load it with dtype=torch.{p['dtype']} (or no dtype), or recompile with "
-                        f"--dtype {str(dtype).removeprefix('torch.')}")
-    _check_parallel(plan_path, p, rank, group)
-    par = ParallelConfig(ep_size=p["ep"], ep_rank=rank, group=p["group"], moe_comm=p["moe_comm"])
-    model = load_model(model_dir, dtype=getattr(torch, p["dtype"]), device=device, parallel=par,
-                       block_size=p["block_size"], num_layers=p["num_layers"])
-    return PlanModule(programs_of(plan, device), model, device, ep=p["ep"], group=par.group, policy=policy,
-                      graphs=graphs, num_token_inputs=len(model.token_inputs), inductor=inductor)
-
-
-__all__ = ["compile_model", "compile_model_dir", "load_plan", "CompiledProgram"]
+__all__ = ["compile_model", "compile_model_dir", "CompiledProgram"]

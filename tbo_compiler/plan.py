@@ -7,7 +7,9 @@ op names, no weights: parameters are placeholders named by their FQN in the mode
 its schedule and predicted times; plus the split policy, the parallel config, versions and a hash
 of the model's config.json. The JSON text is stored with its sha256, checked at load, so an edited
 or damaged plan is refused rather than run. Same input, same bytes (no timestamps, sorted keys). A
-loaded program's schedule is verified again before it runs (passes/pipeline.py `validate`).
+loaded program's schedule is verified again before it runs (tbo_compiler/load.py `programs_of`).
+
+A format module only: containers in, containers out; it imports no passes, runtime or package root.
 """
 from __future__ import annotations
 
@@ -21,15 +23,16 @@ import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 
-import tbo_compiler
-from tbo_compiler.capture import InputSpec
 from tbo_compiler.ops.errors import PlanError
-from tbo_compiler.ops.instr import Instr
-from tbo_compiler.passes.pipeline import validate
+from tbo_compiler.version import __version__
+
+if TYPE_CHECKING:
+    from tbo_compiler.capture import InputSpec
 
 FORMAT_VERSION = 3  # 3: the JSON text's sha256 beside it
 
@@ -160,12 +163,13 @@ def config_hash(model_dir) -> str:
 
 
 def versions() -> dict:
-    return {"tbo_compiler": tbo_compiler.__version__, "torch": torch.__version__.split("+")[0],
+    return {"tbo_compiler": __version__, "torch": torch.__version__.split("+")[0],
             "format": FORMAT_VERSION}
 
 
 def bucket_record(T: int, variant: str, state, specs: tuple[InputSpec, ...]) -> dict:
-    """One compiled program as plain containers: graph, inputs, instructions, predictions."""
+    """One compiled program as plain containers: graph, inputs, instructions, predictions.
+    `state` is the pipeline's result (passes/pipeline.py State): read, not imported."""
     s = state.schedule
     return {"tokens": T, "variant": variant, "cut": state.cut, "nodes": graph_to_json(state.gm),
             "inputs": [asdict(x) for x in specs], "instrs": [i.to_list() for i in s.instrs],
@@ -248,19 +252,3 @@ def check_plan(plan: dict, path, model_dir) -> None:
                         f"{have['torch']}; recompile it")
     if plan["config_sha256"] != config_hash(model_dir):
         raise PlanError(f"{path}: plan was compiled for another model (config.json of {model_dir} differs)")
-
-
-def programs_of(plan: dict, device=None) -> dict:
-    """{tokens: {variant: BucketProgram}}, every schedule verified against its graph first."""
-    from tbo_compiler.runtime.plan_module import BucketProgram
-
-    out: dict = {}
-    for b in plan["buckets"]:
-        for variant, p in b["programs"].items():
-            gm = graph_from_json(p["nodes"], device=device)
-            instrs = tuple(Instr.from_list(x) for x in p["instrs"])
-            validate(gm, instrs)
-            inputs = tuple((s["kind"], s["target"]) for s in p["inputs"])
-            out.setdefault(b["tokens"], {})[variant] = BucketProgram(
-                b["tokens"], p["cut"], gm, instrs, inputs, p["summary"]["predicted_us"])
-    return out

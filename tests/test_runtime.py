@@ -12,9 +12,10 @@ import torch
 
 from tbo_compiler import TboError, load_plan
 from tbo_compiler.compile import compile_model_dir
+from tbo_compiler.load import programs_of
 from tbo_compiler.models.tiny import make_tiny
 from tbo_compiler.ops.errors import ScheduleError
-from tbo_compiler.plan import programs_of, read_plan
+from tbo_compiler.plan import read_plan
 from tbo_compiler.runtime import kernels
 from tbo_compiler.runtime.program import Program
 
@@ -199,4 +200,11 @@ def test_layering(folder, forbidden):
     import runtime or passes."""
     bad = [(f.name, m) for f in (ROOT / folder).rglob("*.py") for m in _imports(f)
            if m.startswith(forbidden)]
+    assert not bad
+
+
+def test_plan_format_is_a_leaf():
+    """plan.py is the file format only: it imports no passes, runtime, models or package root."""
+    bad = [m for m in _imports(ROOT / "tbo_compiler" / "plan.py")
+           if m == "tbo_compiler" or m.startswith(("tbo_compiler.passes", "tbo_compiler.runtime", "tbo_compiler.models"))]
     assert not bad

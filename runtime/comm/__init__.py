@@ -39,7 +39,7 @@ from tbo_compiler.runtime.comm.faults import (PeerFailure, announce_failure, bou
 log = logging.getLogger(__name__)
 
 __all__ = ["CommGroup", "register_group", "get_group", "clear_groups", "pending_count", "backend_for",
-           "agree_num_tokens", "register_default_group", "PeerFailure", "announce_failure", "synchronize"]
+           "agree_num_tokens", "gather_records", "register_default_group", "PeerFailure", "announce_failure", "synchronize"]
 
 
 # Step 1: groups and their backends ------------------------------------------------------------
@@ -192,7 +192,7 @@ for _kind in ("dispatch", "combine", "all_gather", "reduce_scatter", "all_reduce
 op_impl.bind("wait", _wait)
 
 
-# Step 3: the one agreement per step ----------------------------------------------------------
+# Step 3: agreements: the one per step, and the one per compiled graph ----------------------------------------------------------
 
 def agree_num_tokens(num_tokens: int, group: str) -> int:
     """The token count every rank of `group` pads to: the max over ranks (one collective, and the
@@ -215,3 +215,33 @@ def agree_num_tokens(num_tokens: int, group: str) -> int:
     bounded_collective(grp, "agree_num_tokens", lambda timeout_s: grp.pg.allreduce(
         [t], timed_opts(c10d.AllreduceOptions, timeout_s, reduceOp=dist.ReduceOp.MAX)), on_cpu)
     return int(t.item())
+
+
+_RECORD_BYTES = 4096
+
+
+def gather_records(pg, record: dict) -> list[dict]:
+    """Every rank's `record` (a small JSON object; strings cut to 1,500 characters), in rank
+    order: how the ranks of a torch.compile'd graph agree on its compile outcome. One fixed-size
+    all_gather on `pg`'s device, bounded by TBO_COMM_TIMEOUT_S like the runtime's collectives: a
+    peer that died or hangs while compiling fails it with one line naming it."""
+    import json
+
+    import torch.distributed as dist
+    from torch._C import _distributed_c10d as c10d
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    record = {k: (v[:1500] if isinstance(v, str) else v) for k, v in record.items()}
+    raw = json.dumps(record).encode()
+    with unset_fake_temporarily():  # the compiler runs under dynamo's fake mode; this is real comm
+        dev = torch.device("cpu")
+        if dist.get_backend(pg) == "nccl":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        buf = torch.zeros(_RECORD_BYTES, dtype=torch.uint8)
+        buf[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        buf = buf.to(dev)
+        outs = [torch.empty_like(buf) for _ in range(dist.get_world_size(pg))]
+        grp = CommGroup("torch.compile agreement", dist.get_world_size(pg), dist.get_rank(pg), pg)
+        bounded_collective(grp, "compile agreement", lambda timeout_s: pg.allgather(
+            [outs], [buf], timed_opts(c10d.AllgatherOptions, timeout_s)), buf.device.type == "cpu")
+        return [json.loads(bytes(o.cpu().tolist()).rstrip(b"\0").decode()) for o in outs]
