@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from tbo_compiler.ops.errors import RuntimeFailure, UsageError
+
 
 @dataclass
 class Batch:
@@ -69,7 +71,7 @@ class PagedKVCache:
     def __init__(self, entry_shapes: Sequence[tuple[int, ...]], num_blocks: int, block_size: int,
                  dtype=torch.float32, device="cpu"):
         if num_blocks < 2:
-            raise ValueError("PagedKVCache needs at least 2 blocks (block 0 is the null block)")
+            raise UsageError("PagedKVCache needs at least 2 blocks (block 0 is the null block)")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.caches = [torch.zeros(num_blocks * block_size, *s, dtype=dtype, device=device)
@@ -89,7 +91,7 @@ class PagedKVCache:
     def _reserve(self, req: _Request, total: int) -> None:
         need = -(-total // self.block_size) - len(req.blocks)
         if need > len(self._free):
-            raise RuntimeError(f"KV cache out of blocks: need {need}, have {len(self._free)}")
+            raise RuntimeFailure(f"KV cache out of blocks: need {need}, have {len(self._free)}")
         req.blocks.extend(self._free.pop() for _ in range(need))
 
     def make_batch(self, requests: Sequence[tuple[object, Sequence[int]]], *, pad_to: int | None = None,
@@ -114,12 +116,12 @@ class PagedKVCache:
         T = len(ids)
         pad = 0 if pad_to is None else pad_to - T
         if pad < 0:
-            raise ValueError(f"batch has {T} tokens, more than pad_to={pad_to}")
+            raise UsageError(f"batch has {T} tokens, more than pad_to={pad_to}")
         nb = max_blocks or max([len(r) for r in rows] + [1])
         table = torch.zeros(T + pad, nb, dtype=torch.int32)
         for i, r in enumerate(rows):
             if len(r) > nb:
-                raise ValueError(f"request needs {len(r)} blocks, block table has {nb} columns")
+                raise UsageError(f"request needs {len(r)} blocks, block table has {nb} columns")
             table[i, :len(r)] = torch.tensor(r, dtype=torch.int32)
         # padding rows: token 0 at position 0 in the null block (slot 0)
         ids += [0] * pad

@@ -10,7 +10,7 @@
         ScheduleError             a schedule breaks a dependency, an event or a lifetime
         InvariantError            a pass left the graph breaking an invariant of passes/README.md
       PlanError                   a plan file: unreadable, stale, for another model
-      RuntimeFailure              running a program: comm groups, handles, buckets, backends
+      RuntimeFailure              running a program: comm groups, handles, buckets, backends, KV blocks
 
 ModelLoadError, UsageError and RuntimeFailure keep ValueError / RuntimeError as second bases, so code that
 caught those before still does.

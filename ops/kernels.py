@@ -152,9 +152,6 @@ _ops = torch.ops.tbo
 ROWWISE_OPS = frozenset({_ops.paged_attention.default, _ops.latent_attention.default,
                          _ops.moe_experts.default, _ops.rms_norm.default, _ops.silu_mul.default,
                          _ops.rope_interleaved.default, _ops.rope_half.default})
-#: ops that reduce over their input's last axis (that axis must not carry tokens)
-LAST_AXIS_OPS = frozenset({_ops.rms_norm.default, _ops.silu_mul.default, _ops.rope_interleaved.default,
-                           _ops.rope_half.default})
 #: op -> positional index of its `world` argument: outputs hold `world` blocks of the input's tokens
 FAN_OUT_OPS = {_ops.dispatch_pack.default: 3}
 #: every kernel op, by name, with its overload (what the backend registry implements)

@@ -97,11 +97,6 @@ def normalize_export(ep) -> tuple[fx.GraphModule, tuple[InputSpec, ...]]:
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()
-    consts = {}
-    for s in specs:
-        if s.kind == "constant":
-            consts[s.target] = ep.constants[s.target]
-    gm.meta["tbo_constants"] = consts
     return gm, tuple(specs)
 
 

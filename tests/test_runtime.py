@@ -184,8 +184,16 @@ def _imports(path: pathlib.Path) -> set[str]:
         if isinstance(node, ast.Import):
             mods |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            mods.add(node.module)
+            # `from tbo_compiler import runtime` imports tbo_compiler.runtime: name each imported name too
+            mods |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
     return mods
+
+
+def test_imports_sees_every_import_style(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import tbo_compiler.passes\nfrom tbo_compiler import runtime\n"
+                 "from tbo_compiler.models import batch as b\n")
+    assert {"tbo_compiler.passes", "tbo_compiler.runtime", "tbo_compiler.models.batch"} <= _imports(f)
 
 
 @pytest.mark.parametrize("folder, forbidden", [
@@ -208,3 +216,17 @@ def test_plan_format_is_a_leaf():
     bad = [m for m in _imports(ROOT / "tbo_compiler" / "plan.py")
            if m == "tbo_compiler" or m.startswith(("tbo_compiler.passes", "tbo_compiler.runtime", "tbo_compiler.models"))]
     assert not bad
+
+
+def test_kv_cache_errors_are_tbo_errors():
+    """A serving loop's mistakes with the paged cache are TboErrors (and still ValueError/RuntimeError)."""
+    from tbo_compiler.models.batch import PagedKVCache
+    from tbo_compiler.ops.errors import RuntimeFailure, UsageError
+
+    with pytest.raises(UsageError, match="at least 2 blocks"):
+        PagedKVCache([(4,)], 1, 4)
+    kv = PagedKVCache([(4,)], 2, 4)
+    with pytest.raises(UsageError, match="more than pad_to=2"):
+        kv.make_batch([("a", [1, 2, 3])], pad_to=2)
+    with pytest.raises(RuntimeFailure, match="out of blocks"):
+        kv.make_batch([("b", [1] * 9)])
