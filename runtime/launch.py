@@ -33,7 +33,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from tbo_compiler.ops.errors import RuntimeFailure
-from tbo_compiler.runtime.env import COMM_TIMEOUT_ENV
+from tbo_compiler.runtime.env import COMM_TIMEOUT_ENV, FLAGS
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,11 @@ def _entry(rank, world, fn, args, tmp, backend, env, pg_timeout):
 
 def _default_grace(env: dict) -> float:
     raw = str(env.get(COMM_TIMEOUT_ENV, os.environ.get(COMM_TIMEOUT_ENV, ""))).strip()
+    default = FLAGS[COMM_TIMEOUT_ENV].default + 10.0
     try:
-        return float(raw) + 10.0 if raw else 310.0
+        return float(raw) + 10.0 if raw else default
     except ValueError:
-        return 310.0  # the ranks themselves report the bad value
+        return default  # the ranks themselves report the bad value
 
 
 def _ended_text(rank: int, code: int | None, seconds: float) -> str:

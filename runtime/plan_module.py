@@ -16,7 +16,6 @@ choice between the two made by measuring them.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,6 +26,7 @@ from tbo_compiler.ops.errors import PlanError, RuntimeFailure
 from tbo_compiler.ops.instr import Instr
 from tbo_compiler.runtime.comm import agree_num_tokens, get_group
 from tbo_compiler.runtime.comm.faults import step_watchdog
+from tbo_compiler.runtime.env import flag
 from tbo_compiler.runtime.graphs import GraphedProgram, time_replays
 from tbo_compiler.runtime.program import Program
 
@@ -58,7 +58,7 @@ class PlanModule:
         if ep > 1:  # registered by load_plan (tbo_compiler/load.py) or the caller: a clear error now
             get_group(group, ep)
         cuda = self.device.type == "cuda"
-        self.graphs = cuda and (graphs if graphs is not None else os.environ.get("TBO_CUDA_GRAPHS", "1") != "0")
+        self.graphs = cuda and (graphs if graphs is not None else flag("TBO_CUDA_GRAPHS"))
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         # a peer that dies mid-step leaves this GPU spinning in a collective: bounded (faults.py)
         self.watchdog = step_watchdog(group) if cuda and ep > 1 else None

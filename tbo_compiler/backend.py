@@ -37,6 +37,7 @@ from tbo_compiler.graph_inputs import AotInputs, is_module_state, pick_token_inp
 from tbo_compiler.ops.errors import TboCompileError, one_line
 from tbo_compiler.passes.pipeline import CompileOptions, TboFallbackWarning, compile_graph
 from tbo_compiler.runtime.comm import gather_records
+from tbo_compiler.runtime.env import flag
 from tbo_compiler.runtime.graphs import GraphedProgram
 from tbo_compiler.runtime.program import Program
 
@@ -57,10 +58,7 @@ def _split_option(v):
 def _inductor_option(v):
     """options['inductor']: True, False or a dict of Inductor options; unset: $TBO_INDUCTOR (default on)."""
     if v is None:
-        raw = os.environ.get("TBO_INDUCTOR", "1").strip().lower()
-        if raw not in ("0", "1", "false", "true", ""):
-            raise TboCompileError(f"TBO_INDUCTOR={raw!r} must be 0 or 1")
-        return raw not in ("0", "false")
+        return flag("TBO_INDUCTOR")
     if isinstance(v, bool) or isinstance(v, dict):
         return v
     raise TboCompileError(f"options['inductor'] must be True, False or a dict of Inductor options, not {v!r}")
@@ -117,7 +115,7 @@ def tbo_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None)
                            profile=opts.get("profile", "cpu"), order=opts.get("order"),
                            split=_split_option(opts.get("split", "auto")),
                            strict=bool(opts.get("strict", False)))
-    dump_dir = opts.get("dump_dir", os.environ.get("TBO_DUMP_DIR"))
+    dump_dir = opts.get("dump_dir", flag("TBO_DUMP_DIR"))
     inductor = _inductor_option(opts.get("inductor"))
     _count_sizes(gm, example_inputs)
 

@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
         __version__ = version("tbo-compiler")
     except PackageNotFoundError:
         from tbo_compiler import __version__
+    from tbo_compiler.runtime.env import flag
+
     p.add_argument("--version", action="version", version=f"tbo-compile {__version__}")
     p.add_argument("model_dir", help="HuggingFace-style directory: config.json + *.safetensors")
     p.add_argument("-o", "--output", help="plan file to write (e.g. plan.pt)")
@@ -72,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--capture", choices=("make_fx", "export"), default="make_fx",
                    help="tracer: one make_fx trace (fast) or torch.export + decompositions")
     p.add_argument("--no-split", action="store_true", help="one ubatch (the no-TBO baseline)")
-    p.add_argument("--dump-dir", default=os.environ.get("TBO_DUMP_DIR"),
+    p.add_argument("--dump-dir", default=flag("TBO_DUMP_DIR"),
                    help="write graph/schedule dumps here (default: $TBO_DUMP_DIR)")
     p.add_argument("--force", action="store_true", help="replace a symlink at the -o path (never a device, FIFO, "
                    "socket or directory)")

@@ -48,6 +48,7 @@ import torch.fx as fx
 
 from tbo_compiler.ops.instr import COMM, COMPUTE
 from tbo_compiler.passes.annotate_comm import layer_of
+from tbo_compiler.runtime.env import flag
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def layer_window(layer: dict, comm_layers, choice=None) -> tuple[int, int] | Non
     """Layers [lo, hi) the graph SVGs draw in full: `choice` ("a:b", "a", "all" or a pair), else
     $TBO_DUMP_LAYERS, else the first layer with comm and the one after it. None: every layer."""
     ints = sorted({v for v in layer.values() if isinstance(v, int)})
-    choice = os.environ.get("TBO_DUMP_LAYERS") if choice is None else choice
+    choice = flag("TBO_DUMP_LAYERS") if choice is None else choice
     if not ints or choice == "all":
         return None
     if isinstance(choice, str):

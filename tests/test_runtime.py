@@ -230,3 +230,21 @@ def test_kv_cache_errors_are_tbo_errors():
         kv.make_batch([("a", [1, 2, 3])], pad_to=2)
     with pytest.raises(RuntimeFailure, match="out of blocks"):
         kv.make_batch([("b", [1] * 9)])
+
+
+def test_env_flags_are_read_through_the_registry():
+    """Every flag the code reads is in runtime/env.py's table (and its docstring), read with `flag`."""
+    import re
+
+    from tbo_compiler.runtime import env
+
+    used, direct = set(), []
+    for folder in ("tbo_compiler", "runtime", "passes", "models", "ops"):
+        for f in (ROOT / folder).rglob("*.py"):
+            text = f.read_text()
+            used |= set(re.findall(r'\bflag\("(\w+)"\)', text))
+            if f.name not in ("env.py", "launch.py") and re.search(r"os\.environ(\.get|\[)|os\.getenv", text):
+                direct.append(f.name)
+    assert not direct
+    assert used and used <= set(env.FLAGS), used - set(env.FLAGS)
+    assert all(name in env.__doc__ for name in env.FLAGS)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from tbo_compiler.ops import impl as op_impl
 from tbo_compiler.ops.errors import RuntimeFailure
 from tbo_compiler.runtime.comm.faults import (PeerFailure, announce_failure, bounded_collective, synchronize,
                                                timed_opts)
+from tbo_compiler.runtime.env import flag
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def _default_backend(pg) -> str:
 
     if pg is None or dist.get_world_size(pg) == 1:
         return "local"
-    if os.environ.get("TBO_COMM"):
-        return os.environ["TBO_COMM"]
+    if flag("TBO_COMM"):
+        return flag("TBO_COMM")
     if getattr(torch.version, "hip", None) and "nccl" in str(dist.get_backend(pg)):
         from tbo_compiler.runtime.comm.mori import preferred
         if preferred(pg):

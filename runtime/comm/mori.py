@@ -73,7 +73,6 @@ import collections
 import importlib
 import itertools
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +82,7 @@ from torch import Tensor
 
 from tbo_compiler.ops.errors import RuntimeFailure, one_line
 from tbo_compiler.ops.kernels import unpack_meta
-from tbo_compiler.runtime.env import env_int
+from tbo_compiler.runtime.env import flag
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ SPLIT_PHASE_KERNELS = ("AsyncLL",)   # kernel types with dispatch_recv / combine
 
 
 def _kernel_name() -> str:
-    return os.environ.get("TBO_MORI_KERNEL", "AsyncLL")
+    return flag("TBO_MORI_KERNEL")
 
 
 def _mori():
@@ -161,7 +160,7 @@ _SHMEM: dict[str, Any] = {}
 
 
 def _init_shmem(group) -> None:
-    if os.environ.get("TBO_MORI_SHMEM_INIT", "1") == "0":
+    if not flag("TBO_MORI_SHMEM_INIT"):
         return
     if _SHMEM:
         if _SHMEM["pg"] is not group.pg:
@@ -298,7 +297,7 @@ class MoriBackend:
 
     # -- ops
     def _op(self, slot: int, T: int, D: int, K: int, dtype: torch.dtype):
-        cap = max(T, env_int("TBO_MORI_MAX_TOKENS", 0), 1)
+        cap = max(T, flag("TBO_MORI_MAX_TOKENS"), 1)
         key = (slot, cap, D, K, dtype, self.kernel)
         op = self.state.ops.get(key)
         if op is None:
@@ -308,7 +307,7 @@ class MoriBackend:
                 scale_dim=K, scale_type_size=4, max_token_type_size=torch.empty(0, dtype=dtype).element_size(),
                 max_num_inp_token_per_rank=cap, num_experts_per_rank=1, num_experts_per_token=K,
                 kernel_type=getattr(m.ops.EpDispatchCombineKernelType, self.kernel),
-                gpu_per_node=min(self.W, env_int("TBO_MORI_GPUS_PER_NODE", 8)))
+                gpu_per_node=min(self.W, flag("TBO_MORI_GPUS_PER_NODE")))
             op = self.state.ops[key] = m.ops.EpDispatchCombineOp(cfg)
             log.info("mori: op %d of group %s for %d tokens per rank (hidden %d, top-%d, %s, %s)",
                      slot, self.group.name, cap, D, K, str(dtype).removeprefix("torch."), self.kernel)

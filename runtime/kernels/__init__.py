@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from typing import Callable
 
 import torch
@@ -30,6 +29,7 @@ import torch
 from tbo_compiler.ops import impl as op_impl
 from tbo_compiler.ops.errors import RuntimeFailure
 from tbo_compiler.ops.kernels import KERNEL_OPS
+from tbo_compiler.runtime.env import flag
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def prefer(op: str, backend: str) -> None:
 
 
 def _env_preferences() -> None:
-    for item in filter(None, os.environ.get("TBO_KERNELS", "").split(",")):
+    for item in filter(None, flag("TBO_KERNELS").split(",")):
         op, _, backend = item.partition("=")
         prefer(op.strip(), backend.strip())
 

@@ -46,13 +46,13 @@ import torch
 from torch import Tensor
 
 from tbo_compiler.ops.errors import RuntimeFailure
-from tbo_compiler.runtime.env import env_int
+from tbo_compiler.runtime.env import flag
 
 NAME = "aiter"
 
 
 #: T from which latent_attention uses aiter's prefill kernel (bf16, 16 or 128 heads only)
-PREFILL_TOKENS = env_int("TBO_AITER_MLA_PREFILL_TOKENS", 1024)
+PREFILL_TOKENS = flag("TBO_AITER_MLA_PREFILL_TOKENS")
 _PREFILL_HEADS = (16, 128)
 _MLA_DTYPES = (torch.bfloat16,)
 _MOE_DTYPES = (torch.bfloat16, torch.float16)

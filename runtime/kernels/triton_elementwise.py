@@ -42,7 +42,6 @@ no host sync (CUDA-graph capturable), zero rows -> empty output without a launch
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -51,12 +50,14 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
+from tbo_compiler.runtime.env import flag
+
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 _TILE = 4096  # elements per program: enough in flight per SM without spilling registers
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return flag("TRITON_INTERPRET")
 
 
 def supported(*tensors: Tensor) -> bool:

@@ -35,7 +35,6 @@ interpreter instead of giving the CPU tests a different loop than the GPU compil
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -43,13 +42,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tbo_compiler.runtime.env import flag
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 _NO_WINDOW = 1 << 30  # the window the kernel runs without one: longer than any context
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return flag("TRITON_INTERPRET")
 
 
 def supported(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions: Tensor,

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from tbo_compiler.runtime.env import flag
 
 _LOG2E = 1.4426950408889634
 _MIN_KEYS_PER_SPLIT = 128   # a split re-loads q (BH * C elements): give it at least this many keys
@@ -51,7 +52,7 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return flag("TRITON_INTERPRET")
 
 
 def supported(q: Tensor, q_pe: Tensor, cache: Tensor, *index_tensors: Tensor) -> bool:

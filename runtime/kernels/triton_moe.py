@@ -43,13 +43,14 @@ tests) can run them under NumPy >= 2.4, which it cannot for a runtime loop bound
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from tbo_compiler.runtime.env import flag
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ACTIVATIONS = {"silu": 0, "gpt_oss": 1}  # -> the ACT constexpr of the gate/up kernel
@@ -75,7 +76,7 @@ class MoeConfig:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return flag("TRITON_INTERPRET")
 
 
 def default_config(num_pairs: int, num_experts: int, elem_bytes: int = 2) -> MoeConfig:
