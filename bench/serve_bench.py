@@ -221,12 +221,14 @@ def serve_loop(runs: dict, kv, reqs: list[Request], *, concurrency: int, token_b
     plan for mixed steps, "decode": plan for decode steps}. Returns the finished requests (times in
     seconds from the start) and the step counts."""
     sched = Scheduler(reqs, kv, concurrency=concurrency, token_budget=token_budget, max_blocks=max_blocks)
-    steps = {"mixed": 0, "decode": 0, "idle": 0, "real_tokens": 0, "padded_tokens": 0}
+    steps = {"mixed": 0, "decode": 0, "idle": 0, "empty": 0, "real_tokens": 0, "padded_tokens": 0,
+             "forward_s": 0.0, "host_s": 0.0}
     if barrier:
         barrier()
     t0 = time.perf_counter()
     while True:
-        now = time.perf_counter() - t0
+        t_host = time.perf_counter()
+        now = t_host - t0
         # Step 1: admission
         sched.admit(now)
         # Step 2: this rank's candidate step
@@ -247,6 +249,7 @@ def serve_loop(runs: dict, kv, reqs: list[Request], *, concurrency: int, token_b
         pad_to = bucket_of(run, t_mixed if flag == 3 else t_dec)
         batch = kv.make_batch([(s.req.rid, new) for s, new, _ in entries], pad_to=pad_to,
                               max_blocks=max_blocks, device=device)
+        t_fwd = time.perf_counter()
         logits = run(*batch.args(), kv.caches)
         # Step 4: greedy sampling of the rows that sample, then completion
         rows = [i for i, (_, _, samples) in zip(batch.last_token_index(), entries) if samples]
@@ -254,11 +257,17 @@ def serve_loop(runs: dict, kv, reqs: list[Request], *, concurrency: int, token_b
             if rows else []
         if device.type == "cuda" and not rows:
             torch.cuda.synchronize()
-        sched.finish_step(entries, sampled, time.perf_counter() - t0)
+        t_done = time.perf_counter()
+        sched.finish_step(entries, sampled, t_done - t0)
         steps[kind] += 1
         real = batch.num_tokens - batch.num_padding
+        steps["empty"] += real == 0
         steps["real_tokens"] += real
         steps["padded_tokens"] += pad_to - real
+        # forward: the plan's call up to the sampled ids on the host; host: the rest of the step
+        # (admission, agreement, building the batch, bookkeeping), when the GPU has nothing queued
+        steps["forward_s"] += t_done - t_fwd
+        steps["host_s"] += (t_fwd - t_host) + (time.perf_counter() - t_done)
     duration = time.perf_counter() - t0
     leaked = (kv.num_blocks - 1) - free_blocks(kv)
     if leaked or sched.committed or sched.live:
@@ -303,6 +312,7 @@ def summarize(per_rank: list[dict], world: int) -> dict:
         "total_token_throughput_per_gpu": (n_in + n_out) / duration / world,
         **_stats("ttft", ttft), **_stats("tpot", tpot), **_stats("itl", itl), **_stats("e2e", e2e),
         "padded_token_share": steps["padded_tokens"] / rows if rows else 0.0,
+        "host_share": steps["host_s"] / max(steps["host_s"] + steps["forward_s"], 1e-12),
         "steps": steps,
     }
 
@@ -318,7 +328,8 @@ TABLE = [("successful_requests", "Successful requests", "{:d}"), ("duration_s", 
          ("p99_ttft_ms", "P99 TTFT (ms)", "{:.1f}"), ("mean_tpot_ms", "Mean TPOT (ms)", "{:.2f}"),
          ("median_tpot_ms", "Median TPOT (ms)", "{:.2f}"), ("p99_tpot_ms", "P99 TPOT (ms)", "{:.2f}"),
          ("mean_itl_ms", "Mean ITL (ms)", "{:.2f}"), ("median_itl_ms", "Median ITL (ms)", "{:.2f}"),
-         ("p99_itl_ms", "P99 ITL (ms)", "{:.2f}"), ("padded_token_share", "Padded token share", "{:.1%}")]
+         ("p99_itl_ms", "P99 ITL (ms)", "{:.2f}"), ("padded_token_share", "Padded token share", "{:.1%}"),
+         ("host_share", "Host share of step time", "{:.1%}")]
 
 
 def table(results: list[dict]) -> str:
@@ -428,23 +439,24 @@ def rank_serve(rank: int, world: int, cfg: dict) -> list[dict]:
     if world > 1:
         import torch.distributed as dist
         barrier = dist.barrier
+    # one cache for every run: CUDA graphs capture the cache tensors, a new cache is a new capture;
+    # every run gives all its blocks back, and stale entries are never read (a request writes a
+    # slot before any query of its attends to it)
+    c_max = -(-max(cfg["concurrency"]) // world)
+    kv = model.new_kv_cache(cfg.get("num_blocks") or c_max * cfg["max_blocks"] + 1, device=device)
     out = []
     for mode in cfg["modes"]:
         runs = {k: PlanModule(programs_of(p, device), model, device, ep=world, group="ep", policy=mode,
                               num_token_inputs=len(model.token_inputs), inductor=cfg.get("inductor", False))
                 for k, p in plans.items()}
+        if cfg.get("warmup", True):
+            warm_up(runs, kv, cfg["max_blocks"], vocab, device)
         for conc in cfg["concurrency"]:
-            c_rank = -(-conc // world)
-            blocks_per_req = cfg["max_blocks"]
-            kv = model.new_kv_cache(cfg.get("num_blocks") or c_rank * blocks_per_req + 1, device=device)
-            if cfg.get("warmup", True):
-                warm_up(runs, kv, cfg["max_blocks"], vocab, device)
-            res = serve_loop(runs, kv, mine, concurrency=c_rank, token_budget=cfg["token_budget"],
+            res = serve_loop(runs, kv, mine, concurrency=-(-conc // world), token_budget=cfg["token_budget"],
                              max_blocks=cfg["max_blocks"], world=world, device=device, barrier=barrier)
             res.update(mode=mode, concurrency=conc,
                        decisions={k: {b: d["variant"] for b, d in sorted(r.decisions.items())} for k, r in runs.items()})
             out.append(res)
-            del kv
         del runs
     return out
 

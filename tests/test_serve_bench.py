@@ -117,6 +117,7 @@ def test_summary_fields_are_consistent(served, reference):
         for m in ("ttft", "tpot", "itl", "e2e"):
             assert 0 < s[f"median_{m}_ms"] <= s[f"p99_{m}_ms"]
         assert s["mean_ttft_ms"] <= s["mean_e2e_ms"]
+        assert 0 < s["host_share"] < 1 and s["steps"]["empty"] == 0  # one rank: never an empty step
     table = sb.table([{"mode": r["mode"], "concurrency": r["concurrency"], **sb.summarize([r], 1)} for r in served])
     assert table.count("\n") == len(sb.TABLE) + 1 and "| Successful requests | 8 | 8 |" in table
 
@@ -195,3 +196,4 @@ def test_ep2_ranks_serve_their_own_requests(tiny, reference, tmp_path):
     assert s["steps"]["real_tokens"] == sum(len(r.prompt) + r.output_len - 1 for r in reqs)
     assert s["output_throughput_per_gpu"] == pytest.approx(s["output_throughput"] / 2)
     assert set(s["decisions"]["prefill"].values()) == {"tbo"}
+    assert s["steps"]["empty"] > 0  # a rank with nothing to do took part in steps, padding only
