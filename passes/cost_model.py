@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from tbo_compiler.ops.instr import Op
 from tbo_compiler.passes.token_axis import is_alias
 
 aten = torch.ops.aten
@@ -127,11 +128,11 @@ def simulate(instrs, costs: dict, prof: DeviceProfile | None = None) -> Timeline
     spans = []
     busy = {"compute": 0.0, "comm": 0.0}
     for ins in instrs:
-        if ins.op == "record":
+        if ins.op == Op.RECORD:
             events[ins.event] = clock[ins.stream]
-        elif ins.op == "wait":
+        elif ins.op == Op.WAIT:
             clock[ins.stream] = max(clock[ins.stream], events.get(ins.event, 0.0))
-        elif ins.op == "run":
+        elif ins.op == Op.RUN:
             c = costs.get(ins.node, 0.0)
             host += min(c, launch)
             start = max(clock[ins.stream], host)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch.fx as fx
 
-from tbo_compiler.ops.instr import COMM, COMPUTE, Instr
+from tbo_compiler.ops.instr import COMM, COMPUTE, Instr, Op
 from tbo_compiler.passes.annotate_comm import CommOps, is_comm, is_wait, layer_of
 from tbo_compiler.passes.cost_model import PROFILES, Timeline, node_cost_us, simulate
 
@@ -155,13 +155,13 @@ def lower(gm: fx.GraphModule, order: list[str]) -> tuple[Instr, ...]:
             if a.name in pos and stream[a.name] != s:
                 ev = recorded[a.name]
                 if (ev, s) not in waited:
-                    instrs.append(Instr("wait", stream=s, event=ev))
+                    instrs.append(Instr(Op.WAIT, stream=s, event=ev))
                     waited.add((ev, s))
-        instrs.append(Instr("run", name, n.meta.get("tbo_ubatch"), s))
+        instrs.append(Instr(Op.RUN, name, n.meta.get("tbo_ubatch"), s))
         if any(stream.get(u.name, s) != s for u in n.users if u.name in pos):
             ev = new_event()
             recorded[name] = ev
-            instrs.append(Instr("record", stream=s, event=ev))
+            instrs.append(Instr(Op.RECORD, stream=s, event=ev))
         # values whose last reader on this stream is this node, and that live on the other stream
         for a in n.all_input_nodes:
             if a.name in pos and a.name not in outputs and stream[a.name] != s \
@@ -170,10 +170,10 @@ def lower(gm: fx.GraphModule, order: list[str]) -> tuple[Instr, ...]:
                 if ev is None:
                     ev = new_event()
                     recorded.setdefault(name, ev)
-                    instrs.append(Instr("record", stream=s, event=ev))
+                    instrs.append(Instr(Op.RECORD, stream=s, event=ev))
                 free_event[a.name] = ev
         for v in frees_after.get(name, []):
-            instrs.append(Instr("free", v, nodes[v].meta.get("tbo_ubatch"), stream[v], free_event.get(v)))
+            instrs.append(Instr(Op.FREE, v, nodes[v].meta.get("tbo_ubatch"), stream[v], free_event.get(v)))
     return tuple(instrs)
 
 

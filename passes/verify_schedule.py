@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from tbo_compiler.ops.errors import ScheduleError
+from tbo_compiler.ops.instr import Op
 
 
 def verify_schedule(gm: fx.GraphModule, instrs) -> None:
@@ -33,7 +34,7 @@ def verify_schedule(gm: fx.GraphModule, instrs) -> None:
         raise ScheduleError(f"instruction {i} {instrs[i].to_list()}: {msg}")
 
     for i, ins in enumerate(instrs):
-        if ins.op == "run":
+        if ins.op == Op.RUN:
             if ins.node not in runnable:
                 bad(i, "runs a node that is not in the graph")
             if ins.node in ran:
@@ -52,12 +53,12 @@ def verify_schedule(gm: fx.GraphModule, instrs) -> None:
             ran[ins.node] = i
             stream_of[ins.node] = ins.stream
             seen_on[ins.stream].add(ins.node)
-        elif ins.op == "record":
+        elif ins.op == Op.RECORD:
             if ins.event in recorded:
                 bad(i, "records an event twice")
             recorded[ins.event] = (ins.stream, i)
             after_event[ins.event] = set(seen_on[ins.stream])
-        elif ins.op == "wait":
+        elif ins.op == Op.WAIT:
             if ins.event not in recorded:
                 bad(i, "waits for an event never recorded before")
             if recorded[ins.event][0] == ins.stream:
@@ -66,7 +67,7 @@ def verify_schedule(gm: fx.GraphModule, instrs) -> None:
             # what the recording stream saw becomes ordered before later work here
             seen_on[ins.stream] |= after_event[ins.event]
             used_events.add(ins.event)
-        elif ins.op == "free":
+        elif ins.op == Op.FREE:
             v = ins.node
             if v not in ran:
                 bad(i, "frees a value never computed")

@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 
 from tbo_compiler.ops.comm import START_OPS, WAIT_OPS
-from tbo_compiler.ops.instr import COMM, COMPUTE, Instr, other_stream
+from tbo_compiler.ops.instr import COMM, COMPUTE, Instr, Op, other_stream
 from tbo_compiler.ops.kernels import KERNEL_OPS
 from tbo_compiler.runtime import kernels
 from tbo_compiler.runtime.comm import backend_for
@@ -64,7 +64,7 @@ def inplace_updates(gm: fx.GraphModule, instrs: Sequence[Instr]) -> set[str]:
     and every other reader of that input runs before it, on the same stream. The final
     `copy_(input, value)` then finds the same tensor and is skipped."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    runs = [i for i in instrs if i.op == "run"]
+    runs = [i for i in instrs if i.op == Op.RUN]
     pos = {i.node: k for k, i in enumerate(runs)}
     stream = {i.node: i.stream for i in runs}
     out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -254,7 +254,7 @@ class Program:
 
         region_ubatch = None
         for ins in instrs:
-            if ins.op == "run" and self.region_cache is not None and fusible(
+            if ins.op == Op.RUN and self.region_cache is not None and fusible(
                     nodes[ins.node], ins, eager, members):
                 if region and ins.ubatch != region_ubatch:
                     close()   # one ubatch per region: the other ubatch's copy can share its code
@@ -262,26 +262,26 @@ class Program:
                 members.add(ins.node)
                 region_ubatch = ins.ubatch
                 continue
-            if ins.op == "free" and region:
+            if ins.op == Op.FREE and region:
                 deferred.append(ins)
                 continue
-            if ins.op == "run" and region and runs_ahead(nodes[ins.node], members, ins.ubatch):
+            if ins.op == Op.RUN and region and runs_ahead(nodes[ins.node], members, ins.ubatch):
                 # reading a value defined before the region (a comm result's element, a constant):
                 # no GPU work, so it runs ahead of the region's call, and the region stays open
                 body.append(f"v_{ins.node} = {self._call(nodes[ins.node])}")
                 continue
             close()
-            if ins.op == "run":
+            if ins.op == Op.RUN:
                 if self.cuda and ins.stream != cur:
                     body.append(f"_set({streams[ins.stream]})")
                     cur = ins.stream
                 body.append(f"v_{ins.node} = {self._call(nodes[ins.node])}")
-            elif ins.op == "record" and self.cuda:
+            elif ins.op == Op.RECORD and self.cuda:
                 self.events = max(self.events, ins.event)
                 body.append(f"E[{ins.event}].record({streams[ins.stream]})")
-            elif ins.op == "wait" and self.cuda:
+            elif ins.op == Op.WAIT and self.cuda:
                 body.append(f"{streams[ins.stream]}.wait_event(E[{ins.event}])")
-            elif ins.op == "free" and ins.node not in hidden:
+            elif ins.op == Op.FREE and ins.node not in hidden:
                 self._free(body, ins, streams)
         close()
         out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -311,18 +311,18 @@ class Program:
     def _emit_profile(self, nodes, instrs, params) -> list[str]:
         body = ["P[0].record()"]
         for ins in instrs:
-            if ins.op == "run":
+            if ins.op == Op.RUN:
                 body.append(f"v_{ins.node} = {self._call(nodes[ins.node])}")
                 self.profiled.append(ins.node)
                 body.append(f"P[{len(self.profiled)}].record()")
-            elif ins.op == "free":
+            elif ins.op == Op.FREE:
                 body.append(f"del v_{ins.node}")
         return [f"def program({params}):"] + ["    " + x for x in body + ["return None"]]
 
     def _emit_comm_only(self, nodes, instrs, params) -> list[str]:
         body = []
         for ins in instrs:
-            if ins.op != "run":
+            if ins.op != Op.RUN:
                 continue
             n = nodes[ins.node]
             if n.target in START_OPS:

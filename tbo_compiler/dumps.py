@@ -46,7 +46,7 @@ from xml.sax.saxutils import escape, quoteattr
 import torch
 import torch.fx as fx
 
-from tbo_compiler.ops.instr import COMM, COMPUTE
+from tbo_compiler.ops.instr import COMM, COMPUTE, Op
 from tbo_compiler.passes.annotate_comm import layer_of
 from tbo_compiler.runtime.env import flag
 
@@ -468,7 +468,7 @@ def trace_events(compiled) -> dict:
     last_start: dict[str, float] = {}   # stream -> start of the last run there (a record follows it)
     waiting: dict[str, list[int]] = {}  # stream -> events waited, bound to the next run there
     for ins in sched.instrs:
-        if ins.op == "run":
+        if ins.op == Op.RUN:
             name, ub, stream, start, end = next(spans)
             assert name == ins.node, (name, ins.node)
             ts = round(start, 3)
@@ -484,10 +484,10 @@ def trace_events(compiled) -> dict:
                 ev.append({"ph": "f", "bp": "e", "pid": 1, "tid": TID[stream], "name": "event",
                            "cat": "sync", "id": e, "ts": ts})
             last_start[stream] = ts
-        elif ins.op == "record" and ins.stream in last_start:
+        elif ins.op == Op.RECORD and ins.stream in last_start:
             ev.append({"ph": "s", "pid": 1, "tid": TID[ins.stream], "name": "event", "cat": "sync",
                        "id": ins.event, "ts": last_start[ins.stream]})
-        elif ins.op == "wait":
+        elif ins.op == Op.WAIT:
             waiting.setdefault(ins.stream, []).append(ins.event)
     other = {"note": "durations are predicted by the cost model, not measured",
              "profile": compiled.options.profile, "order": sched.order_name,
@@ -742,7 +742,7 @@ def write_dumps(compiled, out_dir, *, name: str = "model", input_names: dict | N
     sched = compiled.schedule
     stage = {n: s for n, _, s in sched.stages}
     before_order = [n.name for n in compiled.original.graph.nodes if n.op not in ("placeholder", "output")]
-    after_order = [i.node for i in sched.instrs if i.op == "run"]
+    after_order = [i.node for i in sched.instrs if i.op == Op.RUN]
     layer_before, layer_after = node_layers(compiled.original), node_layers(compiled.gm)
     window = layer_window(layer_before, [op.layer for op in compiled.comm_before.ops], layers)
     texts = {}

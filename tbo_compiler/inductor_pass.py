@@ -42,6 +42,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from tbo_compiler.ops.errors import TboCompileError
+from tbo_compiler.ops.instr import Op
 from tbo_compiler.passes.pipeline import CompileOptions, compile_graph
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class TboInductorPass(CustomGraphPass):
         if not st.cut:
             return
         # Step 3
-        _rewrite_in_place(gm, st.gm, [i.node for i in st.schedule.instrs if i.op == "run"])
+        _rewrite_in_place(gm, st.gm, [i.node for i in st.schedule.instrs if i.op == Op.RUN])
         log.info("tbo_pass: split %d+%d, %d comm ops per ubatch", st.cut, T - st.cut, len(st.comm_before.ops))
 
     def uuid(self) -> bytes:

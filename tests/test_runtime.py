@@ -248,3 +248,18 @@ def test_env_flags_are_read_through_the_registry():
     assert not direct
     assert used and used <= set(env.FLAGS), used - set(env.FLAGS)
     assert all(name in env.__doc__ for name in env.FLAGS)
+
+
+def test_instruction_kinds_serialise_as_plain_strings():
+    """Op is an enum in code, the same text in plans: lists, JSON and repr as before."""
+    import json
+
+    from tbo_compiler.ops.instr import Instr, Op
+
+    i = Instr("free", "x", 1, "comm", 3)
+    assert i.op is Op.FREE and i.op == "free" and type(i.to_list()[0]) is str
+    assert json.dumps(i.to_list()) == '["free", "x", 1, "comm", 3]'
+    assert Instr.from_list(i.to_list()) == i
+    assert repr(i) == "Instr(op='free', node='x', ubatch=1, stream='comm', event=3)"
+    with pytest.raises(ScheduleError, match="unknown instruction kind 'jump'"):
+        Instr.from_list(["jump", None, None, "compute", None])
