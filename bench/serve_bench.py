@@ -29,6 +29,15 @@ Each rank runs this loop (Step N below):
 At the end every block is back in the free list (checked). Metrics as serving benchmarks print
 them (vLLM / SGLang bench_serving, ATOM): TTFT from the moment a request got its slot, TPOT =
 (latency - TTFT) / (output - 1), ITL = every gap between two tokens of a request.
+
+Output (--out): serve_bench.json (the config, per (mode, concurrency) the summary, the step
+counts and each plan's bucket -> program decisions), serve_bench.md (the command and one table,
+a column per run, for bench/RESULTS.md), with --plot serve_bench_throughput.png (output tokens/s
+per GPU against concurrency, a line per mode; skipped with a note without matplotlib). Besides the
+seeds' fields: the padded-token share (bucket padding and the ranks' unequal loads) and the host
+share of step time (admission, agreement, building the batch: time the GPU has nothing queued).
+Plans are compiled here (--work-dir, default a temporary dir; under torchrun OUT/work): a prefill
+plan over --prefill-buckets for mixed steps, a decode plan over --decode-buckets.
 """
 from __future__ import annotations
 
@@ -166,7 +175,8 @@ class Scheduler:
         self.committed -= self._blocks(s.req)
         heapq.heappush(self.slots, now)
         self.done.append({"rid": s.req.rid, "input_len": len(s.req.prompt), "output_len": s.req.output_len,
-                          "arrival": s.req.arrival, "sent": s.sent, "admitted": s.admitted, "times": s.times, "tokens": s.tokens})
+                          "arrival": s.req.arrival, "sent": s.sent, "admitted": s.admitted, "times": s.times,
+                          "tokens": s.tokens})
 
 
 # Step 2: the loop ---------------------------------------------------------------------------
@@ -318,7 +328,8 @@ def summarize(per_rank: list[dict], world: int) -> dict:
 
 
 TABLE = [("successful_requests", "Successful requests", "{:d}"), ("duration_s", "Benchmark duration (s)", "{:.2f}"),
-         ("total_input_tokens", "Total input tokens", "{:d}"), ("total_generated_tokens", "Total generated tokens", "{:d}"),
+         ("total_input_tokens", "Total input tokens", "{:d}"),
+         ("total_generated_tokens", "Total generated tokens", "{:d}"),
          ("request_throughput", "Request throughput (req/s)", "{:.2f}"),
          ("output_throughput", "Output token throughput (tok/s)", "{:.1f}"),
          ("total_token_throughput", "Total token throughput (tok/s)", "{:.1f}"),
@@ -427,7 +438,7 @@ def rank_serve(rank: int, world: int, cfg: dict) -> list[dict]:
     except ImportError:  # before load_plan moved to tbo_compiler/load.py
         from tbo_compiler.plan import programs_of
 
-    cuda = torch.cuda.is_available() and not cfg.get("cpu")
+    cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     model = _model(cfg, rank, world, device)
     vocab = model.config.vocab_size
@@ -455,7 +466,8 @@ def rank_serve(rank: int, world: int, cfg: dict) -> list[dict]:
             res = serve_loop(runs, kv, mine, concurrency=-(-conc // world), token_budget=cfg["token_budget"],
                              max_blocks=cfg["max_blocks"], world=world, device=device, barrier=barrier)
             res.update(mode=mode, concurrency=conc,
-                       decisions={k: {b: d["variant"] for b, d in sorted(r.decisions.items())} for k, r in runs.items()})
+                       decisions={k: {b: d["variant"] for b, d in sorted(r.decisions.items())}
+                                  for k, r in runs.items()})
             out.append(res)
         del runs
     return out
@@ -481,7 +493,8 @@ def parse(argv=None) -> dict:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-dir", help="HF-style dir (config.json, weights if any: random weights without)")
     src.add_argument("--slice", choices=("deepseek_v3", "gpt_oss"), help="tbo_bench's 4-layer slice, random weights")
-    ap.add_argument("--ep", type=int, default=None, help="ranks; under torchrun its WORLD_SIZE, else spawned gloo ranks")
+    ap.add_argument("--ep", type=int, default=None,
+                    help="ranks; under torchrun its WORLD_SIZE, else spawned ranks (NCCL on GPUs, gloo on CPU)")
     ap.add_argument("--modes", default="serial,tbo,auto", help="TBO policies: serial (off), tbo (forced), auto")
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--input-len", type=int, default=1024)
@@ -492,7 +505,8 @@ def parse(argv=None) -> dict:
     ap.add_argument("--prefill-buckets", default="", help="default: powers of two from 64 to the token budget")
     ap.add_argument("--decode-buckets", default="", help="default: powers of two up to the per-rank concurrency")
     ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--num-blocks", type=int, default=None, help="KV blocks per rank; default: every slot's full context")
+    ap.add_argument("--num-blocks", type=int, default=None,
+                    help="KV blocks per rank; default: every slot's full context")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-warmup", action="store_true")
