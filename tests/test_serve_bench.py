@@ -89,6 +89,34 @@ def test_workload_is_seeded_and_in_range():
     assert arr == sorted(arr) and 0 < arr[0] and 0.3 < arr[-1] < 1.3  # ~64 / 100 s
 
 
+def test_scheduler_mixes_decode_with_chunked_prefill_under_the_budget():
+    """The scheduler alone (no model: token 7 sampled every time): a step never exceeds the budget,
+    decode tokens ride along with prefill chunks, a long prompt spans steps, every block comes back."""
+    from tbo_compiler.models.batch import PagedKVCache
+
+    reqs = sb.make_workload(5, 20, 4, 256, seed=9)
+    kv = PagedKVCache([(1,)], num_blocks=64, block_size=BLOCK)
+    sched = sb.Scheduler(reqs, kv, concurrency=3, token_budget=BUDGET, max_blocks=8)
+    shapes, chunks = [], {}
+    for step in range(200):
+        sched.admit(0.0)
+        dec, pre = sched.plan()
+        if not sched.flag(dec, pre):
+            break
+        entries = dec + pre
+        kv.make_batch([(s.req.rid, new) for s, new, _ in entries])
+        assert sum(len(n) for _, n, _ in entries) <= BUDGET and len(sched.live) <= 3
+        shapes.append((len(dec), len(pre)))
+        for s, new, _ in pre:
+            chunks.setdefault(s.req.rid, []).append(len(new))
+        sched.finish_step(entries, [7] * sum(smp for _, _, smp in entries), float(step))
+    assert sorted(r["rid"] for r in sched.done) == list(range(5))
+    assert all(r["tokens"] == [7] * r["output_len"] for r in sched.done)
+    assert any(d and p for d, p in shapes)  # mixed steps
+    assert all(sum(c) == len(reqs[rid].prompt) and len(c) >= 2 for rid, c in chunks.items())  # chunked
+    assert sb.free_blocks(kv) == kv.num_blocks - 1 and sched.committed == 0
+
+
 def test_every_request_gets_its_output_length_and_the_greedy_tokens_of_serving_it_alone(served, reference):
     reqs, ref = reference
     want = {r.rid: r.output_len for r in reqs}
