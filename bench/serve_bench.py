@@ -56,7 +56,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # tbo_bench (the slices, random weights) when imported from elsewhere
+    sys.path.append(_HERE)
 
 MODES = ("serial", "tbo", "auto")   # the runtime's policies: TBO off, forced, measured/predicted
 

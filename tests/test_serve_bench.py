@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # spawned ranks inherit it
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # spawned ranks inherit it
 import serve_bench as sb  # noqa: E402
 
 from tbo_compiler.models import load_model  # noqa: E402
