@@ -4,6 +4,7 @@
 #   bash bench/gpu_run.sh tests        # the whole test suite (GPU tests included)
 #   bash bench/gpu_run.sh kernels      # the kernel micro-benchmarks
 #   bash bench/gpu_run.sh bench ARGS   # bench/tbo_bench.py ARGS
+#   bash bench/gpu_run.sh serve ARGS  # bench/serve_bench.py ARGS (one GPU; torchrun it for EP > 1)
 #   bash bench/gpu_run.sh anymodel ARGS  # bench/any_model_bench.py ARGS (backend="tbo" vs Inductor)
 #   bash bench/gpu_run.sh reliability  # compute-sanitizer memcheck/racecheck, 1000-step memory loop, rank death (2 GPUs)
 set -uo pipefail
@@ -31,6 +32,7 @@ case "$stage" in
            # the device tool returns a handful of files: traces travel as one archive
            [ -d "$OUT/traces" ] && tar czf "$OUT/traces.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
            exit $rc ;;
+  serve)   python3 bench/serve_bench.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/serve.log"; exit ${PIPESTATUS[0]} ;;
   bench)   python3 bench/tbo_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"; exit ${PIPESTATUS[0]} ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
