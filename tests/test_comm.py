@@ -187,3 +187,17 @@ def test_opcheck(group, world, kind, half, monkeypatch):
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     result = torch.library.opcheck(op, args, test_utils=utils)
     assert result == dict.fromkeys(utils, "SUCCESS")
+
+
+def test_every_comm_backend_module_has_the_protocol():
+    """select.py's table: each module has its NAME, a probe and a BACKEND with every comm kind."""
+    from tbo_compiler.ops.errors import RuntimeFailure
+    from tbo_compiler.runtime.comm import CommGroup, select
+
+    for name in select.MODULES:
+        mod = select._module(name)
+        assert mod.NAME == name and callable(mod.probe) and mod.BACKEND.name == name
+        assert all(callable(getattr(mod.BACKEND, k, None))
+                   for k in ("dispatch", "combine", "all_gather", "reduce_scatter", "all_reduce")), name
+    with pytest.raises(RuntimeFailure, match="unknown comm backend 'carrier_pigeon'"):
+        select.make_backend("carrier_pigeon", CommGroup("g", 1, 0))

@@ -23,6 +23,7 @@ from tbo_compiler import load_plan
 from tbo_compiler.models.tiny import make_tiny
 from tbo_compiler.runtime import comm, kernels
 from tbo_compiler.runtime.comm import mori as mori_backend
+from tbo_compiler.runtime.comm import select as comm_select
 from tbo_compiler.runtime.kernels import aiter_backend, torch_ref
 
 import tbo_scenarios as sc
@@ -35,8 +36,9 @@ MLA_ARGS = {"q", "kv_buffer", "o", "qo_indptr", "kv_indptr", "kv_indices", "kv_l
 def _fresh_selector(monkeypatch):
     for name, empty in (("_LOADED", {}), ("_PREFER", {}), ("_CHOSEN", {}), ("_BROKEN", set()), ("_PROVEN", set())):
         monkeypatch.setattr(kernels, name, empty)
-    for name, empty in (("_PROBE", []), ("_LOGGED", set()), ("_STATES", {}), ("_SHMEM", {})):
+    for name, empty in (("_PROBE", []), ("_STATES", {}), ("_SHMEM", {})):
         monkeypatch.setattr(mori_backend, name, empty)
+    monkeypatch.setattr(comm_select, "_LOGGED", set())
 
 
 @pytest.fixture
@@ -233,7 +235,7 @@ def fake_pg_world2():
 def test_missing_mori_falls_back_with_one_log_line(without_rocm_libs, fake_pg_world2, caplog, monkeypatch):
     """Asked for (backend="mori") or by default on ROCm: without mori the group keeps its other
     backend, and says so once."""
-    with caplog.at_level(logging.INFO, logger=mori_backend.__name__):
+    with caplog.at_level(logging.INFO, logger=comm_select.__name__):
         grp = comm.register_group("g", fake_pg_world2, backend="mori")
         backends = [grp.backend() for _ in range(3)]
     assert [type(b).__name__ for b in backends] == ["TorchDistBackend"] * 3
@@ -242,21 +244,21 @@ def test_missing_mori_falls_back_with_one_log_line(without_rocm_libs, fake_pg_wo
     caplog.clear()
     monkeypatch.setattr(torch.version, "hip", "6.4")
     monkeypatch.setattr(dist, "get_backend", lambda pg=None: "cpu:gloo,cuda:nccl")
-    with caplog.at_level(logging.INFO, logger=mori_backend.__name__):
-        defaults = [comm._default_backend(fake_pg_world2) for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger=comm_select.__name__):
+        defaults = [comm_select.default_backend_name(fake_pg_world2) for _ in range(3)]
     assert defaults == ["nccl"] * 3
     lines = [r.message for r in caplog.records if "mori" in r.message]
     assert len(lines) == 1 and "falling back to nccl" in lines[0]
 
 
 def test_mori_is_the_rocm_default_and_tbo_comm_overrides(with_fakes, fake_pg_world2, monkeypatch):
-    assert comm._default_backend(fake_pg_world2) == "torch_dist"      # CPU torch: unchanged
+    assert comm_select.default_backend_name(fake_pg_world2) == "torch_dist"      # CPU torch: unchanged
     monkeypatch.setattr(torch.version, "hip", "6.4")
-    assert comm._default_backend(fake_pg_world2) == "torch_dist"      # gloo: no mori
+    assert comm_select.default_backend_name(fake_pg_world2) == "torch_dist"      # gloo: no mori
     monkeypatch.setattr(dist, "get_backend", lambda pg=None: "cpu:gloo,cuda:nccl")
-    assert comm._default_backend(fake_pg_world2) == "mori"
+    assert comm_select.default_backend_name(fake_pg_world2) == "mori"
     monkeypatch.setenv("TBO_COMM", "nccl")
-    assert comm._default_backend(fake_pg_world2) == "nccl"
+    assert comm_select.default_backend_name(fake_pg_world2) == "nccl"
 
 
 # whole programs -----------------------------------------------------------------------------

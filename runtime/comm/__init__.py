@@ -1,7 +1,8 @@
 """Comm groups and their backends; the eager implementations of the `tbo` comm ops.
 
 A group is registered under the name the ops' `group` argument uses, with a torch.distributed
-process group (or none: one rank). Its backend is chosen from the process group, one module each:
+process group (or none: one rank). Its backend is chosen from the process group by one selector
+(select.py: the backend protocol, the table of modules, the fallback), one module each:
     local       one rank: no communication
     torch_dist  async work handles (gloo on CPU; eager use)
     nccl        stream-ordered, capturable in a CUDA graph (what compiled programs use on NCCL)
@@ -34,12 +35,13 @@ from tbo_compiler.ops import impl as op_impl
 from tbo_compiler.ops.errors import RuntimeFailure
 from tbo_compiler.runtime.comm.faults import (PeerFailure, announce_failure, bounded_collective, synchronize,
                                                timed_opts)
-from tbo_compiler.runtime.env import flag
+from tbo_compiler.runtime.comm.select import default_backend_name, make_backend
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CommGroup", "register_group", "get_group", "clear_groups", "pending_count", "backend_for",
-           "agree_num_tokens", "gather_records", "register_default_group", "PeerFailure", "announce_failure", "synchronize"]
+           "agree_num_tokens", "gather_records", "register_default_group", "PeerFailure", "announce_failure",
+           "synchronize"]
 
 
 # Step 1: groups and their backends ------------------------------------------------------------
@@ -53,40 +55,10 @@ class CommGroup:
     backend_name: str = "local"
 
     def backend(self, name: str | None = None):
-        return _make_backend(name or self.backend_name, self)
-
-
-def _make_backend(name: str, group: CommGroup):
-    if name == "local":
-        from tbo_compiler.runtime.comm.local import LocalBackend as B
-    elif name == "torch_dist":
-        from tbo_compiler.runtime.comm.torch_dist import TorchDistBackend as B
-    elif name == "nccl":
-        from tbo_compiler.runtime.comm.nccl import NcclBackend as B
-    elif name == "null":
-        from tbo_compiler.runtime.comm.null import NullBackend as B
-    elif name == "mori":  # falls back to the group's other backend, with one log line, without mori
-        from tbo_compiler.runtime.comm.mori import make_backend as B
-    else:
-        raise RuntimeFailure(f"unknown comm backend {name!r} (local, torch_dist, nccl, null, mori)")
-    return B(group)
+        return make_backend(name or self.backend_name, self)
 
 
 _GROUPS: dict[str, CommGroup] = {}
-
-
-def _default_backend(pg) -> str:
-    import torch.distributed as dist
-
-    if pg is None or dist.get_world_size(pg) == 1:
-        return "local"
-    if flag("TBO_COMM"):
-        return flag("TBO_COMM")
-    if getattr(torch.version, "hip", None) and "nccl" in str(dist.get_backend(pg)):
-        from tbo_compiler.runtime.comm.mori import preferred
-        if preferred(pg):
-            return "mori"
-    return "nccl" if "nccl" in str(dist.get_backend(pg)) else "torch_dist"
 
 
 def register_group(name: str, pg=None, backend: str | None = None) -> CommGroup:
@@ -98,8 +70,8 @@ def register_group(name: str, pg=None, backend: str | None = None) -> CommGroup:
     if pg is None:
         grp = CommGroup(name, 1, 0, None, "local")
     else:
-        grp = CommGroup(name, dist.get_world_size(pg), dist.get_rank(pg), pg, backend or _default_backend(pg))
-    _make_backend(grp.backend_name, grp)  # an unknown name fails here, not at the first collective
+        grp = CommGroup(name, dist.get_world_size(pg), dist.get_rank(pg), pg, backend or default_backend_name(pg))
+    make_backend(grp.backend_name, grp)  # an unknown name fails here, not at the first collective
     _GROUPS[name] = grp
     log.info("comm group %s: %d ranks, backend %s", name, grp.world, grp.backend_name)
     return grp

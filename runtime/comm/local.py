@@ -35,3 +35,10 @@ class LocalBackend:
 
     def all_reduce(self, x):
         return Done(x.clone())
+
+
+def probe() -> tuple[bool, str]:
+    return True, ""
+
+
+BACKEND = LocalBackend

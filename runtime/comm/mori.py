@@ -8,7 +8,7 @@ combine go through mori; all_gather, reduce_scatter and all_reduce go to the gro
 
 Chosen by `register_group(..., backend="mori")`, by TBO_COMM=mori, or by default on ROCm builds of
 torch when mori imports (a group whose process group has NCCL). When mori does not import the group
-keeps its other backend, with one log line (`make_backend`, `preferred`).
+keeps its native backend, with one log line (the selector's fallback: select.py).
 
 Setup (once per process, when the first mori backend is made): the group's process group is
 registered with torch under "tbo_<group>" and `mori.shmem.shmem_torch_process_group_init` is called
@@ -77,11 +77,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from tbo_compiler.ops.errors import RuntimeFailure, one_line
 from tbo_compiler.ops.kernels import unpack_meta
+from tbo_compiler.runtime.comm.select import make_backend, native_backend_name
 from tbo_compiler.runtime.env import flag
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,9 @@ def _mori():
     return mod
 
 
-# Step 1: probe and fallback -----------------------------------------------------------------
+# Step 1: the probe (the selector, select.py, falls back to the group's native backend without mori)
 
 _PROBE: list[tuple[bool, str]] = []
-_LOGGED: set[str] = set()
 
 
 def probe() -> tuple[bool, str]:
@@ -117,41 +116,6 @@ def probe() -> tuple[bool, str]:
         except Exception as e:  # noqa: BLE001 - a missing package or .so (OSError) is a fallback
             _PROBE.append((False, one_line(f"{type(e).__name__}: {e}")))
     return _PROBE[0]
-
-
-def _log_unavailable(other: str) -> None:
-    if other not in _LOGGED:  # once per process (per fallback)
-        _LOGGED.add(other)
-        log.info("comm backend mori is unavailable (%s); falling back to %s", probe()[1], other)
-
-
-def other_backend_name(pg) -> str:
-    return "nccl" if "nccl" in str(dist.get_backend(pg)) else "torch_dist"
-
-
-def _other_backend(group):
-    if other_backend_name(group.pg) == "nccl":
-        from tbo_compiler.runtime.comm.nccl import NcclBackend as B
-    else:
-        from tbo_compiler.runtime.comm.torch_dist import TorchDistBackend as B
-    return B(group)
-
-
-def preferred(pg) -> bool:
-    """On ROCm: whether a group takes mori by default (False, with one log line, when mori does
-    not import)."""
-    if probe()[0]:
-        return True
-    _log_unavailable(other_backend_name(pg))
-    return False
-
-
-def make_backend(group):
-    """The group's mori backend, or its other backend when mori does not import (one log line)."""
-    if probe()[0]:
-        return MoriBackend(group)
-    _log_unavailable(other_backend_name(group.pg))
-    return _other_backend(group)
 
 
 # Step 2: shmem and the per-group state --------------------------------------------------------
@@ -293,7 +257,7 @@ class MoriBackend:
         self.split = self.kernel in SPLIT_PHASE_KERNELS
         _init_shmem(group)
         self.state = _state(group)
-        self.other = _other_backend(group)
+        self.other = make_backend(native_backend_name(group.pg), group)  # the collectives mori lacks
 
     # -- ops
     def _op(self, slot: int, T: int, D: int, K: int, dtype: torch.dtype):
@@ -360,5 +324,6 @@ class MoriBackend:
         return self.other.all_reduce(x)
 
 
-__all__ = ["MoriBackend", "make_backend", "preferred", "probe", "finalize", "mori_inputs", "received_slabs",
-           "LAYOUT"]
+BACKEND = MoriBackend
+
+__all__ = ["MoriBackend", "BACKEND", "probe", "finalize", "mori_inputs", "received_slabs", "LAYOUT"]
