@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import any_models
-from tbo_compiler.dumps import verdict
 from tbo_compiler.runtime.launch import run_ranks
+from tbo_compiler.summary import verdict
 
 ATOL = 1e-5
 

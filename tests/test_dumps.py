@@ -14,12 +14,13 @@ import torch.nn.functional as F
 
 from tbo_compiler.ops.kernels import unpack_meta
 from tbo_compiler.capture import capture_export
-from tbo_compiler.dumps import FILL, node_layers, summary_text, write_dumps
+from tbo_compiler.dumps import FILL, write_dumps
 from tbo_compiler.models import ParallelConfig, build_model
 from tbo_compiler.models.batch import PagedKVCache
 from tbo_compiler.models.tiny import make_tiny
 from tbo_compiler.ops.instr import COMM
 from tbo_compiler.passes.pipeline import CompileOptions, compile_graph
+from tbo_compiler.summary import node_layers, summary_text
 
 # Legend: T tokens, D hidden, E experts, F expert ffn, K top-k, H heads, Dh head dim
 D, E, F_, K, H, DH, VOCAB, LAYERS, BLOCK = 16, 4, 8, 2, 2, 8, 50, 2, 4
