@@ -192,11 +192,15 @@ def verdict(compiled, unsplit=None) -> str:
     if compiled.cut:
         tl, serial = compiled.schedule.timeline, compiled.schedule.serial_us
         pred = f"; predicted {serial / tl.makespan_us:.2f}x by the cost model" if tl.makespan_us else ""
+        head = "Verdict: TBO on: "
         if unsplit is not None and unsplit is not compiled and tl.makespan_us:
-            base = unsplit.schedule.timeline.makespan_us
-            pred += (f" over its ops run one after another, {base / tl.makespan_us:.2f}x vs the unsplit program"
+            gain = unsplit.schedule.timeline.makespan_us / tl.makespan_us
+            pred += (f" over its ops run one after another, {gain:.2f}x vs the unsplit program"
                      " (the runtime measures both and keeps the faster)")
-        return (f"Verdict: TBO on: split into 2 ubatches ({compiled.cut} + {compiled.T - compiled.cut} tokens), "
+            if gain < 1:   # not "TBO on" beside a predicted slowdown: the runtime will likely keep unsplit
+                head = (f"Verdict: TBO compiled but predicted slower than unsplit ({gain:.2f}x), so the "
+                        "runtime will likely keep the unsplit program: ")
+        return (f"{head}split into 2 ubatches ({compiled.cut} + {compiled.T - compiled.cut} tokens), "
                 f"{comm}, each run once per ubatch beside the other ubatch's compute{pred}")
     if compiled.fallback:
         return f"Verdict: no TBO, the graph runs unsplit ({comm}): {compiled.fallback}"

@@ -315,7 +315,11 @@ def test_summary_leads_with_verdict_then_what_was_found_hidden_and_why(ep2):
     st, serial = states["tbo"], states["serial"]
     text = (out / "summary.txt").read_text()
     lines = text.splitlines()
-    assert lines[1].startswith("Verdict: TBO on: ") and "vs the unsplit program" in lines[1]
+    gain = serial.schedule.timeline.makespan_us / st.schedule.timeline.makespan_us
+    # "TBO on" only where the cost model predicts a gain over the unsplit program (the demo's
+    # tiny CPU case predicts 0.56x: it says the runtime will likely keep the unsplit program)
+    head = "Verdict: TBO on: " if gain >= 1 else f"Verdict: TBO compiled but predicted slower than unsplit ({gain:.2f}x)"
+    assert lines[1].startswith(head) and "vs the unsplit program" in lines[1]
     kinds = [op.kind for op in st.comm_before.ops]
     assert lines[2] == (f"Found: {len(kinds)} comm ops (dispatch x{kinds.count('dispatch')}, combine "
                         f"x{kinds.count('combine')}) in layers 1-2; after the split each runs once per ubatch "
