@@ -19,6 +19,7 @@ import math
 import operator
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 from dataclasses import asdict
@@ -206,10 +207,26 @@ def save_plan(plan: dict, path) -> None:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)):   # a full disk, a quota, an I/O error
+            raise PlanError(f"cannot write plan {path}: {_write_cause(e, path.parent, len(text))}") from None
         raise
+
+
+def _write_cause(e: BaseException, where: Path, need: int) -> str:
+    """One line for a failed write: the OS's words, or (torch's writer says only "file write failed")
+    the free space left where the plan goes."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if free is not None and free < 2 * need:
+        return f"no space left on the device ({free} bytes free, the plan needs about {need})"
+    return "the write failed (" + str(e).strip().splitlines()[0][-120:] + ")"
 
 
 def read_plan(path) -> dict:

@@ -138,3 +138,27 @@ def test_export_capture_gives_the_same_program_results(qwen, tmp_path):
     with torch.no_grad():
         ref = model(*b.args(), kv.caches)
     assert (outs["make_fx"] - ref).abs().max() <= 2e-5 and (outs["export"] - ref).abs().max() <= 2e-5
+
+
+@pytest.mark.parametrize("failure, says", [
+    (OSError(28, "No space left on device"), "No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                  "data/0: file write failed"), "file write failed"),
+])
+def test_a_failed_plan_write_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, failure, says):
+    """A full disk while writing: one PlanError line naming the path and the cause, no temp file, and
+    an existing plan untouched."""
+    import tbo_compiler.plan as plan_mod
+
+    target = tmp_path / "plan.pt"
+    target.write_bytes(b"old plan")
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise failure
+    monkeypatch.setattr(plan_mod.torch, "save", failing_save)
+    with pytest.raises(PlanError) as ei:
+        save_plan({"a": 1}, target)
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith(f"cannot write plan {target}: ") and says in msg, msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.pt"] and target.read_bytes() == b"old plan"
