@@ -110,6 +110,26 @@ def output_problem(output: str, model_dir: str, force: bool = False) -> str | No
     return None
 
 
+def _model_args_problem(args) -> str | None:
+    """--layers and --ep against the model's config, in the CLI's words (before compiling). A
+    config that cannot be read is left to the compile, which names the file and field."""
+    from tbo_compiler.models import read_config
+    from tbo_compiler.ops.errors import TboError
+
+    try:
+        cfg = read_config(args.model_dir)
+    except TboError:
+        return None
+    layers = getattr(cfg, "num_hidden_layers", None)
+    if args.layers is not None and isinstance(layers, int) and args.layers > layers:
+        return f"--layers {args.layers}: the model has {layers} layers (num_hidden_layers)"
+    for field in ("n_routed_experts", "num_experts", "num_local_experts"):
+        n = getattr(cfg, field, None)
+        if isinstance(n, int) and n and n % args.ep:
+            return f"--ep {args.ep}: the model's {n} experts ({field}) do not divide over {args.ep} ranks"
+    return None
+
+
 def dump_dir_problem(dump_dir: str | None) -> str | None:
     if dump_dir and os.path.lexists(dump_dir) and not os.path.isdir(dump_dir):
         return f"--dump-dir {dump_dir} exists and is not a directory"
@@ -165,6 +185,10 @@ def main(argv=None) -> int:
     else:
         counts = args.tokens or [256]
     moe_comm = args.moe_comm or ("allgather" if args.dp_attention else "a2a")
+    why = _model_args_problem(args)
+    if why:
+        print(f"tbo-compile: {why}", file=sys.stderr)
+        return 2
 
     from rich.console import Console
 

@@ -106,3 +106,14 @@ def test_no_split_and_comm_counts_are_said_as_the_summary_says_them(tiny_dirs, t
     n = int(re.search(r"(\d+) comm ops found \(each run once per ubatch\)", out).group(1))
     summary = next((tmp_path / "dumps").rglob("summary.txt")).read_text()
     assert f"{n} comm ops found" in summary
+
+
+def test_layers_and_ep_errors_use_the_cli_words(tiny_dirs, tmp_path, capsys):
+    d = str(tiny_dirs["qwen3_moe"])
+    assert main([d, "-o", str(tmp_path / "p.pt"), "--layers", "9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tbo-compile: --layers 9: the model has ") and "num_layers" not in err, err
+    assert main([d, "-o", str(tmp_path / "p.pt"), "--ep", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tbo-compile: --ep 3: the model's ") and "ep_size" not in err, err
+    assert list(tmp_path.iterdir()) == []
