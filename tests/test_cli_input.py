@@ -117,3 +117,15 @@ def test_layers_and_ep_errors_use_the_cli_words(tiny_dirs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("tbo-compile: --ep 3: the model's ") and "ep_size" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_json_alone_is_enough_to_compile(tiny_dirs, tmp_path):
+    """As the README says (and the compile-time bench relies on): no weights are read at compile."""
+    import shutil
+
+    d = tmp_path / "config_only"
+    d.mkdir()
+    shutil.copy(tiny_dirs["qwen3_moe"] / "config.json", d / "config.json")
+    assert main([str(d), "-o", str(tmp_path / "p.pt"), "--tokens", "16", "--dtype", "float32",
+                 "--profile", "cpu"]) == 0
+    assert (tmp_path / "p.pt").stat().st_size > 0
