@@ -165,6 +165,26 @@ def _emit(row):
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
+def run_modes(model, modes, make_call, device, iters, labels: dict) -> list[dict]:
+    """Every mode on one model and batch, eager's output the reference of those after it; a mode
+    that fails is a row saying why, not a lost run."""
+    rows, ref = [], None
+    for mode in modes:
+        try:
+            row, out = run_mode(model, mode, make_call, device, iters, ref)
+        except Exception as e:
+            row, out = {"mode": mode, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}, None
+        if mode == "eager" and out is not None:
+            ref = out
+        row.update(labels)
+        _emit(row)
+        rows.append(row)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def bench_hf(name, layers, shapes, modes, tiny, dtype, device, iters):
     model = hf_model(name, layers, tiny, dtype, device)
     rows = []
@@ -176,20 +196,8 @@ def bench_hf(name, layers, shapes, modes, tiny, dtype, device, iters):
             return lambda: fn(input_ids=ids, use_cache=False).logits
         if _TRACE:
             _TRACE[2] = f"hf_{name}_{B}x{S}"
-        ref = None
-        for mode in modes:
-            try:
-                row, out = run_mode(model, mode, make_call, device, iters, ref)
-            except Exception as e:  # a mode that fails is a row saying why, not a lost run
-                row, out = {"mode": mode, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}, None
-            if mode == "eager" and out is not None:
-                ref = out
-            row.update(model=f"hf_{name}", layers=layers, batch=f"{B}x{S}")
-            _emit(row)
-            rows.append(row)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        rows += run_modes(model, modes, make_call, device, iters,
+                          dict(model=f"hf_{name}", layers=layers, batch=f"{B}x{S}"))
     del model
     return rows
 
@@ -210,17 +218,8 @@ def bench_own(slice_name, shapes, modes, dtype, device, iters, tmp: Path):
             return lambda: fn(*args, kv.caches)
         if _TRACE:
             _TRACE[2] = f"own_{slice_name}_{phase}{T}"
-        ref = None
-        for mode in modes:
-            try:
-                row, out = run_mode(model, mode, make_call, device, iters, ref)
-            except Exception as e:
-                row, out = {"mode": mode, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}, None
-            if mode == "eager" and out is not None:
-                ref = out
-            row.update(model=f"own_{slice_name}", layers=model.config.num_hidden_layers, batch=f"{phase} {T}")
-            _emit(row)
-            rows.append(row)
+        rows += run_modes(model, modes, make_call, device, iters,
+                          dict(model=f"own_{slice_name}", layers=model.config.num_hidden_layers, batch=f"{phase} {T}"))
     del model
     return rows
 
