@@ -12,6 +12,15 @@ choice between the two made by measuring them.
      blocks ordered A B B A: graphs.time_replays) and keeps the faster; the ranks sum their
      timings with one collective, so they all keep the same program. On CPU "auto" follows the
      compiler's prediction (the plan's predicted_us).
+
+Memory: each program carries the peak activation bytes it needs (passes/memory.py, stored in the
+plan). On CUDA the construction compares each need with what the device has free (the driver's
+free bytes plus what the caching allocator holds unused, less `MEMORY_MARGIN`): a program that
+does not fit is dropped (the bucket keeps TBO alone when only serial is too big; "auto" then has
+one program and measures nothing), and a bucket with no program that fits is refused with one
+warning line; a batch that lands in it raises one RuntimeFailure line, never an out-of-memory in
+the middle of a step. On CPU nothing is refused unless the caller passes `free_bytes` (tests do).
+`memory_report()` and `largest_fitting_bucket()` tell a bench what fits.
 """
 from __future__ import annotations
 
@@ -32,6 +41,29 @@ from tbo_compiler.runtime.program import Program
 
 log = logging.getLogger(__name__)
 VARIANTS = ("tbo", "serial")
+# kept free beyond a program's estimated activations: kernels' own workspaces (a grouped GEMM's
+# permuted tokens, comm staging), the allocator's fragmentation, cuBLAS/NCCL handles
+MEMORY_MARGIN_FRACTION = 0.05     # of the free bytes
+MEMORY_MARGIN_MIN = 512 << 20     # bytes: at least this much
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """What a new allocation on `device` can draw on: the driver's free bytes plus the caching
+    allocator's reserved-but-unallocated ones (tests monkeypatch this)."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def memory_budget(free: int) -> int:
+    """The bytes of activations a program may need on a device with `free` bytes free."""
+    return max(0, int(free - max(MEMORY_MARGIN_FRACTION * free, MEMORY_MARGIN_MIN)))
+
+
+def _size(n: int) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
 
 
 @dataclass(frozen=True)
@@ -43,12 +75,14 @@ class BucketProgram:
     instrs: tuple[Instr, ...]
     inputs: tuple[tuple[str, str], ...]   # per placeholder: (param|buffer, FQN) or (user, index)
     predicted_us: float = 0.0
+    need_bytes: int | None = None         # peak activation bytes (passes/memory.py); None: unknown
 
 
 class PlanModule:
     def __init__(self, buckets: dict[int, dict[str, BucketProgram]], model, device, *, ep: int = 1,
                  group: str = "ep", policy: str = "auto", graphs: bool | None = None,
-                 num_token_inputs: int = 4, inductor: bool = False):
+                 num_token_inputs: int = 4, inductor: bool = False, phase: str | None = None,
+                 free_bytes: int | None = None):
         if policy not in ("auto", *VARIANTS):
             raise RuntimeFailure(f"unknown TBO policy {policy!r} (auto, tbo, serial)")
         self.model, self.device = model, torch.device(device)
@@ -64,6 +98,12 @@ class PlanModule:
         self.watchdog = step_watchdog(group) if cuda and ep > 1 else None
         state = dict(model.named_parameters())
         state.update(dict(model.named_buffers()))
+        self.phase = phase
+        self.free_bytes = free_bytes if free_bytes is not None else device_free_bytes(self.device) if cuda else None
+        self._memory: list[dict] = []
+        self.refused: dict[int, str] = {}      # bucket -> the one line saying why it cannot run
+        self.dropped: dict[int, dict[str, str]] = {}   # bucket -> {variant: why}
+        buckets = self._fit(buckets)
         self.buckets: dict[int, dict[str, tuple]] = {}
         for tokens in sorted(buckets, reverse=True):  # largest first: the shared pool fits the rest
             self.buckets[tokens] = {}
@@ -74,6 +114,56 @@ class PlanModule:
                 run = GraphedProgram(prog, copied, self.pool, f"bucket {tokens} {variant}") if self.graphs else prog
                 self.buckets[tokens][variant] = (bp, bound, prog, run)
         self.decisions: dict[int, dict] = {}
+
+    # -- memory: which programs fit the device
+    def _fit(self, buckets: dict[int, dict[str, BucketProgram]]) -> dict[int, dict[str, BucketProgram]]:
+        """The programs that fit in the free memory; the refused buckets' lines in `self.refused`."""
+        budget = None if self.free_bytes is None else memory_budget(self.free_bytes)
+        for tokens in sorted(buckets):
+            for variant, bp in sorted(buckets[tokens].items()):
+                fits = None if budget is None or bp.need_bytes is None else bp.need_bytes <= budget
+                self._memory.append({"tokens": tokens, "variant": variant, "need_bytes": bp.need_bytes,
+                                     "budget_bytes": budget, "free_bytes": self.free_bytes, "fits": fits})
+        if budget is None:
+            return buckets
+        where, phase = str(self.device), f" ({self.phase})" if self.phase else ""
+        kept: dict[int, dict[str, BucketProgram]] = {}
+        for tokens in sorted(buckets):
+            progs = buckets[tokens]
+            ok = {v: bp for v, bp in progs.items() if bp.need_bytes is None or bp.need_bytes <= budget}
+            needs = {v: bp.need_bytes for v, bp in progs.items() if bp.need_bytes is not None}
+            for v in set(progs) - set(ok):
+                self.dropped.setdefault(tokens, {})[v] = (
+                    f"bucket {tokens}{phase}: the {v} program needs {_size(needs[v])} of activations but "
+                    f"{where} has {_size(self.free_bytes)} free ({_size(budget)} after the margin)")
+            if ok:
+                kept[tokens] = ok
+                if len(ok) < len(progs):
+                    log.warning("%s: runs %s only", self.dropped[tokens][sorted(set(progs) - set(ok))[0]],
+                                "/".join(sorted(ok)))
+                continue
+            each = ", ".join(f"{v} {_size(needs[v])}" for v in VARIANTS if v in needs)
+            self.refused[tokens] = (
+                f"bucket {tokens}{phase} needs {_size(min(needs.values()))} of activations ({each}) but "
+                f"{where} has {_size(self.free_bytes)} free ({_size(budget)} after the margin): refused; "
+                f"largest bucket that fits: {max(kept) if kept else 'none'}")
+            log.warning("%s", self.refused[tokens])
+        for row in self._memory:
+            row["kept"] = row["tokens"] in kept and row["variant"] in kept[row["tokens"]]
+        return kept
+
+    def memory_report(self) -> list[dict]:
+        """Per bucket and program: tokens, variant, need_bytes (peak activations, None: unknown),
+        free_bytes and budget_bytes of the device (None: not checked, e.g. on CPU), fits (None: not
+        checked) and kept (the program can run)."""
+        return [dict(r, kept=r.get("kept", True), phase=self.phase) for r in self._memory]
+
+    def largest_fitting_bucket(self, phase: str | None = None) -> int | None:
+        """The largest bucket that runs on this device (None: none does). `phase` ("prefill" or
+        "decode"), when given, must be the plan's (a plan is compiled for one)."""
+        if phase is not None and self.phase is not None and phase != self.phase:
+            return None
+        return max(self.buckets, default=None)
 
     @staticmethod
     def _bind(kind: str, target: str, state: dict):
@@ -115,17 +205,21 @@ class PlanModule:
     def __call__(self, input_ids, positions, slot_mapping, block_table, kv_caches, *, variant: str | None = None):
         T = int(input_ids.shape[0])
         T_all = agree_num_tokens(T, self.group) if self.ep > 1 else T
-        fits = [b for b in self.buckets if b >= T_all]
+        fits = [b for b in (*self.buckets, *self.refused) if b >= T_all]
         if not fits:
             raise RuntimeFailure(f"batch of {T_all} tokens exceeds the plan's largest bucket "
-                                 f"({max(self.buckets)}); recompile with a larger --tokens")
+                                 f"({max((*self.buckets, *self.refused))}); recompile with a larger --tokens")
         tokens = min(fits)
+        if tokens in self.refused:   # refused at load: it would run out of memory mid-step
+            raise RuntimeFailure(f"batch of {T_all} tokens: {self.refused[tokens]}")
         pad = tokens - T
         user = [input_ids, positions, slot_mapping, block_table]
         if pad:  # padding rows: token 0 at position 0 in the null block, zero block table
             user = [torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) for t in user]
         user += list(kv_caches)
         v = variant or self._choose(tokens, lambda v: self.args_for(tokens, v, user))
+        if v not in self.buckets[tokens] and v in self.dropped.get(tokens, {}):
+            raise RuntimeFailure(f"{self.dropped[tokens][v]}: dropped at load")
         if v not in self.buckets[tokens]:
             raise RuntimeFailure(f"bucket {tokens} has no {v} program (have {sorted(self.buckets[tokens])})")
         out = self.buckets[tokens][v][3](*self.args_for(tokens, v, user))

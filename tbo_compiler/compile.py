@@ -21,6 +21,7 @@ import torch
 from tbo_compiler.capture import InputSpec, capture_export, capture_make_fx
 from tbo_compiler.models import ParallelConfig, build_model, example_inputs
 from tbo_compiler.ops.errors import TboCompileError, UsageError
+from tbo_compiler.passes.memory import peak_activation_bytes
 from tbo_compiler.passes.pipeline import CompileOptions, State, compile_graph
 from tbo_compiler.passes.split_ubatches import split_point
 from tbo_compiler.plan import bucket_record, make_plan, save_plan
@@ -140,7 +141,11 @@ def compile_model_dir(model_dir, out_path, *, ep: int = 1, moe_comm: str = "a2a"
                           strict=True)
     results = compile_model(model, token_counts, opts, max_blocks=max_blocks, progress=progress,
                             dump_dir=dump_dir, capture=capture)
-    plan = make_plan([bucket_record(r.T, r.variant, r.state, r.specs) for r in results], model_dir=model_dir,
+    # the memory each program needs is a fact of the plan: the load refuses what will not fit
+    records = [bucket_record(r.T, r.variant, r.state, r.specs,
+                             peak_activation_bytes=peak_activation_bytes(r.state.gm, r.state.schedule.instrs))
+               for r in results]
+    plan = make_plan(records, model_dir=model_dir,
                      mode=mode, tokens_per_request=tokens_per_request,
                      parallel={"ep": ep, "moe_comm": moe_comm, "group": "ep", "block_size": block_size,
                                "num_layers": model.config.num_hidden_layers,

@@ -18,6 +18,7 @@ import torch
 from tbo_compiler.models import ParallelConfig
 from tbo_compiler.ops.errors import PlanError
 from tbo_compiler.ops.instr import Instr
+from tbo_compiler.passes.memory import peak_activation_bytes
 from tbo_compiler.passes.pipeline import validate
 from tbo_compiler.plan import check_plan, graph_from_json, read_plan
 from tbo_compiler.runtime.plan_module import BucketProgram, PlanModule
@@ -32,8 +33,11 @@ def programs_of(plan: dict, device=None) -> dict:
             instrs = tuple(Instr.from_list(x) for x in p["instrs"])
             validate(gm, instrs)
             inputs = tuple((s["kind"], s["target"]) for s in p["inputs"])
+            need = p.get("peak_activation_bytes")
+            if need is None:  # a plan written before the field: the same walk, from the stored shapes
+                need = peak_activation_bytes(gm, instrs)
             out.setdefault(b["tokens"], {})[variant] = BucketProgram(
-                b["tokens"], p["cut"], gm, instrs, inputs, p["summary"]["predicted_us"])
+                b["tokens"], p["cut"], gm, instrs, inputs, p["summary"]["predicted_us"], int(need))
     return out
 
 
@@ -57,8 +61,13 @@ def _check_parallel(path, p: dict, rank, group) -> None:
 
 
 def load_plan(plan_path, model_dir, *, rank: int = 0, device="cpu", dtype=None, group: str | None = None,
-              policy: str = "auto", graphs: bool | None = None, inductor: bool = False) -> PlanModule:
+              policy: str = "auto", graphs: bool | None = None, inductor: bool = False,
+              free_bytes: int | None = None) -> PlanModule:
     """The plan as a callable with the model's forward signature; weights from `model_dir`.
+
+    On CUDA a bucket whose programs need more activation memory than the device has free (after
+    the weights are loaded) is refused here, one warning line each (runtime/plan_module.py);
+    `free_bytes` overrides the measured free memory (and makes the check run on CPU too).
 
     With EP > 1 the comm group is the plan's ("ep"): registered already, or set up here from
     torch.distributed's default group when it has the plan's number of ranks."""
@@ -79,7 +88,8 @@ def load_plan(plan_path, model_dir, *, rank: int = 0, device="cpu", dtype=None, 
     model = load_model(model_dir, dtype=getattr(torch, p["dtype"]), device=device, parallel=par,
                        block_size=p["block_size"], num_layers=p["num_layers"])
     return PlanModule(programs_of(plan, device), model, device, ep=p["ep"], group=par.group, policy=policy,
-                      graphs=graphs, num_token_inputs=len(model.token_inputs), inductor=inductor)
+                      graphs=graphs, num_token_inputs=len(model.token_inputs), inductor=inductor,
+                      phase=plan["policy"]["mode"], free_bytes=free_bytes)
 
 
 __all__ = ["load_plan", "programs_of"]

@@ -168,11 +168,15 @@ def versions() -> dict:
             "format": FORMAT_VERSION}
 
 
-def bucket_record(T: int, variant: str, state, specs: tuple[InputSpec, ...]) -> dict:
-    """One compiled program as plain containers: graph, inputs, instructions, predictions.
-    `state` is the pipeline's result (passes/pipeline.py State): read, not imported."""
+def bucket_record(T: int, variant: str, state, specs: tuple[InputSpec, ...], *,
+                  peak_activation_bytes: int | None = None) -> dict:
+    """One compiled program as plain containers: graph, inputs, instructions, predictions and,
+    when given, the peak activation bytes it needs (passes/memory.py; a plan without the field,
+    written before it existed, has it computed at load). `state` is the pipeline's result
+    (passes/pipeline.py State): read, not imported."""
     s = state.schedule
-    return {"tokens": T, "variant": variant, "cut": state.cut, "nodes": graph_to_json(state.gm),
+    mem = {} if peak_activation_bytes is None else {"peak_activation_bytes": int(peak_activation_bytes)}
+    return {**mem, "tokens": T, "variant": variant, "cut": state.cut, "nodes": graph_to_json(state.gm),
             "inputs": [asdict(x) for x in specs], "instrs": [i.to_list() for i in s.instrs],
             "summary": {"order": s.order_name, "predicted_us": round(s.timeline.makespan_us, 3),
                         "serial_us": round(s.serial_us, 3), "overlap_us": round(s.timeline.overlap_us(), 3),

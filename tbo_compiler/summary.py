@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from tbo_compiler.ops.instr import COMM, COMPUTE
 from tbo_compiler.passes.annotate_comm import layer_of
+from tbo_compiler.passes.memory import estimate_memory, format_bytes, peak_activation_bytes
 
 IN, OUT = "pre", "post"  # in no layer: before the first (embedding, inputs), after the last (head)
 
@@ -263,6 +264,11 @@ def summary_text(compiled, *, name: str = "model", unsplit=None, layer: dict | N
             f"  makespan {tl.makespan_us:.1f} us vs serial {sched.serial_us:.1f} us{speed}",
             f"  overlap {ov:.1f} us = {pct}",
             f"  busy: compute {tl.busy_us.get(COMPUTE, 0.0):.1f} us, comm {comm_busy:.1f} us"]
+    mem = estimate_memory(compiled.gm, sched.instrs)
+    base = f"; unsplit {format_bytes(peak_activation_bytes(unsplit.gm, unsplit.schedule.instrs))}" \
+        if unsplit is not None and unsplit is not compiled else ""
+    out.append(f"Peak activations (estimated, what the load checks against free memory): "
+               f"{format_bytes(mem.peak_bytes)} at {mem.peak_node}{base}")
 
     out += ["", "Pass timings:"]
     out += [f"  {p:<22} {s * 1e3:9.2f} ms" for p, s in compiled.timings.items()]
