@@ -4,8 +4,10 @@ A plan is `torch.save` of plain containers only (dicts, lists, strings, numbers)
 `torch.load(weights_only=True)`: no pickled code runs. It holds, per bucket (token count), two
 programs: "tbo" (split into two ubatches) and "serial" (one ubatch), each as a JSON node list (ATen
 op names, no weights: parameters are placeholders named by their FQN in the model directory) with
-its schedule and predicted times; plus the split policy, the parallel config, versions and a hash
-of the model's config.json. The JSON text is stored with its sha256, checked at load, so an edited
+its schedule, predicted times and the peak activation bytes it needs (`peak_activation_bytes`,
+passes/memory.py: the load refuses what does not fit; a format-3 plan written before the field
+has it computed at load, so the format did not change); plus the split policy, the parallel
+config, versions and a hash of the model's config.json. The JSON text is stored with its sha256, checked at load, so an edited
 or damaged plan is refused rather than run. Same input, same bytes (no timestamps, sorted keys). A
 loaded program's schedule is verified again before it runs (tbo_compiler/load.py `programs_of`).
 

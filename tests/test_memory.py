@@ -115,6 +115,23 @@ def test_tbo_needs_about_half_inside_the_layers_but_not_for_the_logits(plans):
     assert large[64]["tbo"] > large[64]["serial"]
 
 
+def test_two_streams_values_read_across_streams_are_held_to_the_end_of_a_capture(tmp_path):
+    """EP=2: the TBO program's comm runs on the comm stream, and a value read on the other stream
+    is freed after `record_stream`. Captured in a CUDA graph (the runtime's default on CUDA) the
+    caching allocator defers such a block's reuse to the end of the capture, so the plan's figure
+    (graphs=True) holds them to the end and is above the eager one; the serial program has one
+    stream and no such frees."""
+    d = make_tiny("qwen3_moe", tmp_path / "q", seed=2, num_hidden_layers=2, vocab_size=32)
+    plan = compile_model_dir(d, tmp_path / "ep2.pt", ep=2, token_counts=(64,), **KW)
+    progs = programs_of(plan)[64]
+    tbo, serial = progs["tbo"], progs["serial"]
+    assert any(i.op == Op.FREE and i.event is not None for i in tbo.instrs)
+    assert not any(i.op == Op.FREE and i.event is not None for i in serial.instrs)
+    captured, eager = (estimate_memory(tbo.gm, tbo.instrs, graphs=g).peak_bytes for g in (True, False))
+    assert tbo.need_bytes == captured > eager
+    assert serial.need_bytes == estimate_memory(serial.gm, serial.instrs, graphs=False).peak_bytes
+
+
 def test_inplace_rule_agrees_with_the_runtime(plans):
     for progs in programs_of(plans[256][2]).values():
         for p in progs.values():
