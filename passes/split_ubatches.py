@@ -184,7 +184,8 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
         """Ubatch u's own arange(rows) in place of a shared arange numbering the token rows."""
         key = (n.name, "iota", u)
         if key not in rows:
-            end = 0 if n.target == aten.arange.default else 1
+            # arange(end) and Inductor's prims.iota(length, start=0, step=1) hold the length first
+            end = 0 if n.target in (aten.arange.default, torch.ops.prims.iota.default) else 1
             args = list(n.args)
             args[end] = ax.size(sizes[u])
             r = new.call_function(n.target, tuple(args), dict(n.kwargs))

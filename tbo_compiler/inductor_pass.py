@@ -53,16 +53,21 @@ def _register_inductor_prims() -> None:
     """Token-axis rules for the ops only Inductor's post-grad graph holds (torch._inductor.
     inductor_prims), registered here because only this pass meets them: `prepare_softmax_online`
     is amax and sum(exp(x - amax)) over `dim` with keepdim (a reduction), `fma` is pointwise,
-    `inductor_force_stride_order` a copy."""
+    `inductor_force_stride_order` a copy; `convert_element_type` (what `.float()` / `.int()` become)
+    is a cast that keeps what the values mean (sort keys, positions), as `_to_copy` does; `iota` is
+    arange (a factory)."""
     import torch._inductor.inductor_prims  # noqa: F401  (defines the prims)
 
-    from tbo_compiler.passes.token_axis.pointwise import rule_pointwise
+    from tbo_compiler.passes.token_axis.factory import rule_factory
+    from tbo_compiler.passes.token_axis.pointwise import rule_copy, rule_pointwise
     from tbo_compiler.passes.token_axis.reduction import dim_rule
     from tbo_compiler.passes.token_axis.registry import register
 
     prims = torch.ops.prims
     register("reduction", prims.prepare_softmax_online.default)(dim_rule(1, None, removes=False))
     register("pointwise", prims.fma.default, prims.inductor_force_stride_order.default)(rule_pointwise)
+    register("pointwise", prims.convert_element_type.default, reads_order=True, keeps_keys=True)(rule_copy)
+    register("factory", prims.iota.default)(rule_factory)
 
 
 _register_inductor_prims()

@@ -128,6 +128,8 @@ def _iota(n, length: int) -> bool:
         return a[0] == length
     if n.target in (aten.arange.start, aten.arange.start_step):
         return a[0] == 0 and a[1] == length and (len(a) < 3 or a[2] == 1)
+    if n.target == torch.ops.prims.iota.default:  # what arange is in Inductor's post-grad graph
+        return a[0] == length and n.kwargs.get("start") == 0 and n.kwargs.get("step") == 1
     return False
 
 

@@ -70,14 +70,19 @@ def rule_like(node, ctx):
     return replace(out, points_to=None, keys_of=None) if isinstance(out, TokenDim) else out
 
 
-@register("pointwise", aten.floor_divide.default, aten.floor_divide.Scalar, reads_order=True)
+@register("pointwise", aten.floor_divide.default, aten.floor_divide.Scalar, aten.div.Tensor_mode,
+          aten.div.Scalar_mode, reads_order=True)
 def rule_floor_divide(node, ctx):
     """Elementwise; on positions of rows (a sort's indices, I rows per token) a division by k
     (k dividing I) gives positions on an axis of I/k rows per token: `perm // top_k` numbers the
-    tokens whose (token, k) pairs the sort ordered, and each ubatch's numbers are its own rows."""
+    tokens whose (token, k) pairs the sort ordered, and each ubatch's numbers are its own rows.
+    Inductor's decompositions write `//` as div(rounding_mode="floor"); positions are >= 0, so
+    "trunc" is the same division."""
     x, k = node.args[0], node.args[1]
     ax = ctx.ax(x)
-    if isinstance(ax, TokenDim) and ax.points_to is not None and not is_token_dependent(ctx.ax(k)):
+    whole = node.kwargs.get("rounding_mode", "floor") in ("floor", "trunc")
+    if (whole and isinstance(ax, TokenDim) and ax.points_to is not None
+            and not is_token_dependent(ctx.ax(k))):
         q, rows = ax.points_to
         if q is None and isinstance(k, int) and k > 0 and rows % k == 0:
             return replace(ax, points_to=(None, rows // k))
