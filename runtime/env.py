@@ -10,6 +10,9 @@ a value that does not parse fails with one line naming the flag.
     TBO_INDUCTOR                  0|1    1       backend="tbo": compute between comm points as Inductor regions
     TBO_CUDA_GRAPHS               0|1    1       a plan's programs replayed as CUDA graphs (CUDA only; 0: eager)
     TBO_KERNELS                   op=backend,... a kernel backend per op (runtime/kernels), over the selector
+    TBO_MOE_TUNING                path   (1)     the file of moe_experts' per-shape choices, measured once per
+                                                 GPU (runtime/kernels/moe_tuned.py); "off": default tiles
+                                                 (1) ~/.cache/tbo_compiler/moe_tuning.json
     TBO_COMM                      name   unset   the comm backend of every multi-rank group (runtime/comm)
     TBO_COMM_TIMEOUT_S            s      300     how long a collective waits for its peers before the rank
                                                  fails naming them (runtime/comm/faults.py)
@@ -83,6 +86,7 @@ FLAGS: dict[str, Flag] = {f.name: f for f in (
     Flag("TBO_INDUCTOR", True, _switch, "backend='tbo' runs compute between comm points as Inductor regions"),
     Flag("TBO_CUDA_GRAPHS", True, _not_zero, "a plan's programs replay as CUDA graphs"),
     Flag("TBO_KERNELS", "", _text, "op=backend,...: a kernel backend per op"),
+    Flag("TBO_MOE_TUNING", "", _text, "file of the per-GPU moe_experts choices ('off': none, default tiles)"),
     Flag("TBO_COMM", None, _text, "the comm backend of every multi-rank group"),
     Flag("TBO_COMM_TIMEOUT_S", 300.0, _seconds, "seconds a collective waits for its peers"),
     Flag("TBO_MORI_KERNEL", "AsyncLL", _text, "mori's dispatch/combine kernel type"),

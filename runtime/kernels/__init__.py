@@ -35,14 +35,16 @@ log = logging.getLogger(__name__)
 
 #: backend name -> module (relative to this package)
 MODULES = {"torch": ".torch_ref", "grouped_mm": ".grouped_mm", "triton": ".triton_backend",
-           "aiter": ".aiter_backend"}
+           "aiter": ".aiter_backend", "tuned": ".moe_tuned"}
 #: op -> backends in order of preference; "torch" (the reference) takes anything
 PREFERENCE: dict[str, list[str]] = {
     "latent_attention": ["triton", "torch"],
     "paged_attention": ["triton", "torch"],
-    # the fused Triton kernel beat sort + gather + torch._grouped_mm + index_add 2.1x (prefill 4096)
-    # and 2.1x (decode 512) on H200 (bench/results/kernels_h200.log)
-    "moe_experts": ["triton", "grouped_mm", "torch"],
+    # "tuned" (moe_tuned.py) times the fused Triton kernel at several tiles and the grouped-GEMM
+    # path per shape and keeps the fastest; before it, the fused Triton kernel at its default tiles
+    # beat sort + gather + torch._grouped_mm + index_add 2.1x (prefill 4096) and 2.1x (decode 512)
+    # on H200 (bench/results/kernels_h200.log) but lost at Qwen3's 128 experts (issue 24)
+    "moe_experts": ["tuned", "triton", "grouped_mm", "torch"],
     "rms_norm": ["triton", "torch"],
     "silu_mul": ["triton", "torch"],
     "rope_interleaved": ["triton", "torch"],

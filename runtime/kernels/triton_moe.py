@@ -333,6 +333,75 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Te
     return out
 
 
+# Step 4b: the same op over torch._grouped_mm (CUTLASS grouped GEMM), for the shapes where it wins -----
+
+@triton.jit
+def _combine_sorted_kernel(y_ptr, inv_ptr, ids_ptr, tw_ptr, b_ptr, out_ptr, E, s_in, s_ik, s_tn, s_tk, s_be,
+                           s_on, D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr,
+                           HAS_BIAS: tl.constexpr):
+    """out[n] = sum_k [pair ours] * w[n,k] * (y_sorted[inv[n*K+k]] + b2[e]), in fp32, k = 0..K-1."""
+    n = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for k in range(0, K):
+        e = tl.load(ids_ptr + n.to(tl.int64) * s_in + k * s_ik)
+        ours = (e >= 0) & (e < E)
+        pos = tl.load(inv_ptr + n.to(tl.int64) * K + k).to(tl.int64)
+        v = tl.load(y_ptr + pos * D + offs_d, mask=d_ok & ours, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            v += tl.load(b_ptr + tl.where(ours, e, 0).to(tl.int64) * s_be + offs_d, mask=d_ok & ours,
+                         other=0.0).to(tl.float32)
+        w = tl.load(tw_ptr + n.to(tl.int64) * s_tn + k * s_tk).to(tl.float32)
+        acc += tl.where(ours, w, 0.0) * v
+    tl.store(out_ptr + n.to(tl.int64) * s_on + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def grouped_mm_supported(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor, *rest) -> bool:
+    """moe_experts_grouped takes these: what `supported` takes, on CUDA, bf16 (CUTLASS grouped GEMM)."""
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and supported(x, topk_ids, topk_w, w13, w2, *rest))
+
+
+def moe_experts_grouped(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor,
+                        w13_bias: Tensor | None = None, w2_bias: Tensor | None = None, activation: str = "silu",
+                        limit: float = 0.0) -> Tensor:
+    """moe_experts as: the pairs sorted by expert (step 2), x's rows gathered in that order, two
+    torch._grouped_mm (gate/up, down) over the experts' offsets with the activation between, and
+    one deterministic pass that sums each row's K results weighted by its routing weights (the
+    down bias added there). Rows past the valid pairs are never written by the grouped GEMMs and
+    never read. No host sync."""
+    N, D = x.shape
+    K = topk_ids.shape[1]
+    E, I = w13.shape[0], w13.shape[1] // 2
+    if N == 0 or K == 0:
+        return x.new_zeros(N, D)
+    P = N * K
+    pairs, offs = _sort_pairs(topk_ids, E)
+    ends = offs[1:]
+    h = torch._grouped_mm(x[pairs // K], w13.transpose(-2, -1), offs=ends)
+    if w13_bias is not None:  # each sorted row's expert: the pairs past offs[E] take expert E-1 (never read)
+        expert_of = torch.searchsorted(ends, torch.arange(P, device=x.device, dtype=torch.int32), right=True)
+        h = h + w13_bias[expert_of.clamp(max=E - 1)]
+    if activation == "silu" and limit <= 0:
+        from tbo_compiler.runtime.kernels.triton_elementwise import silu_mul
+        act = silu_mul(h)
+    else:
+        from tbo_compiler.runtime.kernels.torch_ref import glu_activation
+        gate, up = h.chunk(2, dim=-1)
+        act = glu_activation(gate, up, activation, limit).contiguous()
+    y = torch._grouped_mm(act, w2.transpose(-2, -1), offs=ends)
+    inv = torch.empty_like(pairs).scatter_(0, pairs, torch.arange(P, device=x.device, dtype=pairs.dtype))
+    out = x.new_empty(N, D)
+    b2 = None if w2_bias is None else w2_bias.contiguous()
+    block_d = 1024
+    _combine_sorted_kernel[(N, triton.cdiv(D, block_d))](
+        y, inv, topk_ids, topk_w, y if b2 is None else b2, out, E, topk_ids.stride(0), topk_ids.stride(1),
+        topk_w.stride(0), topk_w.stride(1), 0 if b2 is None else b2.stride(0), out.stride(0),
+        D=D, K=K, BLOCK_D=block_d, HAS_BIAS=b2 is not None, num_warps=4)
+    return out
+
+
 # Step 5: GPU micro-benchmark (python -m tbo_compiler.runtime.kernels.triton_moe, on an H200) ------
 
 def _grouped_mm_baseline(x, topk_ids, topk_w, w13, w2):

@@ -1,0 +1,185 @@
+"""moe_experts by measurement: per shape, the fastest implementation on this GPU.
+
+No one kernel wins everywhere (bench/results/roofline_h200): the fused Triton kernel's best tiles
+depend on the rows per expert, and at some shapes CUTLASS's grouped GEMM (torch._grouped_mm) beats
+it. So the first call with a new shape (rows, hidden, expert width, experts, top-k, dtype, biases,
+activation) times every candidate on that call's own tensors (CUDA events: 2 warm-ups, then the
+median of 7 calls) and keeps the fastest; later calls of that shape go straight to it.
+
+Candidates: the fused Triton kernel (triton_moe.py) at each tile config of CONFIGS, and the
+grouped-GEMM path (triton_moe.moe_experts_grouped, bf16 only).
+
+Choices are stored per GPU in a JSON file, so a later process (every rank of a server, every
+restart) measures nothing: TBO_MOE_TUNING names the file (default
+~/.cache/tbo_compiler/moe_tuning.json, one section per GPU name, Triton and torch version);
+TBO_MOE_TUNING=off measures nothing and takes the Triton kernel's default tiles. Nothing is
+measured while a CUDA graph is being captured (the runtime warms a program up before it captures
+it, so the measurement happens in that warm-up); a shape first seen inside a capture takes the
+default.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tbo_compiler.runtime.env import flag
+from tbo_compiler.runtime.kernels import triton_moe as tm
+
+log = logging.getLogger(__name__)
+NAME = "tuned"
+
+#: tile configs tried besides the default: decode-sized (64-row blocks, 4 warps) and prefill-sized
+#: (128-row blocks, 8 warps, two warpgroups) on Hopper
+CONFIGS = {
+    "bm64_n64": tm.MoeConfig(64, tm.GemmTile(64, 64, 4, 5), tm.GemmTile(64, 64, 4, 5)),
+    "bm64_n128": tm.MoeConfig(64, tm.GemmTile(128, 64, 4, 4), tm.GemmTile(128, 64, 4, 4)),
+    "bm128_n64": tm.MoeConfig(128, tm.GemmTile(64, 64, 8, 4), tm.GemmTile(128, 64, 8, 4)),
+    "bm128_n128": tm.MoeConfig(128, tm.GemmTile(128, 64, 8, 3), tm.GemmTile(256, 64, 8, 3)),
+    "bm128_n128s4": tm.MoeConfig(128, tm.GemmTile(128, 64, 8, 4), tm.GemmTile(128, 64, 8, 4)),
+}
+_CHOICE: dict[str, str] = {}
+_LOADED: list[bool] = [False]
+
+
+def available() -> bool:
+    return torch.cuda.is_available()
+
+
+def supports(op: str, args: tuple) -> bool:
+    return op == "moe_experts" and args[0].is_cuda and tm.supported(*args)
+
+
+# Step 1: the candidates and the key ------------------------------------------------------------
+
+def candidates(args: tuple) -> dict[str, Callable]:
+    out = {"triton_default": lambda *a: tm.moe_experts(*a)}
+    for name, cfg in CONFIGS.items():
+        out[f"triton_{name}"] = lambda *a, cfg=cfg: tm.moe_experts(*a, config=cfg)
+    if tm.grouped_mm_supported(*args):
+        out["grouped_mm"] = tm.moe_experts_grouped
+    return out
+
+
+def shape_key(args: tuple) -> str:
+    x, ids, _, w13, w2, b13, b2, act, limit = (list(args) + [None, None, "silu", 0.0])[:9]
+    return (f"N{x.shape[0]}_D{x.shape[1]}_I{w13.shape[1] // 2}_E{w13.shape[0]}_K{ids.shape[1]}_"
+            f"{str(x.dtype).removeprefix('torch.')}_b{int(b13 is not None)}{int(b2 is not None)}_{act}_"
+            f"l{int(bool(limit) and limit > 0)}")
+
+
+# Step 2: the stored choices --------------------------------------------------------------------
+
+def _file() -> Path | None:
+    where = flag("TBO_MOE_TUNING")
+    if where == "off":
+        return None
+    return Path(where) if where else Path.home() / ".cache" / "tbo_compiler" / "moe_tuning.json"
+
+
+def _section() -> str:
+    import triton
+    return f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}"
+
+
+def _load() -> None:
+    if _LOADED[0]:
+        return
+    _LOADED[0] = True
+    path = _file()
+    if path is None or not path.exists():
+        return
+    try:
+        _CHOICE.update(json.loads(path.read_text()).get(_section(), {}))
+    except (OSError, ValueError) as e:  # a damaged file is measured again, never fatal
+        log.warning("moe tuning file %s unreadable (%s); measuring again", path, e)
+
+
+def _store(key: str, name: str) -> None:
+    path = _file()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:  # a damaged file is replaced by what was measured now
+            data = {}
+        data.setdefault(_section(), {})[key] = name
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)  # atomic: ranks writing at once never leave a torn file
+    except (OSError, ValueError) as e:
+        log.warning("moe tuning file %s not written (%s)", path, e)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+# Step 3: measuring -----------------------------------------------------------------------------
+
+def time_ms(fn: Callable, args: tuple, warmup: int = 2, iters: int = 7) -> float:
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn(*args)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def measure(args: tuple) -> dict[str, float]:
+    """{candidate: ms} on these tensors; a candidate that fails (a tile that does not fit this
+    GPU's shared memory, say) is left out."""
+    out = {}
+    for name, fn in candidates(args).items():
+        try:
+            out[name] = time_ms(fn, args)
+        except Exception as e:  # noqa: BLE001 - one failing candidate must not hide the others
+            log.info("moe tuning: %s failed on %s (%s)", name, shape_key(args), " ".join(str(e).split())[:200])
+    return out
+
+
+def choose(args: tuple) -> str:
+    _load()
+    key = shape_key(args)
+    if key in _CHOICE and _CHOICE[key] in candidates(args):
+        return _CHOICE[key]
+    if flag("TBO_MOE_TUNING") == "off" or _capturing():
+        return "triton_default"
+    times = measure(args)
+    if not times:
+        return "triton_default"
+    best = min(times, key=times.get)
+    log.info("moe tuning %s: %s (%s)", key, best, ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(times.items())))
+    _CHOICE[key] = best
+    _store(key, best)
+    return best
+
+
+# Step 4: the op --------------------------------------------------------------------------------
+
+_FN: dict[str, Callable] = {}
+
+
+def moe_experts(*args):
+    key = shape_key(args)
+    fn = _FN.get(key)
+    if fn is None:
+        fn = candidates(args)[choose(args)]
+        if not _capturing():  # a capture's default is not a measurement
+            _FN[key] = fn
+    return fn(*args)
+
+
+IMPLS = {"moe_experts": moe_experts}
