@@ -5,6 +5,7 @@
 #   bash bench/gpu_run.sh kernels      # the kernel micro-benchmarks
 #   bash bench/gpu_run.sh bench ARGS   # bench/tbo_bench.py ARGS
 #   bash bench/gpu_run.sh serve ARGS  # bench/serve_bench.py ARGS (one GPU; torchrun it for EP > 1)
+#   bash bench/gpu_run.sh roofline ARGS  # bench/roofline.py ARGS (compile plans first: --compile-only --plans DIR)
 #   bash bench/gpu_run.sh anymodel ARGS  # bench/any_model_bench.py ARGS (backend="tbo" vs Inductor)
 #   bash bench/gpu_run.sh reliability  # compute-sanitizer memcheck/racecheck, 1000-step memory loop, rank death (2 GPUs)
 set -uo pipefail
@@ -32,6 +33,7 @@ case "$stage" in
            # the device tool returns a handful of files: traces travel as one archive
            [ -d "$OUT/traces" ] && tar czf "$OUT/traces.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
            exit $rc ;;
+  roofline) python3 bench/roofline.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/roofline.log"; exit ${PIPESTATUS[0]} ;;
   serve)   python3 bench/serve_bench.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/serve.log"; exit ${PIPESTATUS[0]} ;;
   bench)   python3 bench/tbo_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"; exit ${PIPESTATUS[0]} ;;
   *) echo "unknown stage $stage"; exit 2 ;;

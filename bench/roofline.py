@@ -621,6 +621,9 @@ def markdown(rows: list[dict]) -> str:
 
 def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    from tbo_compiler.runtime.kernels import moe_tuned
+    if moe_tuned.TIMES:  # moe_experts candidates timed side by side on the buckets' own routing
+        meta = {**meta, "moe_tuning_ms": moe_tuned.TIMES}
     tmp = out / "roofline.json.tmp"
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     tmp.replace(out / "roofline.json")

@@ -44,6 +44,8 @@ CONFIGS = {
     "bm128_n128s4": tm.MoeConfig(128, tm.GemmTile(128, 64, 8, 4), tm.GemmTile(128, 64, 8, 4)),
 }
 _CHOICE: dict[str, str] = {}
+#: shape key -> {candidate: ms} of every measurement this process made (benches report them)
+TIMES: dict[str, dict[str, float]] = {}
 _LOADED: list[bool] = [False]
 
 
@@ -158,6 +160,7 @@ def choose(args: tuple) -> str:
     if flag("TBO_MOE_TUNING") == "off" or _capturing():
         return "triton_default"
     times = measure(args)
+    TIMES[key] = {k: round(v, 4) for k, v in times.items()}
     if not times:
         return "triton_default"
     best = min(times, key=times.get)
