@@ -571,6 +571,32 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
             row["trace"] = trace_step(lambda: pm(*args, variant="serial"), dev,
                                       Path(opts["out"]) / f"trace_{name}_{phase}{T}_serial.json")
     del pm
+    if v == "serial" and opts.get("baseline"):
+        row["serial_baseline_ms"] = baseline_ms(progs[T]["serial"], T, model, args, opts, dev)
+        row["baseline_env"] = opts["baseline"]
+
+
+def baseline_ms(bp, T, model, args, opts, dev) -> float:
+    """The serial program rebuilt and timed with --baseline's environment (e.g. this issue's kernel
+    choices off), side by side with the run above in the same process."""
+    from tbo_compiler.runtime.plan_module import PlanModule
+
+    saved = {k: os.environ.get(k) for k in opts["baseline"]}
+    os.environ.update(opts["baseline"])
+    try:
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        pm = PlanModule({T: {"serial": bp}}, model, dev, policy="serial")
+        with torch.no_grad():
+            pm(*args, variant="serial")
+            return round(timed_ms(lambda: pm(*args, variant="serial"), dev, opts["warmup"], opts["iters"]), 4)
+    finally:
+        for k, val in saved.items():
+            if val is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = val
 
 
 def trace_step(fn, dev, path: Path) -> str:
@@ -594,18 +620,18 @@ def _f(x, fmt="{:.2f}"):
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| model | case | measured ms (serial) | tbo ms | floor ms | % of roofline | "
-           "peak mem serial / tbo GiB | rel diff serial / tbo vs halves |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| model | case | measured ms (serial) | baseline ms | tbo ms | floor ms | % of roofline | "
+           "peak over weights+KV, serial / tbo GiB | rel diff serial / tbo vs halves |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['model']} | {r['phase']} {r['tokens']} | {r['error']} | | | | | |")
+            out.append(f"| {r['model']} | {r['phase']} {r['tokens']} | {r['error']} | | | | | | |")
             continue
         what = f"{r['flops'] / 1e12:.3g} TFLOP" if r["bound"] == "compute" else f"{r['bytes'] / 1e9:.3g} GB"
         out.append(f"| {r['model']} (L{r['layers']}) | {r['phase']} {r['tokens']} | {_f(r.get('serial_ms'))} | "
-                   f"{_f(r.get('tbo_ms'))} | {r['floor_ms']:.3g} ({what}) | "
+                   f"{_f(r.get('serial_baseline_ms'))} | {_f(r.get('tbo_ms'))} | {r['floor_ms']:.3g} ({what}) | "
                    f"{_f(r.get('pct_of_roofline'), '{:.0f} %')} | "
-                   f"{_f(r.get('serial_peak_gib'))} / {_f(r.get('tbo_peak_gib'))} | "
+                   f"{_f(r.get('serial_peak_over_before_gib'))} / {_f(r.get('tbo_peak_over_before_gib'))} | "
                    f"{_f(r.get('serial_rel_diff'), '{:.1e}')} / "
                    f"{_f(r.get('tbo_rel_diff_vs_eager_halves'), '{:.1e}')} |")
     prof = [r for r in rows if "profile" in r]
@@ -669,6 +695,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="per op family profile of one serial step")
     ap.add_argument("--trace", action="store_true", help="torch.profiler trace of one serial replay")
+    ap.add_argument("--baseline", default="", help="ENV=VAL,...: also time the serial program with this "
+                    "environment, side by side (e.g. TBO_GQA_TILES=0,TBO_MOE_TUNING=off: before issue 24's kernels)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny dims, fp32 (the CPU smoke run)")
     args = ap.parse_args(argv)
@@ -705,7 +733,8 @@ def main(argv=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     meta = _meta(args, dev)
     opts = {"shape": shape, "dtype": dtype, "iters": args.iters, "warmup": args.warmup, "profile": args.profile,
-            "trace": args.trace, "out": str(out)}
+            "trace": args.trace, "out": str(out),
+            "baseline": dict(kv.split("=", 1) for kv in args.baseline.split(",") if kv)}
     rows: list[dict] = []
     for n in names:
         cfg = cfgs[n]

@@ -103,8 +103,9 @@ def test_fastest_is_chosen_stored_and_read_back_without_measuring(fake_gpu, monk
 
 def test_off_measures_nothing(fake_gpu, monkeypatch):
     path, _, calls = fake_gpu
-    monkeypatch.setenv("TBO_MOE_TUNING", "off")
-    assert mt.moe_experts(*_args()) == "triton_default"
+    monkeypatch.setenv("TBO_MOE_TUNING", "off")  # the fused kernel's default tiles, computed for real
+    args = _args()
+    torch.testing.assert_close(mt.moe_experts(*args), tm.moe_experts(*args))
     assert calls == [] and not path.exists()
 
 

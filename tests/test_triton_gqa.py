@@ -200,3 +200,48 @@ def test_gpt_oss_dims_bf16_sinks_and_window(splits):
     sinks = _sinks(64, 4, "cuda")
     for window in (0, 128):
         check(batch, BS=16, scale=64 ** -0.5, sinks=sinks, window=window, num_splits=splits)
+
+
+# Runs of one request's tokens as MMA-sized tiles (prefill) -----------------------------------------
+
+def _run_rows(batch, tile):
+    """Tokens whose tile of `tile` consecutive tokens is one request's run (the tile kernel's)."""
+    _, _, bt, pos = batch
+    rows = []
+    for t0 in range(0, pos.numel() - tile + 1, tile):
+        p = pos[t0:t0 + tile]
+        if bool((p == p[0] + torch.arange(tile, device=p.device)).all()) and bool((bt[t0:t0 + tile] == bt[t0]).all()):
+            rows += range(t0, t0 + tile)
+    return rows
+
+
+@pytest.mark.parametrize("window,sinks", [(0, False), (5, True), (16, False)])
+def test_prefill_runs_as_tiles(window, sinks):
+    """Requests of 16 and 11 new tokens after cached prefixes, a 1-token request and padding:
+    tiles of 8 tokens (R = 2, 16 rows) that are one request's run go to the tile kernel, which alone
+    gives those rows right (windows shorter and longer than a tile, sinks); the whole op (tiles +
+    per-token kernel for the rest) equals the reference, as with tiles off."""
+    batch = make_batch([(5, 16), (0, 11), (3, 1), (30, 8)], pad=3, seed=7)
+    s = _sinks(4, 2) if sinks else None
+    rows = _run_rows(batch, 8)
+    assert len(rows) >= 24  # the 16-token request's two tiles and the last request's tile at least
+    ref = reference(*batch, 4, 0.3, s, window)
+    tiles_only = tg.paged_attention(*batch, 4, 0.3, s, window, tile_tokens=8, per_token=False)
+    torch.testing.assert_close(tiles_only[rows].double(), ref[rows], rtol=1e-5, atol=1e-5)
+    check(batch, sinks=s, window=window, tile_tokens=8)
+    check(batch, sinks=s, window=window, tile_tokens=0)
+
+
+def test_tiles_with_split_kv_and_decode_batches():
+    """Split-KV (small batches) skips the tokens the tiles did in both of its kernels; a decode
+    batch (no runs) goes wholly to the per-token kernel."""
+    batch = make_batch([(20, 8), (3, 1), (0, 8)], pad=0, seed=8)
+    assert len(_run_rows(batch, 8)) == 8  # the first request's run; the last one straddles a tile
+    check(batch, num_splits=2, tile_tokens=8)
+    check(make_batch([(4, 1), (12, 1), (0, 1), (37, 1), (22, 1), (9, 1), (1, 1), (2, 1)], seed=9), tile_tokens=8)
+
+
+def test_tile_size_choice():
+    assert tg._tile_tokens(4096, 8, torch.bfloat16, 128) == (16 if not tg._interpreting() else 2)
+    assert tg._tile_tokens(4096, 3, torch.bfloat16, 128) == 0      # R not a power of two
+    assert tg._tile_tokens(1, 8, torch.bfloat16, 128) == 0         # fewer tokens than a tile

@@ -176,6 +176,8 @@ _FN: dict[str, Callable] = {}
 
 
 def moe_experts(*args):
+    if flag("TBO_MOE_TUNING") == "off":  # read per call: a program built with it off keeps the default
+        return tm.moe_experts(*args)
     key = shape_key(args)
     fn = _FN.get(key)
     if fn is None:

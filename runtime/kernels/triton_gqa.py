@@ -15,6 +15,12 @@ Contract (same as the torch reference in runtime/kernels/__init__.py):
   read from positions inside the kernel.
 
 Algorithm:
+  0. Prefill: runs of TILE_T consecutive tokens of one request (consecutive positions, the same
+     block-table row up to the run's last position; checked in the kernel, no host sync) are one
+     program per (run, kv head): M = TILE_T x R rows (128 on Hopper), so each K/V tile is read
+     once per run instead of once per token and the dots are MMA-sized; the causal (and window)
+     mask is per row. Such a tile marks itself done; the per-token kernel below skips its tokens and
+     takes every other one (decode tokens, runs that straddle two requests, padding).
   1. One program per (token, kv head, split). Its R query heads are the M rows of the tile (padded
      to 16 for tl.dot, padding rows masked), so K/V are read once per group, not once per head.
   2. The program walks its share of positions lo..positions[t] in BLOCK_N tiles (a window skips the
@@ -110,6 +116,18 @@ def _num_splits(programs: int, max_ctx: int, device: torch.device) -> int:
     return 1 << (want.bit_length() - 1)  # a power of two: the merge kernel aranges over splits
 
 
+def _tile_tokens(T: int, R: int, dtype: torch.dtype, head_dim: int) -> int:
+    """Tokens per tile of the run kernel (0: per-token kernel only). The tile's rows are tokens x
+    the R heads of one kv head: 128 on Hopper (two warpgroups' MMA rows), 64 for fp32 or wide heads
+    (registers), 16 in the interpreter; R and the tile must be powers of two (tl.arange), and the
+    tile must hold at least 2 tokens and 16 rows (tl.dot)."""
+    rows = 16 if _interpreting() else (64 if dtype == torch.float32 or head_dim > 128 else 128)
+    if R & (R - 1) or R > rows // 2:
+        return 0
+    tile = rows // R
+    return tile if T >= tile else 0
+
+
 def _block_n(dtype: torch.dtype, head_dim: int) -> int:
     """Positions per tile. Hopper, Dh = 128 bf16: 64 rows of K and of V are 32 KB per stage, so 3
     stages fit easily and 4 warps keep enough loads in flight with several CTAs per SM."""
@@ -123,14 +141,17 @@ def _block_n(dtype: torch.dtype, head_dim: int) -> int:
 # Step 2: kernels ---------------------------------------------------------------------------------
 
 @triton.jit
-def _attn_kernel(q_ptr, kv_ptr, bt_ptr, pos_ptr, sink_ptr, o_ptr, part_ptr, ml_ptr,
+def _attn_kernel(q_ptr, kv_ptr, bt_ptr, pos_ptr, sink_ptr, o_ptr, part_ptr, ml_ptr, done_ptr,
                  qk_scale, H, window, s_qt, s_qh, s_ks, s_kv, s_kg, s_bt, s_ot, s_oh,
                  R: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PREC: tl.constexpr, HAS_SINKS: tl.constexpr):
+                 PREC: tl.constexpr, HAS_SINKS: tl.constexpr, TILE_T: tl.constexpr):
     t = tl.program_id(0)  # fastest: neighbouring programs are tokens of one request, sharing K/V in L2
     g = tl.program_id(1)
     sp = tl.program_id(2)
+    if TILE_T > 0:  # the tile kernel already did this token's tile (one request's run of tokens)
+        if tl.load(done_ptr + t // TILE_T) != 0:
+            return
     ctx = tl.load(pos_ptr + t).to(tl.int32) + 1
     start = tl.maximum(ctx - window, 0)  # the sliding window's first position (0 without one)
     if SPLITS == 1:
@@ -187,10 +208,82 @@ def _attn_kernel(q_ptr, kv_ptr, bt_ptr, pos_ptr, sink_ptr, o_ptr, part_ptr, ml_p
 
 
 @triton.jit
-def _merge_kernel(part_ptr, ml_ptr, o_ptr, H, s_ot, s_oh,
-                  DH: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attn_tile_kernel(q_ptr, kv_ptr, bt_ptr, pos_ptr, sink_ptr, o_ptr, done_ptr,
+                      qk_scale, T, window, s_qt, s_qh, s_ks, s_kv, s_kg, s_bt, s_ot, s_oh, NB,
+                      R: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, TILE_T: tl.constexpr,
+                      NB_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      PREC: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """TILE_T consecutive tokens x the R query heads of kv head g as one M = TILE_T * R tile, when
+    the tokens are one request's run (consecutive positions, the same block-table row up to the
+    last position): K/V tiles are read once for the whole run and the dots are MMA-sized. A tile
+    that is not such a run writes done = 0 and is left to the per-token kernel."""
+    tile = tl.program_id(0)
+    g = tl.program_id(1)
+    tt = tile * TILE_T + tl.arange(0, TILE_T)
+    t_ok = tt < T
+    pos_t = tl.load(pos_ptr + tt, mask=t_ok, other=0).to(tl.int32)
+    first = tl.load(pos_ptr + tile * TILE_T).to(tl.int32)
+    last = first + TILE_T - 1
+    run = tl.sum((t_ok & (pos_t == first + tl.arange(0, TILE_T))).to(tl.int32), 0) == TILE_T
+    b = tl.arange(0, NB_P2)
+    b_ok = (b <= last // BS) & (b < NB)
+    bt0 = tl.load(bt_ptr + (tile * TILE_T).to(tl.int64) * s_bt + b, mask=b_ok, other=0)
+    bts = tl.load(bt_ptr + tt.to(tl.int64)[:, None] * s_bt + b[None, :], mask=t_ok[:, None] & b_ok[None, :],
+                  other=0)
+    same = tl.sum(tl.sum((bts == bt0[None, :]).to(tl.int32), 1), 0) == TILE_T * NB_P2
+    uniform = run & same & (last // BS < NB)
+    if g == 0:
+        tl.store(done_ptr + tile, uniform.to(tl.int8))
+    if uniform:
+        r = tl.arange(0, BLOCK_M)  # BLOCK_M = TILE_T * R
+        tok = tile * TILE_T + r // R
+        head = g * R + r % R
+        row_pos = first + r // R
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < DH
+        q = tl.load(q_ptr + tok.to(tl.int64)[:, None] * s_qt + head[:, None] * s_qh + d[None, :],
+                    mask=d_ok[None, :], other=0.0)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if HAS_SINKS:
+            m_i = tl.load(sink_ptr + head).to(tl.float32) * 1.4426950408889634
+            l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        lo = tl.maximum(first - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        k_base = kv_ptr + g * s_kg
+        bt_row = bt_ptr + (tile * TILE_T).to(tl.int64) * s_bt
+        for j0 in range(lo, last + 1, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            j_ok = j <= last
+            blk = tl.load(bt_row + j // BS, mask=j_ok, other=0)
+            rows = (blk.to(tl.int64) * BS + j % BS) * s_ks
+            kv_ok = j_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + rows[:, None] + d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(k_base + s_kv + rows[:, None] + d[None, :], mask=kv_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            keep = (j[None, :] <= row_pos[:, None]) & (j[None, :] > row_pos[:, None] - window)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays empty
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        tl.store(o_ptr + tok.to(tl.int64)[:, None] * s_ot + head[:, None] * s_oh + d[None, :],
+                 o.to(o_ptr.dtype.element_ty), mask=d_ok[None, :])
+
+
+@triton.jit
+def _merge_kernel(part_ptr, ml_ptr, o_ptr, done_ptr, H, s_ot, s_oh,
+                  DH: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, TILE_T: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
+    if TILE_T > 0:
+        if tl.load(done_ptr + t // TILE_T) != 0:
+            return
     row = (t.to(tl.int64) * H + h) * SPLITS + tl.arange(0, SPLITS)
     m = tl.load(ml_ptr + row * 2)
     l = tl.load(ml_ptr + row * 2 + 1)
@@ -206,7 +299,8 @@ def _merge_kernel(part_ptr, ml_ptr, o_ptr, H, s_ot, s_oh,
 
 def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions: Tensor,
                     block_size: int, scale: float, sinks: Tensor | None = None, window: int = 0, *,
-                    block_n: int | None = None, num_splits: int | None = None) -> Tensor:
+                    block_n: int | None = None, num_splits: int | None = None,
+                    tile_tokens: int | None = None, per_token: bool = True) -> Tensor:
     """GQA over a paged cache; see the module docstring. No host sync."""
     T, H, Dh = q.shape
     G = kv_cache.shape[2]
@@ -224,22 +318,42 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions:
     assert splits & (splits - 1) == 0, "num_splits must be a power of two"
     bn = block_n or _block_n(q.dtype, Dh)
     block_d = max(16, triton.next_power_of_2(Dh))
+    prec = "ieee" if q.dtype == torch.float32 else None
+    win = window if window > 0 else _NO_WINDOW
+    sink_arg = q if sinks is None else sinks.contiguous()
+    if tile_tokens is None:
+        tile_t = _tile_tokens(T, R, q.dtype, Dh) if flag("TBO_GQA_TILES") else 0
+    else:
+        tile_t = tile_tokens
+    done = out  # unused without tiles
+    if tile_t:  # runs of one request's tokens (prefill) as MMA-sized tiles; the rest per token
+        NB = block_table.shape[1]
+        done = torch.empty(triton.cdiv(T, tile_t), dtype=torch.int8, device=q.device)
+        _attn_tile_kernel[(triton.cdiv(T, tile_t), G)](
+            q, kv_cache, block_table, positions, sink_arg, out, done, scale * _LOG2E, T, win,
+            q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+            block_table.stride(0), out.stride(0), out.stride(1), NB,
+            R=R, DH=Dh, BS=block_size, TILE_T=tile_t, NB_P2=triton.next_power_of_2(NB), BLOCK_N=bn,
+            BLOCK_D=block_d, PREC=prec, HAS_SINKS=sinks is not None, BLOCK_M=tile_t * R,
+            num_warps=8 if tile_t * R >= 128 else 4, num_stages=3)
     meta = dict(R=R, DH=Dh, BS=block_size, SPLITS=splits, BLOCK_M=max(16, triton.next_power_of_2(R)),
-                BLOCK_N=bn, BLOCK_D=block_d, PREC="ieee" if q.dtype == torch.float32 else None,
-                HAS_SINKS=sinks is not None, num_warps=4, num_stages=3)
+                BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, HAS_SINKS=sinks is not None, TILE_T=tile_t,
+                num_warps=4, num_stages=3)
     if splits == 1:
         part = ml = out  # unused: the kernel writes the output itself
     else:
         part = torch.empty(T, H, splits, Dh, dtype=torch.float32, device=q.device)
         ml = torch.empty(T, H, splits, 2, dtype=torch.float32, device=q.device)
+    if not per_token:  # tests: the tiles' rows alone (the others are left unwritten)
+        return out
     _attn_kernel[(T, G, splits)](
-        q, kv_cache, block_table, positions, q if sinks is None else sinks.contiguous(), out, part, ml,
-        scale * _LOG2E, H, window if window > 0 else _NO_WINDOW,
+        q, kv_cache, block_table, positions, sink_arg, out, part, ml, done,
+        scale * _LOG2E, H, win,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1), **meta)
     if splits > 1:
-        _merge_kernel[(T, H)](part, ml, out, H, out.stride(0), out.stride(1),
-                              DH=Dh, SPLITS=splits, BLOCK_D=block_d, num_warps=4)
+        _merge_kernel[(T, H)](part, ml, out, done, H, out.stride(0), out.stride(1),
+                              DH=Dh, SPLITS=splits, BLOCK_D=block_d, TILE_T=tile_t, num_warps=4)
     return out
 
 
