@@ -202,6 +202,17 @@ def test_gpt_oss_dims_bf16_sinks_and_window(splits):
         check(batch, BS=16, scale=64 ** -0.5, sinks=sinks, window=window, num_splits=splits)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_mixtral_dims_bf16_prefill_tiles():
+    """Mixtral's shape (32 heads, 8 kv heads: R = 4, 32-token tiles): runs after a cached prefix,
+    a run that ends mid-tile, decode tokens and padding."""
+    dims = dict(H=32, G=8, Dh=128, BS=16, NB=160, num_blocks=8192)
+    batch = make_batch([(0, 512), (37, 100), (900, 1), (0, 64)], pad=5, dtype=torch.bfloat16, seed=11, **dims)
+    assert len(_run_rows(batch, 32)) >= 512
+    check(batch, BS=16, scale=128 ** -0.5)
+
+
 # Runs of one request's tokens as MMA-sized tiles (prefill) -----------------------------------------
 
 def _run_rows(batch, tile):
