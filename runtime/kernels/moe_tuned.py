@@ -35,9 +35,12 @@ from tbo_compiler.runtime.kernels import triton_moe as tm
 log = logging.getLogger(__name__)
 NAME = "tuned"
 
-#: tile configs tried besides the default: decode-sized (64-row blocks, 4 warps) and prefill-sized
+#: tile configs tried besides the default: decode-sized (16-64-row blocks, 4 warps) and prefill-sized
 #: (128-row blocks, 8 warps, two warpgroups) on Hopper
 CONFIGS = {
+    # decode: 16-32 pairs per expert fill a 16/32-row block (less padding in the x loads and the MMA)
+    "bm16_n128": tm.MoeConfig(16, tm.GemmTile(128, 64, 4, 4), tm.GemmTile(128, 64, 4, 4)),
+    "bm32_n128": tm.MoeConfig(32, tm.GemmTile(128, 64, 4, 4), tm.GemmTile(128, 64, 4, 4)),
     "bm64_n64": tm.MoeConfig(64, tm.GemmTile(64, 64, 4, 5), tm.GemmTile(64, 64, 4, 5)),
     "bm64_n128": tm.MoeConfig(64, tm.GemmTile(128, 64, 4, 4), tm.GemmTile(128, 64, 4, 4)),
     "bm128_n64": tm.MoeConfig(128, tm.GemmTile(64, 64, 8, 4), tm.GemmTile(128, 64, 8, 4)),
