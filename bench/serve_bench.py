@@ -235,6 +235,7 @@ def serve_loop(runs: dict, kv, reqs: list[Request], *, concurrency: int, token_b
     sched = Scheduler(reqs, kv, concurrency=concurrency, token_budget=token_budget, max_blocks=max_blocks)
     steps = {"mixed": 0, "decode": 0, "idle": 0, "empty": 0, "real_tokens": 0, "padded_tokens": 0,
              "forward_s": 0.0, "host_s": 0.0}
+    events: list = []
     if barrier:
         barrier()
     t0 = time.perf_counter()
@@ -262,7 +263,13 @@ def serve_loop(runs: dict, kv, reqs: list[Request], *, concurrency: int, token_b
         batch = kv.make_batch([(s.req.rid, new) for s, new, _ in entries], pad_to=pad_to,
                               max_blocks=max_blocks, device=device)
         t_fwd = time.perf_counter()
+        if device.type == "cuda":  # the step's GPU time, read after the loop (no sync here)
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
         logits = run(*batch.args(), kv.caches)
+        if device.type == "cuda":
+            ev[1].record()
+            events.append(ev)
         # Step 4: greedy sampling of the rows that sample, then completion
         rows = [i for i, (_, _, samples) in zip(batch.last_token_index(), entries) if samples]
         sampled = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)].argmax(-1).tolist() \
@@ -281,6 +288,9 @@ def serve_loop(runs: dict, kv, reqs: list[Request], *, concurrency: int, token_b
         steps["forward_s"] += t_done - t_fwd
         steps["host_s"] += (t_fwd - t_host) + (time.perf_counter() - t_done)
     duration = time.perf_counter() - t0
+    if events:  # GPU time of the plans' calls alone: what the steps would take if the host never lagged
+        torch.cuda.synchronize()
+        steps["gpu_s"] = sum(a.elapsed_time(b) for a, b in events) / 1e3
     leaked = (kv.num_blocks - 1) - free_blocks(kv)
     if leaked or sched.committed or sched.live:
         raise RuntimeError(f"KV cache: {leaked} blocks not freed, {len(sched.live)} requests still live")
@@ -325,6 +335,10 @@ def summarize(per_rank: list[dict], world: int) -> dict:
         **_stats("ttft", ttft), **_stats("tpot", tpot), **_stats("itl", itl), **_stats("e2e", e2e),
         "padded_token_share": steps["padded_tokens"] / rows if rows else 0.0,
         "host_share": steps["host_s"] / max(steps["host_s"] + steps["forward_s"], 1e-12),
+        # the loop's cost: the share of the run the GPU was not running a step (GPU only); 1 minus
+        # it is the throughput reached over what the measured step times allow
+        "loop_cost": (1 - max(pr["steps"]["gpu_s"] / pr["duration"] for pr in per_rank)
+                      if all("gpu_s" in pr["steps"] for pr in per_rank) else None),
         "steps": steps,
     }
 
@@ -342,7 +356,8 @@ TABLE = [("successful_requests", "Successful requests", "{:d}"), ("duration_s", 
          ("median_tpot_ms", "Median TPOT (ms)", "{:.2f}"), ("p99_tpot_ms", "P99 TPOT (ms)", "{:.2f}"),
          ("mean_itl_ms", "Mean ITL (ms)", "{:.2f}"), ("median_itl_ms", "Median ITL (ms)", "{:.2f}"),
          ("p99_itl_ms", "P99 ITL (ms)", "{:.2f}"), ("padded_token_share", "Padded token share", "{:.1%}"),
-         ("host_share", "Host share of step time", "{:.1%}")]
+         ("host_share", "Host share of step time", "{:.1%}"),
+         ("loop_cost", "Loop cost (1 - GPU step time / duration)", "{:.1%}")]
 
 
 def table(results: list[dict]) -> str:
@@ -350,7 +365,8 @@ def table(results: list[dict]) -> str:
     head = "| metric | " + " | ".join(f"{r['mode']} c={r['concurrency']}" for r in results) + " |"
     lines = [head, "|" + "---|" * (len(results) + 1)]
     for key, name, fmt in TABLE:
-        lines.append(f"| {name} | " + " | ".join(fmt.format(r[key]) for r in results) + " |")
+        lines.append(f"| {name} | " + " | ".join("-" if r.get(key) is None else fmt.format(r[key])
+                                                  for r in results) + " |")
     return "\n".join(lines)
 
 

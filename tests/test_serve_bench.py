@@ -150,6 +150,7 @@ def test_summary_fields_are_consistent(served, reference):
             assert 0 < s[f"median_{m}_ms"] <= s[f"p99_{m}_ms"]
         assert s["mean_ttft_ms"] <= s["mean_e2e_ms"]
         assert 0 < s["host_share"] < 1 and s["steps"]["empty"] == 0  # one rank: never an empty step
+        assert s["loop_cost"] is None  # CPU: no CUDA events, so no GPU step time to compare with
     table = sb.table([{"mode": r["mode"], "concurrency": r["concurrency"], **sb.summarize([r], 1)} for r in served])
     assert table.count("\n") == len(sb.TABLE) + 1 and "| Successful requests | 8 | 8 |" in table
 
