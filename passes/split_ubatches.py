@@ -8,18 +8,27 @@ Contract
              their transforms) appear once (meta["tbo_ubatch"] = None); shape literals along the
              token axis are rewritten to the ubatch's size; token-indexed writes into shared state
              (KV caches) are chained: ubatch 0's writes, then ubatch 1's, so ubatch 1 sees ubatch
-             0's rows (a request straddling the cut reads its prefix); outputs are the ubatch
-             results concatenated along the token axis, mutated inputs get the final state.
+             0's rows (a request straddling the cut reads its prefix); mutated inputs get the
+             final state. A token-axis output is one buffer allocated right after ubatch 0's part
+             of it (`new_empty`), each ubatch's part copied into its rows as soon as it is made
+             (`copy_` into a `slice` of the buffer), so a part is freed once written and the
+             output costs its size plus one part, not twice its size (a `cat` of the parts holds
+             both and the whole). An output that is a cast of a value only the output reads
+             (fp32 logits of bf16 ones) is not computed per ubatch: the copy casts
+             (`layout.folded`). Outputs laid out as several token blocks are still joined by `cat`.
   must not   change values: the split program equals the unsplit one up to float reassociation
              (it only changes which rows each op sees).
 
 Pseudo-code
   Step 1 (classify): classify nodes (shared / per-ubatch / join), list state chains per base tensor.
+  Step 1b (classify): the output casts to fold into the output writes.
   Step 2 (apply): emit placeholders and per-ubatch row slices of token inputs; emit shared nodes
           and ubatch 0's copies in program order, then ubatch 1's, then the joins (mutation
-          epilogue, output with cat); rewrite token-axis shape literals in each copy.
+          epilogue; each token-axis output: buffer, ubatch 0's write, ubatch 1's write); rewrite
+          token-axis shape literals in each copy.
   Step 3 (verify): re-run fake-tensor propagation on the new graph; every copy's shape must be
-          the ubatch's size on its token axis, and the op counts must double exactly.
+          the ubatch's size on its token axis, the op counts must double exactly (less the folded
+          casts), and every written output must be covered by one write per ubatch.
 """
 from __future__ import annotations
 
@@ -60,6 +69,7 @@ class SplitLayout:
     per_ubatch: tuple[str, ...]
     joins: tuple[str, ...]
     chains: tuple[tuple[str, ...], ...]  # state updates per base, program order
+    folded: tuple[str, ...] = ()         # output casts done by the output writes (not per ubatch)
 
     @property
     def sizes(self) -> tuple[int, int]:
@@ -95,7 +105,41 @@ def classify_split(gm: fx.GraphModule, axes: TokenAxes, cut: int) -> SplitLayout
                                                        "write the cache tensor directly")
                 chain_of[node.name] = root
                 chains.setdefault(root, []).append(node.name)
-    return SplitLayout(axes.T, cut, tuple(per), tuple(joins), tuple(tuple(c) for c in chains.values()))
+    return SplitLayout(axes.T, cut, tuple(per), tuple(joins), tuple(tuple(c) for c in chains.values()),
+                       _folded_casts(gm, axes, set(per)))
+
+
+_CASTS = (aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+
+
+def _written_output(v, axes: TokenAxes) -> bool:
+    """A graph output joined by writing both ubatches' rows into one buffer (not by `cat`)."""
+    ax = axes[v]
+    return isinstance(ax, TokenDim) and ax.outer == 1
+
+
+def _folded_casts(gm: fx.GraphModule, axes: TokenAxes, per: set[str]) -> tuple[str, ...]:
+    """Step 1b: outputs that are a dtype cast read by nothing but the output: `copy_` casts, so
+    each ubatch's pre-cast rows are copied into the output buffer and the cast half never exists."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    folded = []
+    for v in out.all_input_nodes:
+        if v.target not in _CASTS or v.name not in per or not _written_output(v, axes):
+            continue
+        src = v.args[0]
+        sv, vv = src.meta.get("val"), v.meta.get("val")
+        kw = dict(v.kwargs)
+        kw.pop("dtype", None)
+        plain = (kw.pop("layout", torch.strided) in (None, torch.strided)
+                 and kw.pop("device", None) in (None, getattr(sv, "device", None))
+                 and kw.pop("memory_format", None) in (None, torch.preserve_format, torch.contiguous_format)
+                 and not kw and len(v.args) == (2 if v.target == _CASTS[1] else 1))
+        if (plain and set(v.users) == {out} and isinstance(sv, torch.Tensor) and isinstance(vv, torch.Tensor)
+                and sv.shape == vv.shape and src.name in per
+                and isinstance(axes[src], TokenDim)
+                and (axes[src].axis, axes[src].outer, axes[src].inner) == (axes[v].axis, 1, axes[v].inner)):
+            folded.append(v.name)
+    return tuple(folded)
 
 
 # Step 2 -------------------------------------------------------------------------------------
@@ -144,6 +188,7 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
     sizes = layout.sizes
     per = set(layout.per_ubatch)
     joins = set(layout.joins)
+    folded = set(layout.folded)
     last_of_chain = {c[0]: c[-1] for c in layout.chains}
     chain_root = {n: c[0] for c in layout.chains for n in c}
     new = fx.Graph()
@@ -258,13 +303,14 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
         return c
 
     body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and n.name not in joins]
-    for node in body:  # shared nodes + ubatch 0
+    for node in body:  # shared nodes + ubatch 0 (a folded cast: done by the output write)
         if node.name in per:
-            ub[0][node.name] = emit(node, 0)
+            if node.name not in folded:
+                ub[0][node.name] = emit(node, 0)
         else:
             shared[node.name] = emit(node, None)
     for node in body:  # ubatch 1
-        if node.name in per:
+        if node.name in per and node.name not in folded:
             ub[1][node.name] = emit(node, 1)
 
     # Step 2c: joins
@@ -277,6 +323,26 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
             continue
         shared[node.name] = emit(node, None)
 
+    written: dict[str, fx.Node] = {}
+
+    def write_output(v: fx.Node, ax: TokenDim) -> fx.Node:
+        """Step 2d: the output buffer, allocated once ubatch 0's part exists (`new_empty` of that
+        part: the dependency places it there, and it is ubatch 0's work), and each ubatch's
+        part copied into its rows right after it is made (`copy_` casts a folded cast's source)."""
+        if v.name in written:
+            return written[v.name]
+        val = v.meta["val"]
+        parts = [ub[u][v.args[0].name] if v.name in folded else ub[u][v.name] for u in (0, 1)]
+        buf = new.call_function(aten.new_empty.default, (parts[0], list(val.shape)), {"dtype": val.dtype})
+        buf.meta = {"tbo_ubatch": 0, "tbo_role": "join_output", "stack_trace": v.meta.get("stack_trace")}
+        for u, (lo, hi) in enumerate(((0, cut), (cut, T))):
+            rows = new.call_function(aten.slice.Tensor, (buf, ax.axis, lo * ax.inner, hi * ax.inner))
+            rows.meta = {"tbo_ubatch": u, "tbo_role": "join_output"}
+            w = new.call_function(aten.copy_.default, (rows, parts[u]))
+            w.meta = {"tbo_ubatch": u, "tbo_role": "join_output"}
+        written[v.name] = buf
+        return buf
+
     def join_value(v):
         if not isinstance(v, fx.Node):
             return v
@@ -286,10 +352,8 @@ def apply_split(gm: fx.GraphModule, axes: TokenAxes, layout: SplitLayout) -> fx.
         if ax is STATE:
             return final_state(v.name)
         if isinstance(ax, TokenDim):
-            if ax.outer == 1:
-                c = new.call_function(aten.cat.default, ([ub[0][v.name], ub[1][v.name]], ax.axis))
-                c.meta = {"tbo_ubatch": None, "tbo_role": "join_output"}
-                return c
+            if _written_output(v, axes):
+                return write_output(v, ax)
             # [.., o*Tu*i, ..] per ubatch (e.g. all_gathered rows, saved for backward): view each
             # as [.., o, Tu*i, ..], join the token rows of every block, flatten back
             shape = list(v.meta["val"].shape)
@@ -373,8 +437,36 @@ def verify_split(old: fx.GraphModule, new: fx.GraphModule, axes: TokenAxes, layo
             if v.shape[ax.axis] != want:
                 raise node_error(SplitError, n, f"ubatch {u} has {v.shape[ax.axis]} rows on the token "
                                                 f"axis, expected {want}")
-    if count[0] != count[1] or count[0] != len(layout.per_ubatch):
-        raise SplitError(f"split emitted {count} per-ubatch nodes for {len(layout.per_ubatch)} token-dependent ones")
+    want = len(layout.per_ubatch) - len(layout.folded)
+    if count[0] != count[1] or count[0] != want:
+        raise SplitError(f"split emitted {count} per-ubatch nodes for {want} token-dependent ones "
+                         f"({len(layout.folded)} output casts folded into the output writes)")
+    _verify_output_writes(new, layout)
+
+
+def _verify_output_writes(new: fx.GraphModule, layout: SplitLayout) -> None:
+    """Every output buffer is written by one copy per ubatch, ubatch u's into its own rows, and
+    nothing else writes or reads it before the output."""
+    out = next(n for n in new.graph.nodes if n.op == "output")
+    for buf in out.all_input_nodes:
+        if buf.target != aten.new_empty.default or buf.meta.get("tbo_role") != "join_output":
+            continue
+        axis = next((u.args[1] for u in buf.users if u.target == aten.slice.Tensor), 0)
+        inner = buf.meta["val"].shape[axis] // layout.T
+        spans = {}
+        for rows in buf.users:
+            if rows is out:
+                continue
+            u = rows.meta.get("tbo_ubatch")
+            writes = list(rows.users)
+            if (rows.target != aten.slice.Tensor or rows.args[1] != axis or u in spans or len(writes) != 1
+                    or writes[0].target != aten.copy_.default or writes[0].args[0] is not rows
+                    or writes[0].meta.get("tbo_ubatch") != u or writes[0].users):
+                raise node_error(SplitError, rows, "is not one ubatch's write into an output buffer")
+            spans[u] = tuple(rows.args[2:4])
+        lo, hi = (0, layout.cut * inner), (layout.cut * inner, layout.T * inner)
+        if spans != {0: lo, 1: hi}:
+            raise node_error(SplitError, buf, f"output rows written {spans}, expected ubatch 0 {lo}, ubatch 1 {hi}")
 
 
 def split_ubatches(gm: fx.GraphModule, axes: TokenAxes, cut: int) -> tuple[fx.GraphModule, SplitLayout]:

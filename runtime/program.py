@@ -234,6 +234,11 @@ class Program:
         deferred: list[Instr] = []  # frees met inside it
         hidden: set[str] = set()    # region-internal values (no variable in the program)
         eager = self.inplace | {n.name for n in gm.graph.nodes if n.op == "get_attr"}
+        # a copy into rows of a buffer (the split's output writes): the buffer and its rows run as
+        # plain ops, so the rows written are the buffer's, not a compiled region's alias of it
+        for n in gm.graph.nodes:
+            if n.target == aten.copy_.default and n.args[0].op != "placeholder":
+                eager |= {n.args[0].name} | {a.name for a in n.args[0].all_input_nodes}
 
         def close():
             nonlocal cur
