@@ -542,6 +542,11 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
         row[f"{v}_peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
         row[f"{v}_peak_over_before_gib"] = round(row[f"{v}_peak_gib"] - row[f"{v}_mem_before_gib"], 3)
         row[f"{v}_reserved_gib"] = round(torch.cuda.memory_reserved(dev) / 2**30, 3)
+    # the plan's static figure (passes/memory.py): the program alone; the measured peak above also
+    # holds PlanModule's copy of the output (the caller's logits), as large as the logits themselves
+    need = getattr(progs[T][v], "need_bytes", None)
+    if need is not None:
+        row[f"{v}_need_gib"] = round(need / 2**30, 3)
     if v == "serial":
         row["serial_rel_diff"] = max_abs_diff(out, eager) / scale
     else:  # eager on TBO's two ubatches one after the other: the same row blocking

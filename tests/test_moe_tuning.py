@@ -13,7 +13,7 @@ import logging
 
 import pytest
 import torch
-from test_triton_moe import GPU, TOL, make, reference
+from test_triton_moe import DEV, GPU, TOL, make, reference
 
 from tbo_compiler.runtime.kernels import moe_tuned as mt
 from tbo_compiler.runtime.kernels import triton_moe as tm
@@ -87,7 +87,7 @@ def fake_gpu(monkeypatch, tmp_path):
 
 
 def _args():
-    return make(8, 16, 8, 2, 2, torch.float32, device="cpu")
+    return make(8, 16, 8, 2, 2, torch.float32, device=DEV)  # the real kernel runs where the tests do
 
 
 def test_fastest_is_chosen_stored_and_read_back_without_measuring(fake_gpu, monkeypatch):
