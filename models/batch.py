@@ -100,35 +100,36 @@ class PagedKVCache:
         already be in the cache (a prefill of a request with a cached prefix, a decode step, or an
         MTP step of several tokens look alike). Pads with null-block tokens to `pad_to` rows."""
         bs = self.block_size
-        ids, pos, slots, rows, qlens = [], [], [], [], []
+        # per request in Python, per token in torch: the host cost is O(requests), not O(tokens)
+        ids, pos, rows, qlens = [], [], [], []
         for req_id, new in requests:
             req = self._reqs.setdefault(req_id, _Request())
             start = req.num_tokens
             self._reserve(req, start + len(new))
-            for j, tok in enumerate(new):
-                p = start + j
-                ids.append(int(tok))
-                pos.append(p)
-                slots.append(req.blocks[p // bs] * bs + p % bs)
-                rows.append(req.blocks)
+            ids.extend(map(int, new))
+            pos.extend(range(start, start + len(new)))
+            rows.append(req.blocks)
             req.num_tokens = start + len(new)
             qlens.append(len(new))
         T = len(ids)
         pad = 0 if pad_to is None else pad_to - T
         if pad < 0:
             raise UsageError(f"batch has {T} tokens, more than pad_to={pad_to}")
-        nb = max_blocks or max([len(r) for r in rows] + [1])
-        table = torch.zeros(T + pad, nb, dtype=torch.int32)
-        for i, r in enumerate(rows):
-            if len(r) > nb:
-                raise UsageError(f"request needs {len(r)} blocks, block table has {nb} columns")
-            table[i, :len(r)] = torch.tensor(r, dtype=torch.int32)
+        longest = max((len(r) for r, q in zip(rows, qlens) if q), default=0)  # requests with new tokens
+        nb = max_blocks or max(longest, 1)
+        if longest > nb:
+            raise UsageError(f"request needs {longest} blocks, block table has {nb} columns")
         # padding rows: token 0 at position 0 in the null block (slot 0)
-        ids += [0] * pad
-        pos += [0] * pad
-        slots += [0] * pad
-        batch = Batch(torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64),
-                      torch.tensor(slots, dtype=torch.int64), table, tuple(qlens), pad)
+        table = torch.zeros(T + pad, nb, dtype=torch.int32)
+        pos_t = torch.tensor(pos + [0] * pad, dtype=torch.int64)
+        slots = torch.zeros(T + pad, dtype=torch.int64)
+        if T:
+            per_req = torch.tensor([r[:nb] + [0] * (nb - len(r)) for r in rows], dtype=torch.int64)
+            owner = torch.tensor([i for i, q in enumerate(qlens) for _ in range(q)])  # each token's request
+            table[:T] = per_req[owner].to(torch.int32)
+            p = pos_t[:T]
+            slots[:T] = per_req[owner, p // bs] * bs + p % bs
+        batch = Batch(torch.tensor(ids + [0] * pad, dtype=torch.int64), pos_t, slots, table, tuple(qlens), pad)
         return batch.to(device) if device is not None else batch
 
 
