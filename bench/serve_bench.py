@@ -226,13 +226,69 @@ def warm_up(runs: dict, kv, max_blocks: int, vocab: int, device) -> None:
         torch.cuda.synchronize()
 
 
+class _Pending:
+    """A sampled token still on the device: row `row` of the step's sampled ids."""
+    __slots__ = ("row",)
+
+    def __init__(self, row: int):
+        self.row = row
+
+
+class _Launched:
+    """A step whose sampled ids are on their way to the host (overlap mode): the ids on the device
+    (the next step's decode tokens read them there), their pinned host copy and the event after it,
+    and where each id goes: (live request, index in its tokens)."""
+
+    def __init__(self, sampled_dev, device, dests):
+        self.dev = sampled_dev
+        self.dests = dests
+        if device.type == "cuda":
+            self.host = torch.empty(sampled_dev.shape, dtype=sampled_dev.dtype, pin_memory=True)
+            self.host.copy_(sampled_dev, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host, self.ready = sampled_dev, None
+
+    def resolve(self, now: float) -> None:
+        """Wait for this step alone (not for the step launched after it), write the ids in."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        for (s, k), tok in zip(self.dests, self.host.tolist()):
+            s.tokens[k] = tok
+            s.times[k] = now
+
+
+def _to_device(batch, device, pinned: bool):
+    """The batch on the device; from pinned memory without waiting for the GPU (overlap mode: a
+    pageable copy would wait for the step still running)."""
+    if device.type != "cuda" or not pinned:
+        return batch.to(device)
+    from tbo_compiler.models.batch import Batch
+    return Batch(*(t.pin_memory().to(device, non_blocking=True) for t in batch.args()),
+                 batch.query_lens, batch.num_padding)
+
+
+def _to_device_index(values: list[int], device, pinned: bool):
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True) if pinned else t.to(device)
+
+
 @torch.no_grad()
 def serve_loop(runs: dict, kv, reqs: list[Request], *, concurrency: int, token_budget: int, max_blocks: int,
-               world: int = 1, device=torch.device("cpu"), barrier=None) -> dict:
+               world: int = 1, device=torch.device("cpu"), barrier=None, overlap: bool = False) -> dict:
     """Serve this rank's `reqs` to completion, in step with the other ranks. `runs`: {"prefill":
     plan for mixed steps, "decode": plan for decode steps}. Returns the finished requests (times in
-    seconds from the start) and the step counts."""
+    seconds from the start) and the step counts.
+
+    overlap=True: the host runs one step ahead of the GPU. A step's sampled ids stay on the device
+    (the next step's decode rows are patched from them there) and reach the host while the next
+    step runs; lengths decide completion (EOS is ignored), so the host never needs the values to
+    plan. A token's time is when its value reached the host."""
     sched = Scheduler(reqs, kv, concurrency=concurrency, token_budget=token_budget, max_blocks=max_blocks)
+    launched: _Launched | None = None
     steps = {"mixed": 0, "decode": 0, "idle": 0, "empty": 0, "real_tokens": 0, "padded_tokens": 0,
              "forward_s": 0.0, "host_s": 0.0}
     events: list = []
@@ -249,6 +305,9 @@ def serve_loop(runs: dict, kv, reqs: list[Request], *, concurrency: int, token_b
         flag, t_mixed, t_dec = agree_max([sched.flag(dec, pre), len(dec) + sum(len(n) for _, n, _ in pre),
                                           len(dec)], world)
         # Step 3: the agreed step
+        if flag in (0, 1) and launched is not None:  # nothing to launch behind it: take its ids now
+            launched.resolve(time.perf_counter() - t0)
+            launched = None
         if flag == 0:
             break
         if flag == 1:
@@ -260,8 +319,20 @@ def serve_loop(runs: dict, kv, reqs: list[Request], *, concurrency: int, token_b
         run = runs["prefill" if flag == 3 else "decode"]
         entries = dec + pre if flag == 3 else dec
         pad_to = bucket_of(run, t_mixed if flag == 3 else t_dec)
-        batch = kv.make_batch([(s.req.rid, new) for s, new, _ in entries], pad_to=pad_to,
-                              max_blocks=max_blocks, device=device)
+        patch_rows, patch_src = [], []  # decode rows whose token is still on the device
+        reqs_new, row = [], 0
+        for s, new, _ in entries:
+            if new and isinstance(new[-1], _Pending):  # a decode entry: its one token
+                patch_rows.append(row)
+                patch_src.append(new[-1].row)
+                new = [0]
+            reqs_new.append((s.req.rid, new))
+            row += len(new)
+        batch = _to_device(kv.make_batch(reqs_new, pad_to=pad_to, max_blocks=max_blocks), device, overlap)
+        if patch_rows:
+            idx = _to_device_index(patch_rows, device, overlap)
+            src = _to_device_index(patch_src, device, overlap)
+            batch.input_ids.index_copy_(0, idx, launched.dev.index_select(0, src))
         t_fwd = time.perf_counter()
         if device.type == "cuda":  # the step's GPU time, read after the loop (no sync here)
             ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -272,12 +343,22 @@ def serve_loop(runs: dict, kv, reqs: list[Request], *, concurrency: int, token_b
             events.append(ev)
         # Step 4: greedy sampling of the rows that sample, then completion
         rows = [i for i, (_, _, samples) in zip(batch.last_token_index(), entries) if samples]
-        sampled = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)].argmax(-1).tolist() \
-            if rows else []
-        if device.type == "cuda" and not rows:
-            torch.cuda.synchronize()
-        t_done = time.perf_counter()
-        sched.finish_step(entries, sampled, t_done - t0)
+        if overlap:
+            sampled_dev = logits.index_select(0, _to_device_index(rows, logits.device, True)).argmax(-1)
+            placeholders = [_Pending(j) for j in range(len(rows))]
+            t_done = time.perf_counter()
+            sched.finish_step(entries, placeholders, t_done - t0)
+            dests = [(s, len(s.tokens) - 1) for s, _, samples in entries if samples]
+            previous, launched = launched, _Launched(sampled_dev, device, dests)
+            if previous is not None:  # the step before: done, or finishing while this one is queued
+                previous.resolve(time.perf_counter() - t0)
+        else:
+            sampled = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)].argmax(-1).tolist() \
+                if rows else []
+            if device.type == "cuda" and not rows:
+                torch.cuda.synchronize()
+            t_done = time.perf_counter()
+            sched.finish_step(entries, sampled, t_done - t0)
         steps[kind] += 1
         real = batch.num_tokens - batch.num_padding
         steps["empty"] += real == 0
@@ -482,7 +563,8 @@ def rank_serve(rank: int, world: int, cfg: dict) -> list[dict]:
             warm_up(runs, kv, cfg["max_blocks"], vocab, device)
         for conc in cfg["concurrency"]:
             res = serve_loop(runs, kv, mine, concurrency=-(-conc // world), token_budget=cfg["token_budget"],
-                             max_blocks=cfg["max_blocks"], world=world, device=device, barrier=barrier)
+                             max_blocks=cfg["max_blocks"], world=world, device=device, barrier=barrier,
+                             overlap=cfg.get("overlap", False))
             res.update(mode=mode, concurrency=conc,
                        decisions={k: {b: d["variant"] for b, d in sorted(r.decisions.items())}
                                   for k, r in runs.items()})
@@ -528,6 +610,8 @@ def parse(argv=None) -> dict:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--overlap", action="store_true",
+                    help="the host plans one step ahead of the GPU (sampled ids stay on the device)")
     ap.add_argument("--inductor", action="store_true", help="compute regions compiled by Inductor (runtime's option)")
     ap.add_argument("--out", default="out/serve_bench")
     ap.add_argument("--work-dir", default=None, help="plans and slice configs (default: a temporary dir)")
@@ -541,7 +625,7 @@ def parse(argv=None) -> dict:
             "request_rate": a.request_rate, "token_budget": a.token_budget,
             "prefill_buckets": _ints(a.prefill_buckets), "decode_buckets": _ints(a.decode_buckets),
             "block_size": a.block_size, "num_blocks": a.num_blocks, "dtype": a.dtype, "seed": a.seed,
-            "warmup": not a.no_warmup, "inductor": a.inductor, "out": a.out, "work_dir": a.work_dir, "plot": a.plot,
+            "warmup": not a.no_warmup, "inductor": a.inductor, "overlap": a.overlap, "out": a.out, "work_dir": a.work_dir, "plot": a.plot,
             "command": _command(argv if argv is not None else sys.argv[1:])}
 
 

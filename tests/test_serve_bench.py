@@ -173,6 +173,30 @@ def test_kv_blocks_are_freed_and_admission_respects_the_cache(tiny):
     assert max(r["admitted"] - r["sent"] for r in res["requests"]) > 0  # bound it, not the 4 slots
 
 
+def test_overlap_serves_the_same_tokens(tiny):
+    """overlap=True (the host one step ahead, sampled ids patched into the next batch on the
+    device): every request gets exactly the tokens of the plain loop, in the same number of steps,
+    and every KV block comes back. Chunked prefill (budget < prompts) and decode steps mixed."""
+    d, cfg = tiny
+    from tbo_compiler import load_plan
+
+    runs = {k: load_plan(p, d, policy="serial") for k, p in cfg["plans"].items()}
+    model = runs["prefill"].model
+    reqs = sb.make_workload(6, IN_LEN, OUT_LEN, model.config.vocab_size, seed=3)
+    got = {}
+    for overlap in (False, True):
+        kv = model.new_kv_cache(64)
+        res = sb.serve_loop(runs, kv, reqs, concurrency=4, token_budget=BUDGET, max_blocks=cfg["max_blocks"],
+                            overlap=overlap)
+        assert sb.free_blocks(kv) == kv.num_blocks - 1
+        toks = {r["rid"]: r["tokens"] for r in res["requests"]}
+        assert all(isinstance(t, int) for ts in toks.values() for t in ts)  # every placeholder resolved
+        assert all(len(r["times"]) == len(r["tokens"]) and r["times"] == sorted(r["times"]) for r in res["requests"])
+        got[overlap] = (toks, res["steps"]["mixed"], res["steps"]["decode"])
+    assert got[True] == got[False]
+    assert got[True][1] > 1 and got[True][2] > 1
+
+
 def test_poisson_arrivals_wait_for_their_time(tiny):
     d, cfg = tiny
     from tbo_compiler import load_plan
