@@ -183,24 +183,33 @@ class Scheduler:
 
 # Step 2: the loop ---------------------------------------------------------------------------
 
-def _comm_device(world: int):
-    import torch.distributed as dist
-
-    if world == 1 or "nccl" not in str(dist.get_backend()):
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+_CPU_GROUP: list = []
 
 
-def agree_max(vals: list[int], world: int) -> list[int]:
-    """Element-wise max over the ranks (one collective)."""
-    if world == 1:
-        return list(vals)
+def _agreement_group(world: int):
+    """A gloo group over the ranks for the step agreement: on CPU tensors, so agreeing never waits
+    for the GPU (over NCCL it would sync the stream, and the host could not plan a step ahead).
+    Created on the first agreement, which every rank reaches in step."""
     import torch.distributed as dist
 
     from tbo_compiler.runtime.comm import get_group
 
-    t = torch.tensor(vals, dtype=torch.int64).to(_comm_device(world))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=get_group("ep", world).pg)
+    pg = get_group("ep", world).pg
+    if "gloo" in str(dist.get_backend(pg)):
+        return pg
+    if not _CPU_GROUP:
+        _CPU_GROUP.append(dist.new_group(ranks=dist.get_process_group_ranks(pg), backend="gloo"))
+    return _CPU_GROUP[0]
+
+
+def agree_max(vals: list[int], world: int) -> list[int]:
+    """Element-wise max over the ranks (one collective, on the host)."""
+    if world == 1:
+        return list(vals)
+    import torch.distributed as dist
+
+    t = torch.tensor(vals, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_agreement_group(world))
     return t.tolist()
 
 
