@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+import torch
+
 from tbo_compiler.ops.errors import ScheduleError
 
 COMPUTE, COMM = "compute", "comm"
@@ -57,3 +59,42 @@ class Instr:
 
 def other_stream(s: str) -> str:
     return COMM if s == COMPUTE else COMPUTE
+
+
+# Which functional state updates the runtime writes in place (runtime/program.py executes it,
+# passes/memory.py counts memory by it: one rule for both) ----------------------------------------
+
+#: functional update -> its in-place form
+INPLACE_TARGETS = {torch.ops.aten.index_put.default: torch.ops.aten.index_put_.default}
+
+
+def inplace_updates(gm, instrs) -> set[str]:
+    """Functional state updates (`index_put` into a KV cache) that may write in place.
+
+    The graph is functional, so each cache update makes a new cache: a copy of the whole cache per
+    layer and ubatch. An update may instead write into its input when that input is a mutated
+    graph input (the caller's cache, copied back at the end anyway) or an earlier in-place update,
+    and every other reader of that input runs before it, on the same stream. The final
+    `copy_(input, value)` then finds the same tensor and is skipped."""
+    aten = torch.ops.aten
+    nodes = {n.name: n for n in gm.graph.nodes}
+    runs = [i for i in instrs if i.op == Op.RUN]
+    pos = {i.node: k for k, i in enumerate(runs)}
+    stream = {i.node: i.stream for i in runs}
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = {a.name for a in out.all_input_nodes}
+    mutated = {n.args[0].name for n in gm.graph.nodes
+               if n.op == "call_function" and n.target == aten.copy_.default and n.args[0].op == "placeholder"}
+    inplace: set[str] = set()
+    for i in runs:
+        n = nodes[i.node]
+        if n.target not in INPLACE_TARGETS:
+            continue
+        base = n.args[0]
+        if not (base.name in mutated or base.name in inplace) or base.name in outputs:
+            continue
+        readers = [u for u in base.users if u is not n and not (u.target == aten.copy_.default
+                                                                and u.args[0] is base)]
+        if all(pos.get(u.name, -1) < pos[n.name] and stream.get(u.name) == stream[n.name] for u in readers):
+            inplace.add(n.name)
+    return inplace

@@ -18,7 +18,7 @@ What it models (what runtime/program.py does with the instructions):
     `getitem` of a tuple, `_unsafe_view`) shares its base's storage, which stays allocated while
     any value over it is live;
   - a functional KV-cache update that the runtime performs in place (`inplace_updates` of
-    runtime/program.py, mirrored by `_inplace_updates` here: passes do not import the runtime)
+    ops/instr.py: the one rule the runtime executes and this estimate counts)
     allocates nothing;
   - a value freed with an event (read on the other stream) is handed to `record_stream` before
     its `del`; while a CUDA graph is being captured the caching allocator defers the reuse of
@@ -46,7 +46,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from tbo_compiler.ops.instr import Instr, Op
+from tbo_compiler.ops.instr import Instr, Op, inplace_updates
 
 aten = torch.ops.aten
 ALLOC_GRANULARITY = 512   # bytes: the CUDA caching allocator rounds every block up to this
@@ -101,40 +101,13 @@ def _is_view(n: fx.Node) -> bool:
     return schema is not None and any(r.alias_info is not None for r in schema.returns)
 
 
-def _inplace_updates(gm: fx.GraphModule, instrs: Sequence[Instr]) -> set[str]:
-    """The `index_put`s the runtime writes in place (the rule of runtime/program.py
-    `inplace_updates`; tests/test_memory.py checks the two agree)."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    runs = [i for i in instrs if i.op == Op.RUN]
-    pos = {i.node: k for k, i in enumerate(runs)}
-    stream = {i.node: i.stream for i in runs}
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    outputs = {a.name for a in out.all_input_nodes}
-    mutated = {n.args[0].name for n in gm.graph.nodes
-               if n.op == "call_function" and n.target == aten.copy_.default and n.args[0].op == "placeholder"}
-    inplace: set[str] = set()
-    for i in runs:
-        n = nodes[i.node]
-        if n.target != aten.index_put.default:
-            continue
-        base = n.args[0]
-        if not (base.name in mutated or base.name in inplace) or base.name in outputs:
-            continue
-        readers = [u for u in base.users if u is not n and not (u.target == aten.copy_.default
-                                                                and u.args[0] is base)]
-        if all(pos.get(u.name, -1) < pos[n.name] and stream.get(u.name) == stream[n.name] for u in readers):
-            inplace.add(n.name)
-    return inplace
-
-
-
 # Step 1 ---------------------------------------------------------------------------------------
 
 def storages_of(gm: fx.GraphModule, instrs: Sequence[Instr], granularity: int = ALLOC_GRANULARITY
                 ) -> tuple[dict[str, list[frozenset]], dict[tuple[str, int], int]]:
     """Per node, per element of its value, the storages it holds; and each storage's bytes.
     A storage is named (node that allocated it, element index)."""
-    inplace = _inplace_updates(gm, instrs)
+    inplace = inplace_updates(gm, instrs)
     elems: dict[str, list[frozenset]] = {}
     size: dict[tuple[str, int], int] = {}
     for n in gm.graph.nodes:

@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 
 from tbo_compiler.ops.comm import START_OPS, WAIT_OPS
-from tbo_compiler.ops.instr import COMM, COMPUTE, Instr, Op, other_stream
+from tbo_compiler.ops.instr import COMM, COMPUTE, INPLACE_TARGETS, Instr, Op, inplace_updates, other_stream
 from tbo_compiler.ops.kernels import KERNEL_OPS
 from tbo_compiler.runtime import kernels
 from tbo_compiler.runtime.comm import backend_for
@@ -50,41 +50,9 @@ from tbo_compiler.runtime.regions import Region, RegionCache, fusible, runs_ahea
 
 aten = torch.ops.aten
 _KERNEL_NAMES = {v: k for k, v in KERNEL_OPS.items()}
-_INPLACE = {aten.index_put.default: aten.index_put_.default}
 
 
 # Step 1 --------------------------------------------------------------------------------------
-
-def inplace_updates(gm: fx.GraphModule, instrs: Sequence[Instr]) -> set[str]:
-    """Functional state updates (`index_put` into a KV cache) that may write in place.
-
-    The graph is functional, so each cache update makes a new cache: a copy of the whole cache per
-    layer and ubatch. An update may instead write into its input when that input is a mutated
-    graph input (the caller's cache, copied back at the end anyway) or an earlier in-place update,
-    and every other reader of that input runs before it, on the same stream. The final
-    `copy_(input, value)` then finds the same tensor and is skipped."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    runs = [i for i in instrs if i.op == Op.RUN]
-    pos = {i.node: k for k, i in enumerate(runs)}
-    stream = {i.node: i.stream for i in runs}
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    outputs = {a.name for a in out.all_input_nodes}
-    mutated = {n.args[0].name for n in gm.graph.nodes
-               if n.op == "call_function" and n.target == aten.copy_.default and n.args[0].op == "placeholder"}
-    inplace: set[str] = set()
-    for i in runs:
-        n = nodes[i.node]
-        if n.target not in _INPLACE:
-            continue
-        base = n.args[0]
-        if not (base.name in mutated or base.name in inplace) or base.name in outputs:
-            continue
-        readers = [u for u in base.users if u is not n and not (u.target == aten.copy_.default
-                                                                and u.args[0] is base)]
-        if all(pos.get(u.name, -1) < pos[n.name] and stream.get(u.name) == stream[n.name] for u in readers):
-            inplace.add(n.name)
-    return inplace
-
 
 # Step 2 helpers: what the generated code calls --------------------------------------------------
 
@@ -176,7 +144,7 @@ class Program:
             self.kernels[n.name] = _Kernel(_KERNEL_NAMES[t])
             return self._bind("k", self.kernels[n.name])
         if n.name in self.inplace:
-            t = _INPLACE[t]
+            t = INPLACE_TARGETS[t]
         if t == aten.copy_.default:
             return "_copy_back"
         return self._bind("f", t)
