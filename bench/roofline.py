@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tbo_bench import SLICE  # noqa: E402  the DeepSeek-V3 slice shared with the TBO bench
+from tbo_bench import GPT_OSS_SLICE, SLICE  # noqa: E402  the slices shared with the TBO bench
 
 # H200 peaks (/work/shared/reference/PHYSICAL_LIMITS.md): dense bf16 (an 8192^3 GEMM through torch
 # measures 770-800 TFLOP/s) and HBM3e bandwidth
@@ -62,16 +62,9 @@ PEAK_HBM = 4.8e12
 
 # Models: the real configs (/work/shared/reference/MODELS.md), experts unquantised -------------------
 
-GPT_OSS_20B = {
-    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
-    "intermediate_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8,
-    "head_dim": 64, "num_local_experts": 32, "num_experts_per_tok": 4, "sliding_window": 128,
-    "layer_types": ["sliding_attention", "full_attention"] * 12, "attention_bias": True, "swiglu_limit": 7.0,
-    "vocab_size": 201088, "rms_norm_eps": 1e-5, "rope_theta": 150000,
-    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
-                     "original_max_position_embeddings": 4096},
-    "tie_word_embeddings": False,
-}
+# GPT-OSS-20B: the TBO bench's slice at full depth, with the real vocabulary
+GPT_OSS_20B = {**GPT_OSS_SLICE, "num_hidden_layers": 24, "layer_types": ["sliding_attention", "full_attention"] * 12,
+               "vocab_size": 201088}
 QWEN3_30B_A3B = {
     "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
     "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
