@@ -17,6 +17,7 @@ Per model and bucket:
   serial    the plan's one-ubatch program, CUDA graph (the runtime captures it), CUDA events:
             --warmup calls, then the median of --iters
   tbo       the plan's two-ubatch program, the same way
+  (every call with copy_output=False: the program alone, the logits not copied out of the graph)
   memory    peak allocated around the first call of each (the graph capture included), the memory
             reserved after it, and what was allocated before (weights + KV cache)
   correct   max|serial - eager| / max|eager|, max|tbo - eager_halves| / max|eager_halves| (bf16), with
@@ -529,14 +530,13 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
         row[f"{v}_mem_before_gib"] = round(torch.cuda.memory_allocated(dev) / 2**30, 3)
         torch.cuda.reset_peak_memory_stats(dev)
     with torch.no_grad():
-        out = pm(*args, variant=v)  # first call: warm-up and graph capture
+        out = pm(*args, variant=v, copy_output=False)  # first call: warm-up and graph capture
     _sync(dev)
     if cuda:
         row[f"{v}_peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
         row[f"{v}_peak_over_before_gib"] = round(row[f"{v}_peak_gib"] - row[f"{v}_mem_before_gib"], 3)
         row[f"{v}_reserved_gib"] = round(torch.cuda.memory_reserved(dev) / 2**30, 3)
-    # the plan's static figure (passes/memory.py): the program alone; the measured peak above also
-    # holds PlanModule's copy of the output (the caller's logits), as large as the logits themselves
+    # the plan's static figure (passes/memory.py), beside the measured peak of the same program
     need = getattr(progs[T][v], "need_bytes", None)
     if need is not None:
         row[f"{v}_need_gib"] = round(need / 2**30, 3)
@@ -556,7 +556,8 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
         row["tbo_rel_diff"] = max_abs_diff(out, eager) / scale
     del out
     with torch.no_grad():
-        row[f"{v}_ms"] = round(timed_ms(lambda: pm(*args, variant=v), dev, opts["warmup"], opts["iters"]), 4)
+        step = lambda: pm(*args, variant=v, copy_output=False)  # noqa: E731
+        row[f"{v}_ms"] = round(timed_ms(step, dev, opts["warmup"], opts["iters"]), 4)
     if v == "serial":
         user_all = list(user) + list(kv.caches)
         if opts["profile"]:
@@ -566,7 +567,7 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
             except torch.cuda.OutOfMemoryError as e:
                 row["profile_error"] = f"out of memory: {str(e).splitlines()[0]}"
         if opts["trace"]:
-            row["trace"] = trace_step(lambda: pm(*args, variant="serial"), dev,
+            row["trace"] = trace_step(lambda: pm(*args, variant="serial", copy_output=False), dev,
                                       Path(opts["out"]) / f"trace_{name}_{phase}{T}_serial.json")
     del pm
     if v == "serial" and opts.get("baseline"):
@@ -587,8 +588,9 @@ def baseline_ms(bp, T, model, args, opts, dev) -> float:
             torch.cuda.empty_cache()
         pm = PlanModule({T: {"serial": bp}}, model, dev, policy="serial")
         with torch.no_grad():
-            pm(*args, variant="serial")
-            return round(timed_ms(lambda: pm(*args, variant="serial"), dev, opts["warmup"], opts["iters"]), 4)
+            pm(*args, variant="serial", copy_output=False)
+            step = lambda: pm(*args, variant="serial", copy_output=False)  # noqa: E731
+            return round(timed_ms(step, dev, opts["warmup"], opts["iters"]), 4)
     finally:
         for k, val in saved.items():
             if val is None:

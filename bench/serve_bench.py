@@ -346,7 +346,7 @@ def serve_loop(runs: dict, kv, reqs: list[Request], *, concurrency: int, token_b
         if device.type == "cuda":  # the step's GPU time, read after the loop (no sync here)
             ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             ev[0].record()
-        logits = run(*batch.args(), kv.caches)
+        logits = run(*batch.args(), kv.caches, copy_output=False)  # sampled below, before the next call
         if device.type == "cuda":
             ev[1].record()
             events.append(ev)
@@ -634,7 +634,8 @@ def parse(argv=None) -> dict:
             "request_rate": a.request_rate, "token_budget": a.token_budget,
             "prefill_buckets": _ints(a.prefill_buckets), "decode_buckets": _ints(a.decode_buckets),
             "block_size": a.block_size, "num_blocks": a.num_blocks, "dtype": a.dtype, "seed": a.seed,
-            "warmup": not a.no_warmup, "inductor": a.inductor, "overlap": a.overlap, "out": a.out, "work_dir": a.work_dir, "plot": a.plot,
+            "warmup": not a.no_warmup, "inductor": a.inductor, "overlap": a.overlap, "out": a.out,
+            "work_dir": a.work_dir, "plot": a.plot,
             "command": _command(argv if argv is not None else sys.argv[1:])}
 
 

@@ -77,6 +77,22 @@ def test_plan_on_gpu_matches_eager(tiny, tmp_path, policy, graphs):
     assert max(logit_diff) <= 1e-5 * max(scale, 1.0) and cache_diff <= 1e-5
 
 
+def test_copy_output_false_is_a_view_of_the_graph_buffer(tiny, tmp_path):
+    """copy_output=False: the same logits as the default copy, but the graph's own buffer (the next
+    replay of the bucket writes it again), so no second logits tensor is allocated."""
+    d = tiny["qwen3_moe"]
+    path = sc.compile_plans(d, tmp_path, names=("prefill",))["prefill"]
+    run = load_plan(path, d, device="cuda", dtype=torch.float32, policy="serial")
+    kv = run.new_kv_cache(sc.NUM_BLOCKS, device="cuda")
+    batch = kv.make_batch([("a", [5, 6, 7, 8, 9])], max_blocks=sc.MAX_BLOCKS, device="cuda")
+    with torch.no_grad():
+        copied = run(*batch.args(), kv.caches)
+        view = run(*batch.args(), kv.caches, copy_output=False)
+        again = run(*batch.args(), kv.caches, copy_output=False)
+    assert view.data_ptr() == again.data_ptr() != copied.data_ptr()
+    torch.testing.assert_close(view, copied, rtol=0, atol=0)
+
+
 def test_capture_survives_the_watchdogs_event_query():
     """The step watchdog (EP > 1 on CUDA) queries events from its own thread while the main thread
     may be capturing a new bucket. A global-mode capture is invalidated by that query (seen on 2
