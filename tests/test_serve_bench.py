@@ -251,3 +251,13 @@ def test_ep2_ranks_serve_their_own_requests(tiny, reference, tmp_path):
     assert s["output_throughput_per_gpu"] == pytest.approx(s["output_throughput"] / 2)
     assert set(s["decisions"]["prefill"].values()) == {"tbo"}
     assert s["steps"]["empty"] > 0  # a rank with nothing to do took part in steps, padding only
+
+
+def test_host_cost_script_runs_the_loop_over_a_no_op_plan():
+    """bench/serve_host.py: the loop's host time per step with no model, both loop kinds."""
+    import serve_host
+
+    for overlap in (False, True):
+        ms, steps = serve_host.host_ms_per_step(num_requests=8, input_len=64, output_len=8, concurrency=8,
+                                                token_budget=128, block_size=16, repeat=1, overlap=overlap)
+        assert ms > 0 and steps > 8
