@@ -10,7 +10,8 @@
 #   bash bench/multi_gpu.sh serve               # 3. bench/serve_bench.py under torchrun, serial vs auto, C 32..256
 #   bash bench/multi_gpu.sh ep8                 # 4. only on 8 GPUs: both slices, prefill 1024-8192, decode 64-512, both links
 #   bash bench/multi_gpu.sh ep8_p2p_off         #    (or one link per call: ep8_p2p_off, ep8_nvlink)
-# Knobs (environment): HF_LAYERS (default 4), HF_SHAPES (default 8x512,256x1: prefill 4096 and decode 256 tok/rank),
+# Knobs (environment): HF_LAYERS (default 4), HF_STYLE (ep; funcol where the image's transformers
+# has no DistributedConfig), HF_SHAPES (default 8x512,256x1: prefill 4096 and decode 256 tok/rank),
 # SERVE_ARGS (extra serve_bench options, e.g. "--num-requests 128"), NGPU (default: all GPUs),
 # MULTI_GPU_DRY=1 (print the commands, run nothing), STAGE_TIMEOUT (s per command, default 280).
 set -uo pipefail
@@ -33,6 +34,7 @@ else
 fi
 HF_LAYERS=${HF_LAYERS:-4}
 HF_SHAPES=${HF_SHAPES:-8x512,256x1}
+HF_STYLE=${HF_STYLE:-ep}
 
 # run LOG CMD...: bounded by $T seconds, logged to $OUT/LOG (printed only with MULTI_GPU_DRY=1)
 run() {
@@ -61,7 +63,7 @@ hf_ep() {  # LINK
   local link=$1 env=()
   [ "$link" = p2p_off ] && env=(env NCCL_P2P_DISABLE=1)
   run "hf_ep_$link.log" "${env[@]}" torchrun --standalone --nproc-per-node "$N" bench/hf_ep_bench.py \
-    --out "$OUT/hf_ep" --link "$link" --layers "$HF_LAYERS" --shapes "$HF_SHAPES"
+    --out "$OUT/hf_ep" --link "$link" --layers "$HF_LAYERS" --shapes "$HF_SHAPES" --style "$HF_STYLE"
 }
 
 rc=0
