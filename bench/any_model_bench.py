@@ -75,11 +75,14 @@ def hf_model(name: str, layers: int, tiny: bool, dtype, device):
     return model.eval()
 
 
-def timed(fn, iters: int, device) -> float:
+def timed(fn, iters: int, device, before_block=None) -> float:
     """ms per call: the median over 3 blocks of `iters` calls issued back to back (as a serving
-    loop issues them: the host's per-call work overlaps the GPU's), each block timed by events."""
+    loop issues them: the host's per-call work overlaps the GPU's), each block timed by events.
+    `before_block()` runs before each block (ranks meeting at a barrier, say)."""
     blocks = []
     for _ in range(3):
+        if before_block is not None:
+            before_block()
         if device.type == "cuda":
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()

@@ -47,7 +47,6 @@ import hashlib
 import json
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +58,7 @@ import torch
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.append(_HERE)
+import any_model_bench  # noqa: E402
 from any_model_bench import HF_MODELS, TINY, VOCAB  # noqa: E402
 
 # the multicast switches, in every process (ranks spawned here inherit them; torchrun's are set by
@@ -164,29 +164,16 @@ class FuncolExperts(torch.nn.Module):
 # Step 2: one mode on one batch ----------------------------------------------------------------
 
 def timed(fn, iters: int, device) -> float:
-    """ms per call: median of 3 blocks of `iters` back-to-back calls, each block started with the
-    ranks aligned by a barrier and timed by CUDA events (wall clock on CPU)."""
+    """ms per call: any_model_bench's blocks of back-to-back calls, each block started with the
+    ranks aligned by a barrier."""
     import torch.distributed as dist
 
-    blocks = []
-    for _ in range(3):
+    def align():
         if device.type == "cuda":
             torch.cuda.synchronize()
         dist.barrier()
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(iters):
-                fn()
-            e.record()
-            e.synchronize()
-            blocks.append(s.elapsed_time(e) / iters)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            blocks.append((time.perf_counter() - t0) * 1e3 / iters)
-    return statistics.median(blocks)
+
+    return any_model_bench.timed(fn, iters, device, before_block=align)
 
 
 def run_mode(model, mode: str, ids, ref, device, iters: int) -> dict:
