@@ -109,7 +109,9 @@ class Program:
         self.mode = mode
         self._comm_backend = "null" if mode == "compute" else comm_backend
         self.placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        self.inplace = inplace_updates(gm, instrs) if inplace and mode == "full" else set()
+        # profile mode too: it times each op as the full program runs it (an out-of-place cache
+        # update copies the whole cache, which a real step never does)
+        self.inplace = inplace_updates(gm, instrs) if inplace and mode in ("full", "profile") else set()
         self.glob: dict[str, Any] = {"_copy_back": _copy_back, "_rs": _record_stream, "getitem": operator.getitem}
         self.kernels: dict[str, _Kernel] = {}   # node -> its kernel (backends chosen per shape)
         self._comm: dict[tuple, str] = {}       # (group, world) -> the bound backend's name
