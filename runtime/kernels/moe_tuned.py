@@ -41,6 +41,10 @@ CONFIGS = {
     # decode: 16-32 pairs per expert fill a 16/32-row block (less padding in the x loads and the MMA)
     "bm16_n128": tm.MoeConfig(16, tm.GemmTile(128, 64, 4, 4), tm.GemmTile(128, 64, 4, 4)),
     "bm32_n128": tm.MoeConfig(32, tm.GemmTile(128, 64, 4, 4), tm.GemmTile(128, 64, 4, 4)),
+    # decode's down GEMM has a short K loop (the expert width): wider N tiles or deeper K tiles put
+    # more of each expert's weights in flight per program (not yet measured: the tuner decides)
+    "bm32_d256": tm.MoeConfig(32, tm.GemmTile(128, 64, 4, 4), tm.GemmTile(256, 64, 8, 3)),
+    "bm16_k128": tm.MoeConfig(16, tm.GemmTile(64, 64, 4, 6), tm.GemmTile(64, 128, 4, 4)),
     "bm64_n64": tm.MoeConfig(64, tm.GemmTile(64, 64, 4, 5), tm.GemmTile(64, 64, 4, 5)),
     "bm64_n128": tm.MoeConfig(64, tm.GemmTile(128, 64, 4, 4), tm.GemmTile(128, 64, 4, 4)),
     "bm128_n64": tm.MoeConfig(128, tm.GemmTile(64, 64, 8, 4), tm.GemmTile(128, 64, 8, 4)),
