@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tbo_bench import GPT_OSS_SLICE, SLICE  # noqa: E402  the slices shared with the TBO bench
+from tbo_bench import GPT_OSS_SLICE, SLICE, random_model  # noqa: E402  shared with the TBO bench
 
 # H200 peaks (/work/shared/reference/PHYSICAL_LIMITS.md): dense bf16 (an 8192^3 GEMM through torch
 # measures 770-800 TFLOP/s) and HBM3e bandwidth
@@ -407,27 +407,6 @@ def ensure_plan(root: Path, name: str, cfg: dict, phase: str, T: int, dtype, sha
     return p
 
 
-def random_model(mdir: Path, dtype, device, block: int, seed: int = 1234):
-    """bench/tbo_bench.py's random weights at EP=1: norms 1, correction bias 0, embeddings N(0, 1),
-    everything else N(0, 1) / sqrt(fan-in), drawn in place (no fp32 copy of the largest tensor)."""
-    from tbo_compiler.models import ParallelConfig, build_model
-
-    model = build_model(mdir, parallel=ParallelConfig(1, 0, "ep", "a2a"), block_size=block, dtype=dtype,
-                        device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith("e_score_correction_bias"):
-                p.zero_()
-            else:
-                p.normal_(generator=g)
-                if not name.endswith("embed_tokens.weight"):
-                    p.mul_(p.shape[-1] ** -0.5)
-    return model
-
-
 def synthetic_batch(phase: str, T: int, vocab: int, seed: int, device, shape: Shape):
     """bench/tbo_bench.py's flat batch over shuffled cache blocks, at `shape`'s request length."""
     g = torch.Generator().manual_seed(seed)
@@ -741,7 +720,7 @@ def main(argv=None) -> list[dict]:
         paths = {(ph, T): ensure_plan(plans, n, cfg, ph, T, dtype, shape, compile_profile)
                  for ph, counts in buckets.items() for T in counts}
         t0 = time.perf_counter()
-        model = random_model(model_dir(plans, n, cfg), dtype, dev, shape.block)
+        model = random_model(model_dir(plans, n, cfg), 0, 1, dtype, dev, block_size=shape.block)
         print(f"{n}: {cfg['num_hidden_layers']} layers, random weights in {time.perf_counter() - t0:.1f} s", flush=True)
         for (phase, T), p in paths.items():
             try:

@@ -532,9 +532,7 @@ def _model(cfg: dict, rank: int, world: int, device):
                           parallel=ParallelConfig(world, rank, "ep", "a2a"))
     import tbo_bench as tb
 
-    if cfg["block_size"] != tb.BLOCK:
-        raise ValueError(f"random weights (tbo_bench.random_model) use block size {tb.BLOCK}")
-    return tb.random_model(cfg["model_dir"], rank, world, dtype, device)
+    return tb.random_model(cfg["model_dir"], rank, world, dtype, device, block_size=cfg["block_size"])
 
 
 def rank_serve(rank: int, world: int, cfg: dict) -> list[dict]:

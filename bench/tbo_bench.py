@@ -106,10 +106,13 @@ def compile_plans(model_dir: Path, ep: int, buckets: dict, out: Path, dump_dir=N
 
 # Step 2: a model with random weights and synthetic batches (each rank) -------------------------
 
-def random_model(model_dir, rank: int, ep: int, dtype, device):
+def random_model(model_dir, rank: int, ep: int, dtype, device, block_size: int = BLOCK):
+    """The model with random weights: norms 1, correction bias 0, embeddings N(0, 1), everything
+    else N(0, 1) / sqrt(fan-in) (keeps activations O(1) through the layers and the router), drawn
+    in place in the weights' dtype (no fp32 copy of the largest tensor); seeded per rank."""
     from tbo_compiler.models import ParallelConfig, build_model
 
-    model = build_model(model_dir, parallel=ParallelConfig(ep, rank, "ep", "a2a"), block_size=BLOCK,
+    model = build_model(model_dir, parallel=ParallelConfig(ep, rank, "ep", "a2a"), block_size=block_size,
                         dtype=dtype, device=device)
     g = torch.Generator(device=device).manual_seed(1234 + rank)
     with torch.no_grad():
@@ -118,11 +121,10 @@ def random_model(model_dir, rank: int, ep: int, dtype, device):
                 p.fill_(1.0)
             elif name.endswith("e_score_correction_bias"):
                 p.zero_()
-            elif name.endswith("embed_tokens.weight"):
-                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32))
-            else:  # fan-in scaling keeps activations O(1) through the layers and the router
-                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32)
-                        * p.shape[-1] ** -0.5)
+            else:
+                p.normal_(generator=g)
+                if not name.endswith("embed_tokens.weight"):
+                    p.mul_(p.shape[-1] ** -0.5)
     return model
 
 
