@@ -15,22 +15,29 @@ ATOL = 1e-5
 
 # HuggingFace transformers (one process: no comm, so the split is asked for) ------------------
 
-@pytest.mark.parametrize("name", any_models.HF_MODELS)
-def test_transformers_model_splits_at_prefill_and_decode(name):
-    """With the batched experts implementation every op keeps the requests apart: the [B, S]
-    batch splits by request (B), the KV cache (DynamicCache) included, and equals eager."""
-    pytest.importorskip("transformers")
+def _prefill_then_decode_equal_eager(m, fn):
+    """A prefill of 4 requests x 8 tokens, then one decode token each on the KV cache (DynamicCache)
+    the prefill filled: the compiled model's logits equal eager's at both."""
     from transformers import DynamicCache
 
-    m = any_models.hf_model(name, experts_implementation="batched_mm")
     ids, nxt = torch.randint(0, 128, (4, 8)), torch.randint(0, 128, (4, 1))
-    fn, seen, warned = any_models.compile_tbo(m, split=True)
     with torch.no_grad():
         r1 = m(ids, past_key_values=DynamicCache(config=m.config), use_cache=True)
         r2 = m(nxt, past_key_values=r1.past_key_values, use_cache=True).logits
         o1 = fn(ids, past_key_values=DynamicCache(config=m.config), use_cache=True)
         o2 = fn(nxt, past_key_values=o1.past_key_values, use_cache=True).logits
     assert (o1.logits - r1.logits).abs().max() <= ATOL and (o2 - r2).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("name", any_models.HF_MODELS)
+def test_transformers_model_splits_at_prefill_and_decode(name):
+    """With the batched experts implementation every op keeps the requests apart: the [B, S]
+    batch splits by request (B), the KV cache (DynamicCache) included, and equals eager."""
+    pytest.importorskip("transformers")
+
+    m = any_models.hf_model(name, experts_implementation="batched_mm")
+    fn, seen, warned = any_models.compile_tbo(m, split=True)
+    _prefill_then_decode_equal_eager(m, fn)
     rep = any_models.report(seen)
     assert [(r["T"], r["cut"], r["comm"], r["fallback"]) for r in rep] == [(4, 2, 0, None), (4, 2, 0, None)], rep
     assert not warned
@@ -43,18 +50,11 @@ def test_transformers_model_with_default_implementations_splits(name):
     unsort) and default attention: the sort -> grouped GEMM -> unsort region splits as a whole,
     each ubatch sorting its own requests' tokens, at prefill and decode (KV cache), equal to eager."""
     pytest.importorskip("transformers")
-    from transformers import DynamicCache
 
     m = any_models.hf_model(name)
     assert m.config._experts_implementation == "grouped_mm"  # nothing set: the library's default
-    ids, nxt = torch.randint(0, 128, (4, 8)), torch.randint(0, 128, (4, 1))
     fn, seen, warned = any_models.compile_tbo(m, split=True, strict=True, inductor=False)
-    with torch.no_grad():
-        r1 = m(ids, past_key_values=DynamicCache(config=m.config), use_cache=True)
-        r2 = m(nxt, past_key_values=r1.past_key_values, use_cache=True).logits
-        o1 = fn(ids, past_key_values=DynamicCache(config=m.config), use_cache=True)
-        o2 = fn(nxt, past_key_values=o1.past_key_values, use_cache=True).logits
-    assert (o1.logits - r1.logits).abs().max() <= ATOL and (o2 - r2).abs().max() <= ATOL
+    _prefill_then_decode_equal_eager(m, fn)
     assert [(c.T, c.cut, c.did_split) for c in seen] == [(4, 2, True), (4, 2, True)], any_models.report(seen)
     sorts = [n for n in seen[0].gm.graph.nodes if n.target == torch.ops.aten.sort.default]
     per = [n.meta["tbo_ubatch"] for n in sorts]  # one sort per MoE layer and ubatch
