@@ -6,6 +6,7 @@
 #   bash bench/gpu_run.sh bench ARGS   # bench/tbo_bench.py ARGS
 #   bash bench/gpu_run.sh serve ARGS  # bench/serve_bench.py ARGS (one GPU; torchrun it for EP > 1)
 #   bash bench/gpu_run.sh roofline ARGS  # bench/roofline.py ARGS (compile plans first: --compile-only --plans DIR)
+#   bash bench/gpu_run.sh moe ARGS    # bench/moe_bench.py ARGS (routed experts alone, every candidate, CUDA graphs)
 #   bash bench/gpu_run.sh anymodel ARGS  # bench/any_model_bench.py ARGS (backend="tbo" vs Inductor)
 #   bash bench/gpu_run.sh reliability  # compute-sanitizer memcheck/racecheck, 1000-step memory loop, rank death (2 GPUs)
 set -uo pipefail
@@ -34,6 +35,9 @@ case "$stage" in
            [ -d "$OUT/traces" ] && tar czf "$OUT/traces.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
            exit $rc ;;
   roofline) python3 bench/roofline.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/roofline.log"; exit ${PIPESTATUS[0]} ;;
+  moe)     python3 bench/moe_bench.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/moe_bench.log"; rc=${PIPESTATUS[0]}
+           python3 -m pytest -q -p no:cacheprovider -rs tests/test_moe_tuning.py tests/test_triton_moe.py \
+             tests/test_triton_moe_tma.py 2>&1 | tail -30 | tee "$OUT/pytest_moe_gpu.log"; exit $rc ;;
   serve)   python3 bench/serve_bench.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/serve.log"; exit ${PIPESTATUS[0]} ;;
   bench)   python3 bench/tbo_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"; exit ${PIPESTATUS[0]} ;;
   *) echo "unknown stage $stage"; exit 2 ;;

@@ -7,8 +7,10 @@ activation) times every candidate on that call's own tensors (CUDA events; the c
 turns, ROUNDS calls each, median) and keeps the fastest if it beats the default tiles by MARGIN;
 later calls of that shape go straight to it.
 
-Candidates: the fused Triton kernel (triton_moe.py) at each tile config of CONFIGS, and the
-grouped-GEMM path (triton_moe.moe_experts_grouped, bf16 only).
+Candidates: the fused Triton kernel (triton_moe.py) at each tile config of CONFIGS, its TMA variant
+(triton_moe_tma.py, Hopper and later: gathered rows, descriptor-loaded tiles, swapped MMAs for
+decode) at each of that module's CONFIGS, and the grouped-GEMM path
+(triton_moe.moe_experts_grouped, bf16 only).
 
 Choices are stored per GPU in a JSON file, so a later process (every rank of a server, every
 restart) measures nothing: TBO_MOE_TUNING names the file (default
@@ -31,6 +33,7 @@ import torch
 
 from tbo_compiler.runtime.env import flag
 from tbo_compiler.runtime.kernels import triton_moe as tm
+from tbo_compiler.runtime.kernels import triton_moe_tma as tt
 
 log = logging.getLogger(__name__)
 NAME = "tuned"
@@ -75,6 +78,9 @@ def candidates(args: tuple) -> dict[str, Callable]:
     out = {"triton_default": lambda *a: tm.moe_experts(*a)}
     for name, cfg in CONFIGS.items():
         out[f"triton_{name}"] = lambda *a, cfg=cfg: tm.moe_experts(*a, config=cfg)
+    if tt.supported(*args):
+        for name, cfg in tt.CONFIGS.items():
+            out[name] = lambda *a, cfg=cfg: tt.moe_experts_tma(*a, config=cfg)
     if tm.grouped_mm_supported(*args):
         out["grouped_mm"] = tm.moe_experts_grouped
     return out

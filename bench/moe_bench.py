@@ -1,0 +1,251 @@
+"""Routed experts alone, at the real models' expert shapes, every implementation the tuner may pick
+and the parts each one is made of, timed as CUDA graphs (issue 24: where the MoE layer's time goes).
+
+    python bench/moe_bench.py --out DIR                 # on a GPU: moe_bench.json, moe_bench.md
+    python bench/moe_bench.py --models qwen3_30b_a3b --tokens 4096,256 --out DIR
+
+Per model (expert dims from its config: hidden D, expert width I, experts E, top-k K) and number of
+tokens N (N = 4096: a prefill of 4096 tokens; N = 256: a decode step of 256 requests), routing drawn
+as the router does with random weights (top-k of softmax scores: every expert about equally
+loaded), bf16:
+
+- every candidate of runtime/kernels/moe_tuned.py (fused Triton at each tile config, its TMA
+  variant, the grouped-GEMM path), each checked against the grouped-GEMM path;
+- the parts: the routing prep (sort by expert), the row gather, each grouped GEMM, the activation,
+  the weighted combine; the fused kernel's gate/up, down and sum-over-K kernels alone;
+- floors: the GEMMs' FLOPs at 790 TFLOP/s, the active experts' weight bytes at 4.8 TB/s.
+
+Timing: each function captured R times in one CUDA graph, the graph replayed (after a warm-up
+replay) `--replays` times, the median replay divided by R; no launch overhead, as in the plan's
+graph.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PEAK_FLOPS, PEAK_BYTES = 790e12, 4.8e12
+#: expert dims of the models' configs (models/configs, shared/reference/MODELS.md)
+MODELS = {
+    "qwen3_30b_a3b": dict(D=2048, I=768, E=128, K=8, act="silu", limit=0.0, bias=False),
+    "gpt_oss_20b": dict(D=2880, I=2880, E=32, K=4, act="gpt_oss", limit=7.0, bias=True),
+    "mixtral_8x7b": dict(D=4096, I=14336, E=8, K=2, act="silu", limit=0.0, bias=False),
+}
+
+
+def graph_ms(fn, reps: int, replays: int) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(replays):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e) / reps)
+    del g
+    torch.cuda.empty_cache()
+    return statistics.median(out)
+
+
+def inputs(m: dict, N: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    D, I, E, K = m["D"], m["I"], m["E"], m["K"]
+    kw = dict(device="cuda", generator=g)
+    x = torch.randn(N, D, **kw).bfloat16()
+    scores = torch.randn(N, E, **kw).softmax(-1)
+    w, ids = scores.topk(K, dim=-1)
+    w = (w / w.sum(-1, keepdim=True)).float()
+    w13 = (torch.randn(E, 2 * I, D, **kw) / D ** 0.5).bfloat16()
+    w2 = (torch.randn(E, D, I, **kw) / I ** 0.5).bfloat16()
+    args = [x, ids, w, w13, w2]
+    if m["bias"]:
+        args += [(torch.randn(E, 2 * I, **kw) * 0.1).bfloat16(), (torch.randn(E, D, **kw) * 0.1).bfloat16()]
+    else:
+        args += [None, None]
+    return tuple(args + [m["act"], m["limit"]])
+
+
+def parts(args) -> dict:
+    """The pieces of the grouped-GEMM path and of the fused Triton path, each alone."""
+    import triton
+
+    from tbo_compiler.runtime.kernels import triton_moe as tm
+    from tbo_compiler.runtime.kernels import triton_moe_tma as tt
+    from tbo_compiler.runtime.kernels.triton_elementwise import silu_mul
+
+    x, ids, w, w13, w2 = args[:5]
+    N, D = x.shape
+    K = ids.shape[1]
+    E, I = w13.shape[0], w13.shape[1] // 2
+    P = N * K
+    pairs, offs = tm._sort_pairs(ids, E)
+    xs = x[pairs // K]
+    h2 = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs[1:])
+    act = silu_mul(h2)
+    y = torch._grouped_mm(act, w2.transpose(-2, -1), offs=offs[1:])
+    inv = torch.empty_like(pairs).scatter_(0, pairs, torch.arange(P, device=x.device, dtype=pairs.dtype))
+    out = x.new_empty(N, D)
+
+    def combine():
+        tm._combine_sorted_kernel[(N, triton.cdiv(D, 1024))](
+            y, inv, ids, w, y, out, E, ids.stride(0), ids.stride(1), w.stride(0), w.stride(1), 0, out.stride(0),
+            D=D, K=K, BLOCK_D=1024, HAS_BIAS=False, num_warps=4)
+
+    def tma_gather():
+        tt._gather_kernel[(triton.cdiv(P, 16),)](x, pairs, offs, xs, E, x.stride(0), D=D, K=K, ROWS=16,
+                                                 BLOCK_D=min(512, triton.next_power_of_2(D)), num_warps=4)
+
+    res = {
+        "sort_pairs": lambda: tm._sort_pairs(ids, E),
+        "gather_torch": lambda: x[pairs // K],
+        "gather_triton": tma_gather,
+        "grouped_mm_gate_up": lambda: torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs[1:]),
+        "silu_mul": lambda: silu_mul(h2),
+        "grouped_mm_down": lambda: torch._grouped_mm(act, w2.transpose(-2, -1), offs=offs[1:]),
+        "inverse_perm": lambda: torch.empty_like(pairs).scatter_(0, pairs, torch.arange(P, device=x.device,
+                                                                                         dtype=pairs.dtype)),
+        "combine": combine,
+    }
+    # the fused kernel's three launches at its default tiles
+    cfg = tm.default_config(P, E, 2)
+    BM = cfg.block_m
+    nb = triton.cdiv(P, BM) + E
+    common = dict(BLOCK_M=BM, GROUP_M=cfg.group_m, E_P2=max(2, triton.next_power_of_2(E)), PREC=None)
+    h = x.new_empty(P, I)
+    yp = x.new_empty(P, D)
+    gu, dn = cfg.gate_up, cfg.down
+
+    def gate_up():
+        tm._gate_up_kernel[(nb * triton.cdiv(I, gu.block_n),)](
+            x, w13, w13, h, pairs, offs, E, nb, 0.0, x.stride(0), x.stride(1), w13.stride(0), w13.stride(1),
+            w13.stride(2), 0, D=D, I=I, K=K, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, HAS_BIAS=False, ACT=0,
+            CLAMP=False, num_warps=gu.num_warps, num_stages=gu.num_stages, **common)
+
+    def down():
+        tm._down_kernel[(nb * triton.cdiv(D, dn.block_n),)](
+            h, w2, w2, w, yp, pairs, offs, E, nb, w2.stride(0), w2.stride(1), w2.stride(2), 0, w.stride(0),
+            w.stride(1), D=D, I=I, K=K, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, HAS_BIAS=False,
+            num_warps=dn.num_warps, num_stages=dn.num_stages, **common)
+
+    def sum_k():
+        tm._sum_pairs_kernel[(N, triton.cdiv(D, cfg.block_d))](
+            yp, ids, out, E, ids.stride(0), ids.stride(1), out.stride(0), D=D, K=K, BLOCK_D=cfg.block_d, num_warps=4)
+
+    res.update({"fused_gate_up": gate_up, "fused_down": down, "fused_sum_k": sum_k})
+    return res
+
+
+def floors(args) -> dict:
+    x, ids, _, w13, w2 = args[:5]
+    E, I = w13.shape[0], w13.shape[1] // 2
+    D = x.shape[1]
+    pairs = int(((ids >= 0) & (ids < E)).sum())
+    active = int(torch.unique(ids[(ids >= 0) & (ids < E)]).numel())
+    flops = 2 * pairs * D * 3 * I
+    wbytes = active * 3 * D * I * 2
+    return dict(pairs=pairs, active_experts=active, gemm_flops=flops, weight_bytes=wbytes,
+                floor_ms=max(flops / PEAK_FLOPS, wbytes / PEAK_BYTES) * 1e3,
+                gemm_floor_ms=flops / PEAK_FLOPS * 1e3, weight_floor_ms=wbytes / PEAK_BYTES * 1e3)
+
+
+def run(models: list[str], tokens: list[int], reps: int, replays: int) -> list[dict]:
+    from tbo_compiler.runtime.kernels import moe_tuned as mt
+
+    rows = []
+    for name in models:
+        m = MODELS[name]
+        for N in tokens:
+            args = inputs(m, N)
+            row = dict(model=name, tokens=N, **{k: m[k] for k in ("D", "I", "E", "K")}, **floors(args))
+            ref = mt.candidates(args)["grouped_mm"](*args).float() if "grouped_mm" in mt.candidates(args) else None
+            cands, errs = {}, {}
+            for cname, fn in mt.candidates(args).items():
+                try:
+                    out = fn(*args).float()
+                    if ref is not None:
+                        errs[cname] = float((out - ref).norm() / ref.norm())
+                    cands[cname] = round(graph_ms(lambda fn=fn: fn(*args), reps, replays), 4)
+                except Exception as e:  # noqa: BLE001 - a config that does not fit must not hide the rest
+                    cands[cname] = None
+                    errs[cname] = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+                print(f"{name} N={N} {cname:22s} {cands[cname]} ms  rel err {errs.get(cname)}", flush=True)
+            row["candidates_ms"], row["rel_err_vs_grouped_mm"] = cands, errs
+            pms = {}
+            for pname, fn in parts(args).items():
+                try:
+                    pms[pname] = round(graph_ms(fn, reps, replays), 4)
+                except Exception as e:  # noqa: BLE001
+                    pms[pname] = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+                print(f"{name} N={N} part {pname:20s} {pms[pname]}", flush=True)
+            row["parts_ms"] = pms
+            ok = {k: v for k, v in cands.items() if isinstance(v, float)}
+            if ok:
+                best = min(ok, key=ok.get)
+                row["best"], row["best_ms"] = best, ok[best]
+                row["best_pct_of_floor"] = round(100 * row["floor_ms"] / ok[best], 1)
+            rows.append(row)
+            del args
+            torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | N | floor ms (GEMM / weights) | best | best ms | % of floor | grouped_mm ms | "
+             "fused default ms | parts (ms) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        parts_s = ", ".join(f"{k} {v:.3f}" for k, v in r["parts_ms"].items() if isinstance(v, float))
+        c = r["candidates_ms"]
+        lines.append(f"| {r['model']} | {r['tokens']} | {r['floor_ms']:.3f} ({r['gemm_floor_ms']:.3f} / "
+                     f"{r['weight_floor_ms']:.3f}) | {r.get('best')} | {r.get('best_ms')} | "
+                     f"{r.get('best_pct_of_floor')} % | {c.get('grouped_mm')} | {c.get('triton_default')} | {parts_s} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--tokens", default="4096,256")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--replays", type=int, default=5)
+    ap.add_argument("--out", default="out/moe_bench")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("moe_bench: needs a CUDA GPU (the candidates are timed as CUDA graphs)", file=sys.stderr)
+        return 2
+    import triton
+    rows = run(a.models.split(","), [int(t) for t in a.tokens.split(",")], a.reps, a.replays)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command="python " + " ".join(sys.argv), reps=a.reps, replays=a.replays)
+    (out / "moe_bench.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (out / "moe_bench.md").write_text(markdown(rows))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""moe_experts with TMA loads (Hopper and later): the routed rows gathered once, then both expert
+GEMMs read their tiles through tensor descriptors.
+
+Same contract as triton_moe.moe_experts (see that module: dims N, D, K, E, I, P = N*K, BM), same
+routing prep (pairs sorted by expert, each expert's first sorted position) and the same block
+schedule (expert e owns cdiv(count_e, BM) consecutive blocks). What differs is how the GEMMs load:
+
+  1. Gather: xs[p] = x[pairs[p] // K] for the sorted positions p < offs[E] (the valid pairs), one
+     pass, so the gate/up GEMM reads a plain row-major matrix.
+  2. Gate/up: per M-block x BN columns of I, three tensor descriptors (xs [P, D], w13 seen as
+     [E*2I, D]) deliver [BM, BK] and two [BN, BK] tiles per step: the copy engine moves them into
+     shared memory without address arithmetic in the warps, which is what lets the MMAs run at the
+     tile rate. A block's tile may run past its expert's last row (the next expert's rows, or zeros
+     past P): those rows are computed and never stored. Epilogue as in triton_moe (bias,
+     activation in fp32), h stored in sorted order.
+  3. Down: h [P, I] and w2 seen as [E*D, I] through descriptors; the epilogue adds the bias, scales
+     each row by its routing weight and stores it at its pair's row of y_PD; triton_moe's sum over
+     K (fixed order, fp32) makes the result.
+
+SWAP (decode): with a handful of rows per expert, an MMA with the rows as its M dimension pads
+them to 64; swapped, the weight tile is the M operand (BN = 64/128 rows of weights) and the BM = 16
+or 32 routed rows are the N operand, so every MMA does useful work while the weights stream: the
+accumulator is [BN, BM] and is transposed once for the epilogue.
+
+Descriptors need 16-byte aligned row strides (D and I multiples of 8 in 16-bit types) and
+contiguous weights: `supported` says so, the tuner offers these candidates only then. Out-of-range
+tile elements read as zero (descriptor padding). No host sync: capturable in a CUDA graph (the
+descriptors hold addresses of buffers the graph owns).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tbo_compiler.runtime.kernels import triton_moe as tm
+
+
+@dataclass(frozen=True)
+class TmaConfig:
+    block_m: int
+    gate_up: tm.GemmTile
+    down: tm.GemmTile
+    swap: bool = False
+    group_m: int = 8
+    block_d: int = 1024
+
+
+def supported(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor, *rest) -> bool:
+    """What triton_moe takes, 16-bit, with descriptor-friendly weights (contiguous, rows of a
+    multiple of 16 bytes), on a GPU with TMA (compute capability 9+) or in the interpreter."""
+    if not tm.supported(x, topk_ids, topk_w, w13, w2, *rest):
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) and not tm._interpreting():
+        return False
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    D, I = x.shape[1], w13.shape[1] // 2
+    return w13.is_contiguous() and w2.is_contiguous() and D % 8 == 0 and I % 8 == 0
+
+
+# Step 1: the gather ------------------------------------------------------------------------------
+
+@triton.jit
+def _gather_kernel(x_ptr, pairs_ptr, offs_ptr, xs_ptr, E, s_xn, D: tl.constexpr, K: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    p = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = p < tl.load(offs_ptr + E)  # pairs that are not ours are never computed: not copied either
+    row = (tl.load(pairs_ptr + p, mask=ok, other=0) // K).to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = ok[:, None] & (d < D)[None, :]
+        v = tl.load(x_ptr + row[:, None] * s_xn + d[None, :], mask=m)
+        tl.store(xs_ptr + p.to(tl.int64)[:, None] * D + d[None, :], v, mask=m)
+
+
+# Step 2: the GEMMs -------------------------------------------------------------------------------
+
+@triton.jit
+def _gate_up_tma_kernel(a_desc, w_desc, b_ptr, h_ptr, offs_ptr, E, num_blocks, limit, s_be,
+                        D: tl.constexpr, I: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, E_P2: tl.constexpr, SWAP: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr):
+    pid_m, pid_n = tm._swizzle(tl.program_id(0), num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
+    e, start, end = tm._block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
+    if e >= E:
+        return
+    n0 = pid_n * BLOCK_N
+    g_row = e * (2 * I) + n0
+    if SWAP:
+        acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(D, BLOCK_K)):
+        k = kb * BLOCK_K
+        a = a_desc.load([start, k])
+        wg = w_desc.load([g_row, k])
+        wu = w_desc.load([g_row + I, k])
+        if SWAP:
+            acc_g = tl.dot(wg, tl.trans(a), acc_g)
+            acc_u = tl.dot(wu, tl.trans(a), acc_u)
+        else:
+            acc_g = tl.dot(a, tl.trans(wg), acc_g)
+            acc_u = tl.dot(a, tl.trans(wu), acc_u)
+    if SWAP:
+        acc_g = tl.trans(acc_g)
+        acc_u = tl.trans(acc_u)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    if HAS_BIAS:
+        b_row = b_ptr + e.to(tl.int64) * s_be
+        acc_g += tl.load(b_row + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_row + I + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if CLAMP:
+        acc_g = tl.minimum(acc_g, limit)
+        acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+    if ACT == 1:  # GPT-OSS: (u + 1) * g * sigmoid(1.702 g)
+        h = (acc_u + 1.0) * (acc_g * tl.sigmoid(1.702 * acc_g))
+    else:
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+    pos = start + tl.arange(0, BLOCK_M)
+    h_ptrs = h_ptr + pos.to(tl.int64)[:, None] * I + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(pos < end)[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_tma_kernel(a_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr,
+                     E, num_blocks, s_be, s_tn, s_tk,
+                     D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, E_P2: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_m, pid_n = tm._swizzle(tl.program_id(0), num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
+    e, start, end = tm._block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
+    if e >= E:
+        return
+    n0 = pid_n * BLOCK_N
+    w_row = e * D + n0
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(I, BLOCK_K)):
+        k = kb * BLOCK_K
+        a = a_desc.load([start, k])
+        b = w_desc.load([w_row, k])
+        if SWAP:
+            acc = tl.dot(b, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    if SWAP:
+        acc = tl.trans(acc)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e.to(tl.int64) * s_be + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    pos = start + tl.arange(0, BLOCK_M)
+    m_ok = pos < end
+    pair = tl.load(pairs_ptr + pos, mask=m_ok, other=0)
+    w = tl.load(tw_ptr + (pair // K) * s_tn + (pair % K) * s_tk, mask=m_ok, other=0.0).to(tl.float32)
+    acc = acc * w[:, None]
+    y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# Step 3: the op ----------------------------------------------------------------------------------
+
+def _desc(t: Tensor, block: list[int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor.from_tensor(t, block)
+
+
+def moe_experts_tma(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor,
+                    w13_bias: Tensor | None = None, w2_bias: Tensor | None = None, activation: str = "silu",
+                    limit: float = 0.0, *, config: TmaConfig) -> Tensor:
+    """GLU experts over routed rows (triton_moe's contract) with TMA tile loads. No host sync."""
+    N, D = x.shape
+    K = topk_ids.shape[1]
+    E, I = w13.shape[0], w13.shape[1] // 2
+    if N == 0 or K == 0:
+        return x.new_zeros(N, D)
+    P = N * K
+    cfg = config
+    BM = cfg.block_m
+    pairs, offs = tm._sort_pairs(topk_ids, E)
+    num_blocks = triton.cdiv(P, BM) + E
+    common = dict(BLOCK_M=BM, GROUP_M=cfg.group_m, E_P2=max(2, triton.next_power_of_2(E)), SWAP=cfg.swap)
+
+    xs = x.new_empty(P, D)
+    rows = 16
+    _gather_kernel[(triton.cdiv(P, rows),)](x, pairs, offs, xs, E, x.stride(0), D=D, K=K, ROWS=rows,
+                                            BLOCK_D=min(512, triton.next_power_of_2(D)), num_warps=4)
+
+    gu = cfg.gate_up
+    h = x.new_empty(P, I)
+    b13 = None if w13_bias is None else w13_bias.contiguous()
+    b2 = None if w2_bias is None else w2_bias.contiguous()
+    _gate_up_tma_kernel[(num_blocks * triton.cdiv(I, gu.block_n),)](
+        _desc(xs, [BM, gu.block_k]), _desc(w13.view(E * 2 * I, D), [gu.block_n, gu.block_k]),
+        w13 if b13 is None else b13, h, offs, E, num_blocks, float(limit), 0 if b13 is None else b13.stride(0),
+        D=D, I=I, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, HAS_BIAS=b13 is not None,
+        ACT=tm._ACTIVATIONS[activation], CLAMP=limit > 0,
+        num_warps=gu.num_warps, num_stages=gu.num_stages, **common)
+
+    dn = cfg.down
+    y_pairs = x.new_empty(P, D)
+    _down_tma_kernel[(num_blocks * triton.cdiv(D, dn.block_n),)](
+        _desc(h, [BM, dn.block_k]), _desc(w2.view(E * D, I), [dn.block_n, dn.block_k]),
+        w2 if b2 is None else b2, topk_w, y_pairs, pairs, offs, E, num_blocks,
+        0 if b2 is None else b2.stride(0), topk_w.stride(0), topk_w.stride(1),
+        D=D, I=I, K=K, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, HAS_BIAS=b2 is not None,
+        num_warps=dn.num_warps, num_stages=dn.num_stages, **common)
+
+    out = x.new_empty(N, D)
+    tm._sum_pairs_kernel[(N, triton.cdiv(D, cfg.block_d))](
+        y_pairs, topk_ids, out, E, topk_ids.stride(0), topk_ids.stride(1), out.stride(0),
+        D=D, K=K, BLOCK_D=cfg.block_d, num_warps=4)
+    return out
+
+
+#: the tile configs the tuner tries (moe_tuned.py): prefill-sized (128-row blocks, two warpgroups)
+#: and decode-sized swapped ones (the weights as the MMA's M operand, 16-64 routed rows as its N)
+CONFIGS = {
+    "tma_bm128_n128": TmaConfig(128, tm.GemmTile(128, 64, 8, 3), tm.GemmTile(256, 64, 8, 3)),
+    "tma_bm128_n64": TmaConfig(128, tm.GemmTile(64, 64, 8, 4), tm.GemmTile(128, 64, 8, 4)),
+    "tma_bm64_n128": TmaConfig(64, tm.GemmTile(128, 64, 4, 4), tm.GemmTile(128, 64, 4, 4)),
+    "tma_swap16": TmaConfig(16, tm.GemmTile(64, 128, 4, 4), tm.GemmTile(128, 128, 4, 4), swap=True),
+    "tma_swap32": TmaConfig(32, tm.GemmTile(64, 128, 4, 4), tm.GemmTile(128, 128, 4, 4), swap=True),
+    "tma_swap64": TmaConfig(64, tm.GemmTile(128, 64, 4, 4), tm.GemmTile(128, 64, 4, 4), swap=True),
+}

@@ -1,0 +1,61 @@
+"""The TMA variant of the fused MoE experts (runtime/kernels/triton_moe_tma.py) against the float64
+per-expert reference of test_triton_moe.py.
+
+On CPU in Triton's interpreter (conftest sets TRITON_INTERPRET=1; it implements tensor
+descriptors, out-of-range tile elements read as zero as on the GPU): fp32 and fp16, both the plain
+and the swapped (decode) MMA orientation, ragged dims, several blocks per expert, biases and the
+GPT-OSS activation. On the GPU (bf16, every tuner config at the three models' expert dims):
+tests/test_moe_tuning.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tbo_compiler.runtime.kernels import triton_moe as tm
+from tbo_compiler.runtime.kernels import triton_moe_tma as tt
+
+from test_triton_moe import TOL, make, reference
+
+GPU = torch.cuda.is_available()
+
+
+def _tiny(swap: bool, block_m: int = 16) -> tt.TmaConfig:
+    return tt.TmaConfig(block_m, tm.GemmTile(32, 32, 4, 1), tm.GemmTile(32, 32, 4, 1), swap=swap, group_m=2,
+                        block_d=32)
+
+
+def _check(args, cfg):
+    out = tt.moe_experts_tma(*args, config=cfg)
+    x = args[0]
+    assert out.shape == x.shape and out.dtype == x.dtype
+    ref = reference(*args)
+    tol = TOL[x.dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * max(float(ref.abs().max()), 1e-30))
+
+
+@pytest.mark.skipif(GPU, reason="interpreter check; the GPU check is in test_moe_tuning.py")
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tma_path_matches_reference(swap, dtype):
+    """D, I not multiples of the tiles (zero-padded K tail, N tiles past I and D), an empty
+    expert, half the pairs not ours, more than one block for some experts."""
+    args = make(40, 72, 40, 5, 3, dtype, p_invalid=0.3, drop_expert=2, seed=3)
+    assert tt.supported(*args)
+    _check(args, _tiny(swap))
+
+
+@pytest.mark.skipif(GPU, reason="interpreter check; the GPU check is in test_moe_tuning.py")
+def test_tma_path_biases_and_gpt_oss_activation():
+    args = make(24, 64, 48, 4, 2, torch.float32, p_invalid=0.2, seed=4)
+    g = torch.Generator().manual_seed(5)
+    b13 = torch.randn(4, 96, generator=g)
+    b2 = torch.randn(4, 64, generator=g)
+    out = tt.moe_experts_tma(*args, b13, b2, "gpt_oss", 1.5, config=_tiny(True))
+    ref = reference(*args, b13, b2, "gpt_oss", 1.5)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_tma_refuses_unaligned_rows():
+    """Descriptor rows must be multiples of 16 bytes: D = 36 in fp16 is not offered."""
+    args = make(8, 36, 16, 2, 2, torch.float16, device="cuda" if GPU else "cpu")
+    assert not tt.supported(*args)
