@@ -34,7 +34,12 @@ case "$stage" in
            # the device tool returns a handful of files: traces travel as one archive
            [ -d "$OUT/traces" ] && tar czf "$OUT/traces.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
            exit $rc ;;
-  roofline) python3 bench/roofline.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/roofline.log"; exit ${PIPESTATUS[0]} ;;
+  roofline) timeout ${ROOFLINE_TIMEOUT:-100000} python3 bench/roofline.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/roofline.log"
+           rc=${PIPESTATUS[0]}  # rows are written as they finish: a timeout keeps the ones before it
+           # the device tool returns a handful of files: the traces travel as one archive
+           if ls "$OUT"/trace_*.json >/dev/null 2>&1; then
+             tar czf "$OUT/roofline_traces.tgz" -C "$OUT" $(cd "$OUT" && ls trace_*.json) && rm -f "$OUT"/trace_*.json; fi
+           exit $rc ;;
   moe)     python3 bench/moe_bench.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/moe_bench.log"; rc=${PIPESTATUS[0]}
            python3 -m pytest -q -p no:cacheprovider -rs tests/test_moe_tuning.py tests/test_triton_moe.py \
              tests/test_triton_moe_tma.py 2>&1 | tail -30 | tee "$OUT/pytest_moe_gpu.log"; exit $rc ;;

@@ -502,15 +502,17 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
     from tbo_compiler.runtime.plan_module import PlanModule
 
     cuda, args = dev.type == "cuda", (*user, kv.caches)
-    pm = PlanModule({T: {v: progs[T][v]}}, model, dev, policy=v)
+    pm = PlanModule({T: {v: progs[T][v]}}, model, dev, policy=v, inductor=opts.get("inductor", False))
     _sync(dev)
     if cuda:
         torch.cuda.empty_cache()
         row[f"{v}_mem_before_gib"] = round(torch.cuda.memory_allocated(dev) / 2**30, 3)
         torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
     with torch.no_grad():
         out = pm(*args, variant=v, copy_output=False)  # first call: warm-up and graph capture
     _sync(dev)
+    row[f"{v}_first_call_s"] = round(time.perf_counter() - t0, 2)  # Inductor compiles, MoE tuning, capture
     if cuda:
         row[f"{v}_peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
         row[f"{v}_peak_over_before_gib"] = round(row[f"{v}_peak_gib"] - row[f"{v}_mem_before_gib"], 3)
@@ -546,8 +548,9 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
             except torch.cuda.OutOfMemoryError as e:
                 row["profile_error"] = f"out of memory: {str(e).splitlines()[0]}"
         if opts["trace"]:
-            row["trace"] = trace_step(lambda: pm(*args, variant="serial", copy_output=False), dev,
-                                      Path(opts["out"]) / f"trace_{name}_{phase}{T}_serial.json")
+            tpath = Path(opts["out"]) / f"trace_{name}_{phase}{T}_serial.json"
+            row["trace"] = trace_step(lambda: pm(*args, variant="serial", copy_output=False), dev, tpath)
+            row["trace_kernels"] = trace_kernels(tpath)
     del pm
     if v == "serial" and opts.get("baseline"):
         row["serial_baseline_ms"] = baseline_ms(progs[T]["serial"], T, model, args, opts, dev)
@@ -559,13 +562,15 @@ def baseline_ms(bp, T, model, args, opts, dev) -> float:
     choices off), side by side with the run above in the same process."""
     from tbo_compiler.runtime.plan_module import PlanModule
 
-    saved = {k: os.environ.get(k) for k in opts["baseline"]}
-    os.environ.update(opts["baseline"])
+    env = {k: v for k, v in opts["baseline"].items() if k != "inductor"}
+    inductor = opts["baseline"].get("inductor", "1" if opts.get("inductor") else "0") not in ("0", "false")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        pm = PlanModule({T: {"serial": bp}}, model, dev, policy="serial")
+        pm = PlanModule({T: {"serial": bp}}, model, dev, policy="serial", inductor=inductor)
         with torch.no_grad():
             pm(*args, variant="serial", copy_output=False)
             step = lambda: pm(*args, variant="serial", copy_output=False)  # noqa: E731
@@ -590,6 +595,26 @@ def trace_step(fn, dev, path: Path) -> str:
             _sync(dev)
     prof.export_chrome_trace(str(path))
     return path.name
+
+
+def trace_kernels(path: Path, top: int = 25) -> dict:
+    """The GPU kernels of a trace by name: total ms, count, and the share of all kernel time (what the
+    CUDA graph step really spends, unlike the per-op profile, which times each op alone)."""
+    try:
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    except (OSError, ValueError):
+        return {}
+    per: dict[str, list[float]] = {}
+    for ev in events:
+        if ev.get("cat") == "kernel" and "dur" in ev:
+            rec = per.setdefault(ev.get("name", "?")[:120], [0.0, 0])
+            rec[0] += ev["dur"] / 1e3
+            rec[1] += 1
+    total = sum(r[0] for r in per.values())
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"kernel_ms": round(total, 3), "kernels": len(per),
+            "top": [{"name": k, "ms": round(v[0], 3), "count": v[1], "share": round(v[0] / total, 4) if total else 0}
+                    for k, v in rows]}
 
 
 # Step 5: output ----------------------------------------------------------------------------------
@@ -645,7 +670,8 @@ def _meta(args, dev) -> dict:
             "torch": torch.__version__, "triton": triton_v, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "tiny": args.tiny,
-            "peak_flops": PEAK_FLOPS, "peak_hbm_bytes_s": PEAK_HBM, "iters": args.iters, "warmup": args.warmup}
+            "peak_flops": PEAK_FLOPS, "peak_hbm_bytes_s": PEAK_HBM, "iters": args.iters, "warmup": args.warmup,
+            "inductor": args.inductor}
 
 
 # Step 6: driver ----------------------------------------------------------------------------------
@@ -675,7 +701,10 @@ def main(argv=None) -> list[dict]:
                     help="per op family profile of one serial step")
     ap.add_argument("--trace", action="store_true", help="torch.profiler trace of one serial replay")
     ap.add_argument("--baseline", default="", help="ENV=VAL,...: also time the serial program with this "
-                    "environment, side by side (e.g. TBO_GQA_TILES=0,TBO_MOE_TUNING=off: before issue 24's kernels)")
+                    "environment, side by side (e.g. TBO_GQA_TILES=0,TBO_MOE_TUNING=off: before issue 24's kernels; "
+                    "the key inductor=0|1 sets the baseline's --inductor)")
+    ap.add_argument("--inductor", action="store_true", help="the plan's compute between comm points as Inductor "
+                    "regions (load_plan(..., inductor=True)), not ATen ops one by one")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny dims, fp32 (the CPU smoke run)")
     args = ap.parse_args(argv)
@@ -712,7 +741,7 @@ def main(argv=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     meta = _meta(args, dev)
     opts = {"shape": shape, "dtype": dtype, "iters": args.iters, "warmup": args.warmup, "profile": args.profile,
-            "trace": args.trace, "out": str(out),
+            "trace": args.trace, "out": str(out), "inductor": args.inductor,
             "baseline": dict(kv.split("=", 1) for kv in args.baseline.split(",") if kv)}
     rows: list[dict] = []
     for n in names:

@@ -3,8 +3,8 @@
 No one kernel wins everywhere (bench/results/roofline_h200): the fused Triton kernel's best tiles
 depend on the rows per expert, and at some shapes CUTLASS's grouped GEMM (torch._grouped_mm) beats
 it. So the first call with a new shape (rows, hidden, expert width, experts, top-k, dtype, biases,
-activation) times every candidate on that call's own tensors (CUDA events; the candidates take
-turns, ROUNDS calls each, median) and keeps the fastest if it beats the default tiles by MARGIN;
+activation) times every candidate on that call's own tensors (each captured in a CUDA graph and
+replayed ROUNDS times, CUDA events, median) and keeps the fastest if it beats the default tiles by MARGIN;
 later calls of that shape go straight to it.
 
 Candidates: the fused Triton kernel (triton_moe.py) at each tile config of CONFIGS, its TMA variant
@@ -154,22 +154,44 @@ def time_ms(fn: Callable, args: tuple) -> float:
     return s.elapsed_time(e)
 
 
+def replayer(fn: Callable, args: tuple) -> Callable[[], object]:
+    """fn(*args) as the runtime will run it: on CUDA captured once in a CUDA graph and replayed
+    (what is timed is then the kernels alone, as in the plan's graph: timed as eager calls, a
+    candidate with more launches paid for them, and decode choices came out wrong by up to 1.9x,
+    bench/results/moe_h200); elsewhere the call itself."""
+    x = args[0]
+    if not (isinstance(x, torch.Tensor) and x.is_cuda):
+        return lambda: fn(*args)
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):  # the warm-up a capture needs, off the default stream
+        fn(*args)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*args)
+    graph.replay()  # first replay uploads the graph: not timed
+    return graph.replay
+
+
 def measure(args: tuple, rounds: int = ROUNDS) -> dict[str, float]:
-    """{candidate: median ms} on these tensors. Candidates take turns, one call each per round
-    (after one warm-up call each), so clocks and caches drift alike for all of them; a candidate
-    that fails (a tile that does not fit this GPU's shared memory, say) is left out."""
-    fns = candidates(args)
-    times: dict[str, list[float]] = {}
-    for name, fn in fns.items():
+    """{candidate: median ms} on these tensors: each candidate warmed up (compiled), captured and
+    replayed `rounds` times, one candidate after the other so that only one graph's memory is
+    held at a time; a candidate that fails (a tile that does not fit this GPU's shared memory,
+    a capture it does not survive) is left out."""
+    out: dict[str, float] = {}
+    for name, fn in candidates(args).items():
         try:
             fn(*args)
-            times[name] = []
+            run = replayer(fn, args)
+            out[name] = statistics.median(time_ms(run, ()) for _ in range(rounds))
         except Exception as e:  # noqa: BLE001 - one failing candidate must not hide the others
             log.info("moe tuning: %s failed on %s (%s)", name, shape_key(args), " ".join(str(e).split())[:200])
-    for _ in range(rounds):
-        for name in times:
-            times[name].append(time_ms(fns[name], args))
-    return {name: statistics.median(t) for name, t in times.items()}
+        finally:
+            run = None
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
+        torch.cuda.empty_cache()  # the candidates' graph pools
+    return out
 
 
 def choose(args: tuple) -> str:
