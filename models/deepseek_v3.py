@@ -185,7 +185,7 @@ class NoAuxTCRouter(nn.Module):
         self.norm, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
 
     def forward(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
-        s_TE = torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
+        s_TE = torch.sigmoid(torch.ops.tbo.linear_f32(x_TD, self.weight))
         choice_TE = s_TE + self.e_score_correction_bias.float()
         if self.G > 1:
             T, E = choice_TE.shape
@@ -208,7 +208,7 @@ class GroupLimitedGreedyRouter(nn.Module):
         self.norm, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
 
     def forward(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
-        s_TE = F.linear(x_TD.float(), self.weight.float()).softmax(-1)
+        s_TE = torch.ops.tbo.linear_f32(x_TD, self.weight).softmax(-1)
         choice_TE = s_TE
         if self.G > 1:
             T, E = s_TE.shape

@@ -116,7 +116,7 @@ class TopkSoftmaxRouter(nn.Module):
         self.k = cfg.num_experts_per_tok
 
     def forward(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
-        logits_TE = F.linear(x_TD.float(), self.weight.float(), self.bias.float())
+        logits_TE = torch.ops.tbo.linear_f32(x_TD, self.weight, self.bias)
         top_TK, ids_TK = logits_TE.topk(self.k, dim=-1)
         return ids_TK, top_TK.softmax(-1)
 

@@ -120,7 +120,7 @@ class SoftmaxTopkRouter(nn.Module):
         self.k, self.norm = k, renormalize
 
     def forward(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
-        p_TE = F.linear(x_TD.float(), self.weight.float()).softmax(-1)
+        p_TE = torch.ops.tbo.linear_f32(x_TD, self.weight).softmax(-1)
         w_TK, ids_TK = p_TE.topk(self.k, dim=-1)
         if self.norm:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)

@@ -28,6 +28,9 @@ tensors: caches, weights). The split pass relies on it (passes/README.md, invari
   silu_mul(gu_x2I) -> silu(gu[..., :I]) * gu[..., I:]
   rope_interleaved(x_TxR, positions_T, inv_freq, mul) -> x rotated on pairs (x[2i], x[2i+1])
   rope_half(x_THD, positions_T, inv_freq) -> x rotated on pairs (x[i], x[i + D/2])
+  linear_f32(x_xD, weight_ED, bias_E=None) -> F.linear(x.float(), weight.float(), bias.float()), fp32
+      (routers: logits in fp32 from 16-bit activations and weights; a 16-bit GEMM accumulating in
+      fp32 computes the same products exactly, so a backend may use the tensor cores)
 
 Not row-wise, the one op that lays tokens out per destination rank:
   dispatch_pack(x_TD, topk_ids_TK, topk_w_TK, world, experts_per_rank) -> (send_x_WTD, send_meta_WT2K)
@@ -135,6 +138,16 @@ def _(x, positions, inv_freq):
     return x.new_empty(x.shape)
 
 
+@torch.library.custom_op("tbo::linear_f32", mutates_args=())
+def linear_f32(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return impl("linear_f32")(x, weight, *_extra((bias,), (None,)))
+
+
+@linear_f32.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
+
+
 @torch.library.custom_op("tbo::dispatch_pack", mutates_args=())
 def dispatch_pack(x: Tensor, topk_ids: Tensor, topk_w: Tensor, world: int,
                   experts_per_rank: int) -> tuple[Tensor, Tensor]:
@@ -151,13 +164,13 @@ _ops = torch.ops.tbo
 #: ops whose output rows follow the rows of their first argument (the split pass's rule)
 ROWWISE_OPS = frozenset({_ops.paged_attention.default, _ops.latent_attention.default,
                          _ops.moe_experts.default, _ops.rms_norm.default, _ops.silu_mul.default,
-                         _ops.rope_interleaved.default, _ops.rope_half.default})
+                         _ops.rope_interleaved.default, _ops.rope_half.default, _ops.linear_f32.default})
 #: op -> positional index of its `world` argument: outputs hold `world` blocks of the input's tokens
 FAN_OUT_OPS = {_ops.dispatch_pack.default: 3}
 #: every kernel op, by name, with its overload (what the backend registry implements)
 KERNEL_OPS = {name: getattr(_ops, name).default for name in
               ("paged_attention", "latent_attention", "moe_experts", "rms_norm", "silu_mul",
-               "rope_interleaved", "rope_half", "dispatch_pack")}
+               "rope_interleaved", "rope_half", "linear_f32", "dispatch_pack")}
 
 
 def unpack_meta(meta: Tensor, k: int) -> tuple[Tensor, Tensor]:

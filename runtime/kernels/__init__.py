@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 #: backend name -> module (relative to this package)
 MODULES = {"torch": ".torch_ref", "grouped_mm": ".grouped_mm", "triton": ".triton_backend",
-           "aiter": ".aiter_backend", "tuned": ".moe_tuned"}
+           "aiter": ".aiter_backend", "tuned": ".moe_tuned", "cublas": ".cublas"}
 #: op -> backends in order of preference; "torch" (the reference) takes anything
 PREFERENCE: dict[str, list[str]] = {
     "latent_attention": ["triton", "torch"],
@@ -50,6 +50,9 @@ PREFERENCE: dict[str, list[str]] = {
     "rope_interleaved": ["triton", "torch"],
     "rope_half": ["triton", "torch"],
     "dispatch_pack": ["torch"],
+    # a 16-bit GEMM with fp32 output on the tensor cores, not an fp32 GEMM on the FMA units: the
+    # routers' logits cost 57 us a layer at Qwen3 prefill 4096 as fp32 (bench/results/roofline_h200)
+    "linear_f32": ["cublas", "torch"],
 }
 #: ops aiter implements; it goes first for them on ROCm builds of torch only (elsewhere the lists
 #: above are unchanged and only TBO_KERNELS / prefer() reach it)

@@ -158,6 +158,11 @@ def dispatch_pack(x, topk_ids, topk_w, world, experts_per_rank):
     return send_x.reshape(world * T, x.shape[1]), meta.reshape(world * T, 2 * K)
 
 
+def linear_f32(x, weight, bias=None):
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
 IMPLS = {"paged_attention": paged_attention, "latent_attention": latent_attention,
          "moe_experts": moe_experts, "rms_norm": rms_norm, "silu_mul": silu_mul,
-         "rope_interleaved": rope_interleaved, "rope_half": rope_half, "dispatch_pack": dispatch_pack}
+         "rope_interleaved": rope_interleaved, "rope_half": rope_half, "dispatch_pack": dispatch_pack,
+         "linear_f32": linear_f32}
