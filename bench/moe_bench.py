@@ -211,6 +211,64 @@ def run(models: list[str], tokens: list[int], reps: int, replays: int) -> list[d
     return rows
 
 
+#: decode attention of the roofline's decode buckets: heads, kv heads, head dim, sinks, window
+ATTN = {
+    "qwen3_30b_a3b": dict(H=32, G=4, Dh=128, sinks=False, window=0),
+    "gpt_oss_20b": dict(H=64, G=8, Dh=64, sinks=True, window=0),
+    "gpt_oss_20b_window": dict(H=64, G=8, Dh=64, sinks=True, window=128),
+    "mixtral_8x7b": dict(H=32, G=8, Dh=128, sinks=False, window=0),
+}
+#: (block_n, num_warps, num_stages, splits) tried for the per-token (decode) kernel; the first is
+#: the kernel's default
+ATTN_CONFIGS = [(64, 4, 3, 1), (64, 4, 2, 1), (64, 4, 4, 1), (128, 4, 2, 1), (128, 8, 3, 1), (32, 4, 3, 1),
+                (32, 2, 3, 1), (64, 4, 3, 2), (128, 8, 2, 2), (64, 8, 3, 1)]
+
+
+def attention_rows(T: int, ctx: int, reps: int, replays: int, block: int = 64) -> list[dict]:
+    """The decode attention kernel (triton_gqa.paged_attention, per-token path) at each config of
+    ATTN_CONFIGS on T requests of `ctx` cached positions, shuffled cache blocks; KV bytes read at
+    4.8 TB/s is the floor. Every config is checked against the default's output."""
+    from tbo_compiler.runtime.kernels import triton_gqa as tg
+
+    rows = []
+    for name, a in ATTN.items():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        nb = -(-(ctx + 1) // block)
+        nblocks = T * nb + 1
+        kv = (torch.randn(nblocks * block, 2, a["G"], a["Dh"], device="cuda", generator=g) * 0.5).bfloat16()
+        table = (torch.randperm(T * nb, device="cuda", generator=g) + 1).view(T, nb).int()
+        pos = torch.full((T,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(T, a["H"], a["Dh"], device="cuda", generator=g).bfloat16()
+        sinks = torch.randn(a["H"], device="cuda", generator=g) if a["sinks"] else None
+        span = min(ctx + 1, a["window"]) if a["window"] else ctx + 1
+        kv_bytes = T * span * 2 * a["G"] * a["Dh"] * 2
+        row = dict(case=name, tokens=T, ctx=ctx, kv_bytes=kv_bytes, floor_ms=kv_bytes / PEAK_BYTES * 1e3, configs={})
+        ref = None
+        for bn, nw, ns, sp in ATTN_CONFIGS:
+            key = f"bn{bn}_w{nw}_s{ns}_sp{sp}"
+
+            def fn(bn=bn, nw=nw, ns=ns, sp=sp):
+                return tg.paged_attention(q, kv, table, pos, block, a["Dh"] ** -0.5, sinks, a["window"],
+                                          block_n=bn, num_splits=sp, num_warps=nw, num_stages=ns)
+            try:
+                out = fn().float()
+                ref = out if ref is None else ref
+                err = float((out - ref).abs().max())
+                ms = round(graph_ms(fn, reps, replays), 4)
+                row["configs"][key] = dict(ms=ms, max_diff_vs_default=err, tb_s=round(kv_bytes / ms / 1e9, 2))
+            except Exception as e:  # noqa: BLE001 - a config that does not fit must not hide the rest
+                row["configs"][key] = dict(error=f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+            print(f"attention {name} T={T} {key:18s} {row['configs'][key]}", flush=True)
+        ok = {k: v["ms"] for k, v in row["configs"].items() if "ms" in v}
+        if ok:
+            row["best"] = min(ok, key=ok.get)
+            row["best_ms"] = ok[row["best"]]
+        rows.append(row)
+        del kv
+        torch.cuda.empty_cache()
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | N | floor ms (GEMM / weights) | best | best ms | % of floor | grouped_mm ms | "
              "fused default ms | parts (ms) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -229,19 +287,22 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="4096,256")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--replays", type=int, default=5)
+    ap.add_argument("--attention", action="store_true", help="also the decode attention configs (T = 256, ctx 512)")
+    ap.add_argument("--no-moe", dest="moe", action="store_false", help="skip the expert candidates")
     ap.add_argument("--out", default="out/moe_bench")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("moe_bench: needs a CUDA GPU (the candidates are timed as CUDA graphs)", file=sys.stderr)
         return 2
     import triton
-    rows = run(a.models.split(","), [int(t) for t in a.tokens.split(",")], a.reps, a.replays)
+    rows = run(a.models.split(","), [int(t) for t in a.tokens.split(",")], a.reps, a.replays) if a.moe else []
+    attn = attention_rows(256, 512, a.reps, a.replays) if a.attention else []
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), reps=a.reps, replays=a.replays)
-    (out / "moe_bench.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (out / "moe_bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, attention=attn), indent=1))
     (out / "moe_bench.md").write_text(markdown(rows))
     print(markdown(rows))
     return 0

@@ -19,9 +19,9 @@ from test_triton_moe import TOL, make, reference
 GPU = torch.cuda.is_available()
 
 
-def _tiny(swap: bool, block_m: int = 16) -> tt.TmaConfig:
-    return tt.TmaConfig(block_m, tm.GemmTile(32, 32, 4, 1), tm.GemmTile(32, 32, 4, 1), swap=swap, group_m=2,
-                        block_d=32)
+def _tiny(swap: bool, block_m: int = 16, half_tail: bool = False) -> tt.TmaConfig:
+    return tt.TmaConfig(block_m, tm.GemmTile(32, 32, 4, 1), tm.GemmTile(32, 32, 4, 1), swap=swap,
+                        half_tail=half_tail, group_m=2, block_d=32)
 
 
 def _check(args, cfg):
@@ -42,6 +42,17 @@ def test_tma_path_matches_reference(swap, dtype):
     args = make(40, 72, 40, 5, 3, dtype, p_invalid=0.3, drop_expert=2, seed=3)
     assert tt.supported(*args)
     _check(args, _tiny(swap))
+
+
+@pytest.mark.skipif(GPU, reason="interpreter check; the GPU check is in test_moe_tuning.py")
+def test_half_height_tail_blocks():
+    """32-row blocks whose experts' last blocks hold <= 16 rows run the 16-row tile (and > 16 the
+    full one): both kinds occur with these counts (about 19 rows an expert, some 40+)."""
+    args = make(64, 64, 48, 6, 2, torch.float32, p_invalid=0.1, seed=6)
+    ids = args[1]
+    counts = torch.bincount(ids[ids >= 0], minlength=6) % 32
+    assert ((counts > 0) & (counts <= 16)).any() and (counts > 16).any()
+    _check(args, _tiny(False, block_m=32, half_tail=True))
 
 
 @pytest.mark.skipif(GPU, reason="interpreter check; the GPU check is in test_moe_tuning.py")

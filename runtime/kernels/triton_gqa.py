@@ -300,7 +300,8 @@ def _merge_kernel(part_ptr, ml_ptr, o_ptr, done_ptr, H, s_ot, s_oh,
 def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions: Tensor,
                     block_size: int, scale: float, sinks: Tensor | None = None, window: int = 0, *,
                     block_n: int | None = None, num_splits: int | None = None,
-                    tile_tokens: int | None = None, per_token: bool = True) -> Tensor:
+                    tile_tokens: int | None = None, per_token: bool = True,
+                    num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
     """GQA over a paged cache; see the module docstring. No host sync."""
     T, H, Dh = q.shape
     G = kv_cache.shape[2]
@@ -338,7 +339,7 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions:
             num_warps=8 if tile_t * R >= 128 else 4, num_stages=3)
     meta = dict(R=R, DH=Dh, BS=block_size, SPLITS=splits, BLOCK_M=max(16, triton.next_power_of_2(R)),
                 BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, HAS_SINKS=sinks is not None, TILE_T=tile_t,
-                num_warps=4, num_stages=3)
+                num_warps=num_warps or 4, num_stages=num_stages or 3)
     if splits == 1:
         part = ml = out  # unused: the kernel writes the output itself
     else:

@@ -17,6 +17,11 @@ schedule (expert e owns cdiv(count_e, BM) consecutive blocks). What differs is h
      each row by its routing weight and stores it at its pair's row of y_PD; triton_moe's sum over
      K (fixed order, fp32) makes the result.
 
+HALF_TAIL (prefill): an expert's rows rarely fill its last BM-row block (Qwen3 prefill 4096: 256 +- 16
+rows an expert, so half the experts compute a third 128-row block for a few rows, 25 % of the MMA
+work wasted). With it, a last block holding at most BM/2 rows runs the same code at BM/2 rows
+(a second descriptor with the half-height tile): the schedule is unchanged, only that tile shrinks.
+
 SWAP (decode): with a handful of rows per expert, an MMA with the rows as its M dimension pads
 them to 64; swapped, the weight tile is the M operand (BN = 64/128 rows of weights) and the BM = 16
 or 32 routed rows are the N operand, so every MMA does useful work while the weights stream: the
@@ -45,6 +50,7 @@ class TmaConfig:
     gate_up: tm.GemmTile
     down: tm.GemmTile
     swap: bool = False
+    half_tail: bool = False  # an expert's last block with <= block_m/2 rows runs a half-height tile
     group_m: int = 8
     block_d: int = 1024
 
@@ -80,16 +86,10 @@ def _gather_kernel(x_ptr, pairs_ptr, offs_ptr, xs_ptr, E, s_xn, D: tl.constexpr,
 # Step 2: the GEMMs -------------------------------------------------------------------------------
 
 @triton.jit
-def _gate_up_tma_kernel(a_desc, w_desc, b_ptr, h_ptr, offs_ptr, E, num_blocks, limit, s_be,
-                        D: tl.constexpr, I: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, E_P2: tl.constexpr, SWAP: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr):
-    pid_m, pid_n = tm._swizzle(tl.program_id(0), num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
-    e, start, end = tm._block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
-    if e >= E:
-        return
-    n0 = pid_n * BLOCK_N
+def _gate_up_tile(a_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be,
+                  D: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                  CLAMP: tl.constexpr):
     g_row = e * (2 * I) + n0
     if SWAP:
         acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -130,16 +130,28 @@ def _gate_up_tma_kernel(a_desc, w_desc, b_ptr, h_ptr, offs_ptr, E, num_blocks, l
 
 
 @triton.jit
-def _down_tma_kernel(a_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr,
-                     E, num_blocks, s_be, s_tn, s_tk,
-                     D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, E_P2: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr):
-    pid_m, pid_n = tm._swizzle(tl.program_id(0), num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
+def _gate_up_tma_kernel(a_desc, a_half_desc, w_desc, b_ptr, h_ptr, offs_ptr, E, num_blocks, limit, s_be,
+                        D: tl.constexpr, I: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, E_P2: tl.constexpr, SWAP: tl.constexpr, HALF_TAIL: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr):
+    pid_m, pid_n = tm._swizzle(tl.program_id(0), num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     e, start, end = tm._block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
     if e >= E:
         return
     n0 = pid_n * BLOCK_N
+    if HALF_TAIL and end - start <= BLOCK_M // 2:  # an expert's last block with at most half its rows
+        _gate_up_tile(a_half_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be, D, I, BLOCK_M // 2,
+                      BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, ACT, CLAMP)
+    else:
+        _gate_up_tile(a_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be, D, I, BLOCK_M,
+                      BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, ACT, CLAMP)
+
+
+@triton.jit
+def _down_tile(a_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, e, start, end, n0, s_be, s_tn, s_tk,
+               D: tl.constexpr, I: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr):
     w_row = e * D + n0
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -168,6 +180,26 @@ def _down_tma_kernel(a_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _down_tma_kernel(a_desc, a_half_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr,
+                     E, num_blocks, s_be, s_tn, s_tk,
+                     D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, E_P2: tl.constexpr, SWAP: tl.constexpr, HALF_TAIL: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
+    pid_m, pid_n = tm._swizzle(tl.program_id(0), num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
+    e, start, end = tm._block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
+    if e >= E:
+        return
+    n0 = pid_n * BLOCK_N
+    if HALF_TAIL and end - start <= BLOCK_M // 2:
+        _down_tile(a_half_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, e, start, end, n0, s_be, s_tn, s_tk,
+                   D, I, K, BLOCK_M // 2, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS)
+    else:
+        _down_tile(a_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, e, start, end, n0, s_be, s_tn, s_tk,
+                   D, I, K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS)
+
+
 # Step 3: the op ----------------------------------------------------------------------------------
 
 def _desc(t: Tensor, block: list[int]):
@@ -189,7 +221,8 @@ def moe_experts_tma(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2
     BM = cfg.block_m
     pairs, offs = tm._sort_pairs(topk_ids, E)
     num_blocks = triton.cdiv(P, BM) + E
-    common = dict(BLOCK_M=BM, GROUP_M=cfg.group_m, E_P2=max(2, triton.next_power_of_2(E)), SWAP=cfg.swap)
+    common = dict(BLOCK_M=BM, GROUP_M=cfg.group_m, E_P2=max(2, triton.next_power_of_2(E)), SWAP=cfg.swap,
+                  HALF_TAIL=cfg.half_tail)
 
     xs = x.new_empty(P, D)
     rows = 16
@@ -200,8 +233,10 @@ def moe_experts_tma(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2
     h = x.new_empty(P, I)
     b13 = None if w13_bias is None else w13_bias.contiguous()
     b2 = None if w2_bias is None else w2_bias.contiguous()
+    a_desc = _desc(xs, [BM, gu.block_k])
     _gate_up_tma_kernel[(num_blocks * triton.cdiv(I, gu.block_n),)](
-        _desc(xs, [BM, gu.block_k]), _desc(w13.view(E * 2 * I, D), [gu.block_n, gu.block_k]),
+        a_desc, _desc(xs, [BM // 2, gu.block_k]) if cfg.half_tail else a_desc,
+        _desc(w13.view(E * 2 * I, D), [gu.block_n, gu.block_k]),
         w13 if b13 is None else b13, h, offs, E, num_blocks, float(limit), 0 if b13 is None else b13.stride(0),
         D=D, I=I, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, HAS_BIAS=b13 is not None,
         ACT=tm._ACTIVATIONS[activation], CLAMP=limit > 0,
@@ -209,8 +244,10 @@ def moe_experts_tma(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2
 
     dn = cfg.down
     y_pairs = x.new_empty(P, D)
+    h_desc = _desc(h, [BM, dn.block_k])
     _down_tma_kernel[(num_blocks * triton.cdiv(D, dn.block_n),)](
-        _desc(h, [BM, dn.block_k]), _desc(w2.view(E * D, I), [dn.block_n, dn.block_k]),
+        h_desc, _desc(h, [BM // 2, dn.block_k]) if cfg.half_tail else h_desc,
+        _desc(w2.view(E * D, I), [dn.block_n, dn.block_k]),
         w2 if b2 is None else b2, topk_w, y_pairs, pairs, offs, E, num_blocks,
         0 if b2 is None else b2.stride(0), topk_w.stride(0), topk_w.stride(1),
         D=D, I=I, K=K, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, HAS_BIAS=b2 is not None,
@@ -227,6 +264,8 @@ def moe_experts_tma(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2
 #: and decode-sized swapped ones (the weights as the MMA's M operand, 16-64 routed rows as its N)
 CONFIGS = {
     "tma_bm128_n128": TmaConfig(128, tm.GemmTile(128, 64, 8, 3), tm.GemmTile(256, 64, 8, 3)),
+    "tma_bm128_n128_ht": TmaConfig(128, tm.GemmTile(128, 64, 8, 3), tm.GemmTile(256, 64, 8, 3), half_tail=True),
+    "tma_bm64_n128_w8": TmaConfig(64, tm.GemmTile(128, 64, 8, 4), tm.GemmTile(256, 64, 8, 3)),
     "tma_bm128_n64": TmaConfig(128, tm.GemmTile(64, 64, 8, 4), tm.GemmTile(128, 64, 8, 4)),
     "tma_bm64_n128": TmaConfig(64, tm.GemmTile(128, 64, 4, 4), tm.GemmTile(128, 64, 4, 4)),
     "tma_swap16": TmaConfig(16, tm.GemmTile(64, 128, 4, 4), tm.GemmTile(128, 128, 4, 4), swap=True),
