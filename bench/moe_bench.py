@@ -119,6 +119,7 @@ def parts(args) -> dict:
 
     res = {
         "sort_pairs": lambda: tm._sort_pairs(ids, E),
+        "sort_pairs_torch": lambda: tm.sort_pairs_torch(ids, E),
         "gather_torch": lambda: x[pairs // K],
         "gather_triton": tma_gather,
         "grouped_mm_gate_up": lambda: torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs[1:]),
@@ -154,6 +155,15 @@ def parts(args) -> dict:
             yp, ids, out, E, ids.stride(0), ids.stride(1), out.stride(0), D=D, K=K, BLOCK_D=cfg.block_d, num_warps=4)
 
     res.update({"fused_gate_up": gate_up, "fused_down": down, "fused_sum_k": sum_k})
+    from tbo_compiler.runtime.kernels import triton_sort as ts
+    res["sort_pairs_counting"] = lambda: ts.sort_pairs(ids, E)  # whatever small_enough says: timed anyway
+    if hasattr(ts, "sort_pairs_bitonic"):
+        res["sort_pairs_bitonic"] = lambda: ts.sort_pairs_bitonic(ids, E)
+    for name in ("sort_pairs_counting", "sort_pairs_bitonic"):
+        if name in res:
+            got, want = res[name](), tm.sort_pairs_torch(ids, E)
+            if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                res[name + "_MISMATCH"] = res.pop(name)
     return res
 
 

@@ -568,14 +568,18 @@ def rank_serve(rank: int, world: int, cfg: dict) -> list[dict]:
                 for k, p in plans.items()}
         if cfg.get("warmup", True):
             warm_up(runs, kv, cfg["max_blocks"], vocab, device)
+        ov = cfg.get("overlap", False)
+        overlaps = [False, True] if ov == "both" else [ov in (True, "on")]
         for conc in cfg["concurrency"]:
-            res = serve_loop(runs, kv, mine, concurrency=-(-conc // world), token_budget=cfg["token_budget"],
-                             max_blocks=cfg["max_blocks"], world=world, device=device, barrier=barrier,
-                             overlap=cfg.get("overlap", False))
-            res.update(mode=mode, concurrency=conc,
-                       decisions={k: {b: d["variant"] for b, d in sorted(r.decisions.items())}
-                                  for k, r in runs.items()})
-            out.append(res)
+            for overlap in overlaps:  # "both": the same plans and cache, side by side
+                res = serve_loop(runs, kv, mine, concurrency=-(-conc // world), token_budget=cfg["token_budget"],
+                                 max_blocks=cfg["max_blocks"], world=world, device=device, barrier=barrier,
+                                 overlap=overlap)
+                res.update(mode=mode + ("+overlap" if overlap and len(overlaps) > 1 else ""), overlap=overlap,
+                           concurrency=conc,
+                           decisions={k: {b: d["variant"] for b, d in sorted(r.decisions.items())}
+                                      for k, r in runs.items()})
+                out.append(res)
         del runs
     return out
 
@@ -617,8 +621,9 @@ def parse(argv=None) -> dict:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-warmup", action="store_true")
-    ap.add_argument("--overlap", action="store_true",
-                    help="the host plans one step ahead of the GPU (sampled ids stay on the device)")
+    ap.add_argument("--overlap", nargs="?", const="on", default="off", choices=("off", "on", "both"),
+                    help="the host plans one step ahead of the GPU (sampled ids stay on the device); "
+                    "both: each concurrency without and with it, side by side")
     ap.add_argument("--inductor", action="store_true", help="compute regions compiled by Inductor (runtime's option)")
     ap.add_argument("--out", default="out/serve_bench")
     ap.add_argument("--work-dir", default=None, help="plans and slice configs (default: a temporary dir)")

@@ -228,6 +228,20 @@ def test_cli_writes_json_and_table(tiny, tmp_path, capsys):
     assert (tmp_path / "serve_bench_throughput.png").exists() == has_mpl  # --plot skips without it
 
 
+def test_cli_overlap_both_side_by_side(tiny, tmp_path):
+    """--overlap both: each concurrency served without and with the host a step ahead, one process,
+    the same requests and tokens counted."""
+    d, _ = tiny
+    rc = sb.main(["--model-dir", str(d), "--dtype", "float32", "--num-requests", "4", "--input-len", "10",
+                  "--output-len", "3", "--concurrency", "2", "--token-budget", "8", "--block-size", "4",
+                  "--modes", "serial", "--overlap", "both", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "serve_bench.json").read_text())["results"]
+    assert [(r["mode"], r["concurrency"], r["successful_requests"]) for r in rows] == \
+        [("serial", 2, 4), ("serial+overlap", 2, 4)]
+    assert rows[0]["total_generated_tokens"] == rows[1]["total_generated_tokens"] == 4 * 3
+
+
 @pytest.mark.slow
 def test_ep2_ranks_serve_their_own_requests(tiny, reference, tmp_path):
     """EP=2 over gloo: request i on rank i % 2, ranks with different loads (the one that finishes
