@@ -199,6 +199,19 @@ def _block_rows(pairs_ptr, offs_ptr, pid_m, E, BLOCK_M: tl.constexpr, E_P2: tl.c
 
 
 @triton.jit
+def _glu(acc_g, acc_u, limit, ACT: tl.constexpr, CLAMP: tl.constexpr):
+    """The GLU activation of the gate/up epilogue, in fp32 (shared with triton_moe_tma)."""
+    if CLAMP:
+        acc_g = tl.minimum(acc_g, limit)
+        acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+    if ACT == 1:  # GPT-OSS: (u + 1) * g * sigmoid(1.702 g)
+        h = (acc_u + 1.0) * (acc_g * tl.sigmoid(1.702 * acc_g))
+    else:
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+    return h
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, offs_ptr,
                     E, num_blocks, limit, s_xn, s_xd, s_we, s_wi, s_wd, s_be,
                     D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
@@ -237,13 +250,7 @@ def _gate_up_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, offs_ptr,
         b_row = b_ptr + e.to(tl.int64) * s_be
         acc_g += tl.load(b_row + n_ld).to(tl.float32)[None, :]
         acc_u += tl.load(b_row + I + n_ld).to(tl.float32)[None, :]
-    if CLAMP:
-        acc_g = tl.minimum(acc_g, limit)
-        acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
-    if ACT == 1:  # GPT-OSS: (u + 1) * g * sigmoid(1.702 g)
-        h = (acc_u + 1.0) * (acc_g * tl.sigmoid(1.702 * acc_g))
-    else:
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
+    h = _glu(acc_g, acc_u, limit, ACT, CLAMP)
     h_ptrs = h_ptr + pos.to(tl.int64)[:, None] * I + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < I)[None, :])
 
@@ -337,11 +344,17 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Te
         topk_w.stride(0), topk_w.stride(1),
         D=D, I=I, K=K, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, HAS_BIAS=b2 is not None,
         num_warps=dn.num_warps, num_stages=dn.num_stages, **common)
+    return sum_over_k(y_pairs, topk_ids, E, cfg.block_d)
 
-    out = x.new_empty(N, D)
-    _sum_pairs_kernel[(N, triton.cdiv(D, cfg.block_d))](
-        y_pairs, topk_ids, out, E, topk_ids.stride(0), topk_ids.stride(1), out.stride(0),
-        D=D, K=K, BLOCK_D=cfg.block_d, num_warps=4)
+
+def sum_over_k(y_pairs: Tensor, topk_ids: Tensor, num_experts: int, block_d: int) -> Tensor:
+    """Step 5: out[n] = sum over valid k of y_pairs[n*K + k], fp32, in the order k = 0..K-1."""
+    N, K = topk_ids.shape
+    D = y_pairs.shape[1]
+    out = y_pairs.new_empty(N, D)
+    _sum_pairs_kernel[(N, triton.cdiv(D, block_d))](
+        y_pairs, topk_ids, out, num_experts, topk_ids.stride(0), topk_ids.stride(1), out.stride(0),
+        D=D, K=K, BLOCK_D=block_d, num_warps=4)
     return out
 
 

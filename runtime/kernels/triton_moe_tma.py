@@ -117,13 +117,7 @@ def _gate_up_tile(a_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be,
         b_row = b_ptr + e.to(tl.int64) * s_be
         acc_g += tl.load(b_row + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_row + I + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if CLAMP:
-        acc_g = tl.minimum(acc_g, limit)
-        acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
-    if ACT == 1:  # GPT-OSS: (u + 1) * g * sigmoid(1.702 g)
-        h = (acc_u + 1.0) * (acc_g * tl.sigmoid(1.702 * acc_g))
-    else:
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
+    h = tm._glu(acc_g, acc_u, limit, ACT, CLAMP)
     pos = start + tl.arange(0, BLOCK_M)
     h_ptrs = h_ptr + pos.to(tl.int64)[:, None] * I + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(pos < end)[:, None] & n_ok[None, :])
@@ -252,12 +246,7 @@ def moe_experts_tma(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2
         0 if b2 is None else b2.stride(0), topk_w.stride(0), topk_w.stride(1),
         D=D, I=I, K=K, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, HAS_BIAS=b2 is not None,
         num_warps=dn.num_warps, num_stages=dn.num_stages, **common)
-
-    out = x.new_empty(N, D)
-    tm._sum_pairs_kernel[(N, triton.cdiv(D, cfg.block_d))](
-        y_pairs, topk_ids, out, E, topk_ids.stride(0), topk_ids.stride(1), out.stride(0),
-        D=D, K=K, BLOCK_D=cfg.block_d, num_warps=4)
-    return out
+    return tm.sum_over_k(y_pairs, topk_ids, E, cfg.block_d)
 
 
 #: the tile configs the tuner tries (moe_tuned.py): prefill-sized (128-row blocks, two warpgroups)
