@@ -43,28 +43,12 @@ MODELS = {
 
 
 def graph_ms(fn, reps: int, replays: int) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
+    from tbo_compiler.runtime.kernels.moe_tuned import capture, time_ms
+
+    run = capture(fn, torch.device("cuda", torch.cuda.current_device()), reps)
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(replays):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e) / reps)
-    del g
+    out = [time_ms(run, ()) / reps for _ in range(replays)]
+    del run
     torch.cuda.empty_cache()
     return statistics.median(out)
 

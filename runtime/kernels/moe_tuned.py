@@ -162,15 +162,22 @@ def replayer(fn: Callable, args: tuple) -> Callable[[], object]:
     x = args[0]
     if not (isinstance(x, torch.Tensor) and x.is_cuda):
         return lambda: fn(*args)
-    side = torch.cuda.Stream(x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(side):  # the warm-up a capture needs, off the default stream
-        fn(*args)
-    torch.cuda.current_stream(x.device).wait_stream(side)
+    return capture(lambda: fn(*args), x.device)
+
+
+def capture(fn: Callable[[], object], device: torch.device, reps: int = 1) -> Callable[[], object]:
+    """`reps` calls of fn() captured in one CUDA graph (after a warm-up call off the default
+    stream, which a capture needs) and replayed once; returns the replay."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn(*args)
-    graph.replay()  # first replay uploads the graph: not timed
+        for _ in range(reps):
+            fn()
+    graph.replay()  # the first replay uploads the graph: not timed
     return graph.replay
 
 

@@ -51,6 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tbo_compiler.runtime.env import flag
+from tbo_compiler.runtime.kernels import triton_sort
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ACTIVATIONS = {"silu": 0, "gpt_oss": 1}  # -> the ACT constexpr of the gate/up kernel
@@ -139,10 +140,8 @@ def _sort_pairs(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     On CUDA, small batches (decode) take triton_sort's one-launch counting sort, which returns the
     same tensors bit for bit (tests/test_triton_sort.py); in the torch form below this is ~6
     kernels (radix sort, searchsorted, ...), 19 us a layer at Qwen3 decode 256 on an H200."""
-    if topk_ids.is_cuda and topk_ids.dim() == 2:
-        from tbo_compiler.runtime.kernels import triton_sort
-        if triton_sort.small_enough(topk_ids.numel(), num_experts):
-            return triton_sort.sort_pairs(topk_ids, num_experts)
+    if topk_ids.is_cuda and topk_ids.dim() == 2 and triton_sort.small_enough(topk_ids.numel(), num_experts):
+        return triton_sort.sort_pairs(topk_ids, num_experts)
     return sort_pairs_torch(topk_ids, num_experts)
 
 
@@ -306,18 +305,22 @@ def _sum_pairs_kernel(y_ptr, ids_ptr, out_ptr, E, s_in, s_ik, s_on,
     tl.store(out_ptr + n.to(tl.int64) * s_on + offs_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
+def dims(x: Tensor, topk_ids: Tensor, w13: Tensor) -> tuple[int, int, int, int, int, int]:
+    """(N, D, K, E, I, P) of a moe_experts call (the module docstring's names)."""
+    N, D = x.shape
+    K = topk_ids.shape[1]
+    return N, D, K, w13.shape[0], w13.shape[1] // 2, N * K
+
+
 # Step 4: the op ----------------------------------------------------------------------------------
 
 def moe_experts(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor,
                 w13_bias: Tensor | None = None, w2_bias: Tensor | None = None, activation: str = "silu",
                 limit: float = 0.0, *, config: MoeConfig | None = None) -> Tensor:
     """GLU experts over routed rows; see the module docstring. No host sync."""
-    N, D = x.shape
-    K = topk_ids.shape[1]
-    E, I = w13.shape[0], w13.shape[1] // 2
-    if N == 0 or K == 0:
+    N, D, K, E, I, P = dims(x, topk_ids, w13)
+    if P == 0:
         return x.new_zeros(N, D)
-    P = N * K
     cfg = config or default_config(P, E, x.element_size())
     BM = cfg.block_m
     pairs, offs = _sort_pairs(topk_ids, E)
@@ -396,12 +399,9 @@ def moe_experts_grouped(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor
     one deterministic pass that sums each row's K results weighted by its routing weights (the
     down bias added there). Rows past the valid pairs are never written by the grouped GEMMs and
     never read. No host sync."""
-    N, D = x.shape
-    K = topk_ids.shape[1]
-    E, I = w13.shape[0], w13.shape[1] // 2
-    if N == 0 or K == 0:
+    N, D, K, E, I, P = dims(x, topk_ids, w13)
+    if P == 0:
         return x.new_zeros(N, D)
-    P = N * K
     pairs, offs = _sort_pairs(topk_ids, E)
     ends = offs[1:]
     h = torch._grouped_mm(x[pairs // K], w13.transpose(-2, -1), offs=ends)

@@ -205,12 +205,9 @@ def moe_experts_tma(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2
                     w13_bias: Tensor | None = None, w2_bias: Tensor | None = None, activation: str = "silu",
                     limit: float = 0.0, *, config: TmaConfig) -> Tensor:
     """GLU experts over routed rows (triton_moe's contract) with TMA tile loads. No host sync."""
-    N, D = x.shape
-    K = topk_ids.shape[1]
-    E, I = w13.shape[0], w13.shape[1] // 2
-    if N == 0 or K == 0:
+    N, D, K, E, I, P = tm.dims(x, topk_ids, w13)
+    if P == 0:
         return x.new_zeros(N, D)
-    P = N * K
     cfg = config
     BM = cfg.block_m
     pairs, offs = tm._sort_pairs(topk_ids, E)
