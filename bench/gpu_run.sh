@@ -42,7 +42,7 @@ case "$stage" in
            exit $rc ;;
   moe)     python3 bench/moe_bench.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/moe_bench.log"; rc=${PIPESTATUS[0]}
            python3 -m pytest -q -p no:cacheprovider -rs tests/test_moe_tuning.py tests/test_triton_moe.py \
-             tests/test_triton_moe_tma.py tests/test_triton_sort.py tests/test_linear_f32.py tests/test_triton_gqa.py \
+             tests/test_triton_moe_tma.py tests/test_triton_sort.py tests/test_linear_f32.py tests/test_triton_gqa.py tests/test_route_topk.py \
              2>&1 | tail -30 | tee "$OUT/pytest_moe_gpu.log"; exit $rc ;;
   serve)   python3 bench/serve_bench.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/serve.log"; exit ${PIPESTATUS[0]} ;;
   bench)   python3 bench/tbo_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"; exit ${PIPESTATUS[0]} ;;

@@ -117,8 +117,7 @@ class TopkSoftmaxRouter(nn.Module):
 
     def forward(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         logits_TE = torch.ops.tbo.linear_f32(x_TD, self.weight, self.bias)
-        top_TK, ids_TK = logits_TE.topk(self.k, dim=-1)
-        return ids_TK, top_TK.softmax(-1)
+        return torch.ops.tbo.route_topk(logits_TE, self.k, "topk_softmax")
 
 
 class GptOssModel(DecoderModel):

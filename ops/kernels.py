@@ -31,6 +31,10 @@ tensors: caches, weights). The split pass relies on it (passes/README.md, invari
   linear_f32(x_xD, weight_ED, bias_E=None) -> F.linear(x.float(), weight.float(), bias.float()), fp32
       (routers: logits in fp32 from 16-bit activations and weights; a 16-bit GEMM accumulating in
       fp32 computes the same products exactly, so a backend may use the tensor cores)
+  route_topk(logits_TE, k, scoring="softmax", renormalize=False) -> (ids_TK int64, w_TK fp32)
+      scoring "softmax": top-k of softmax(logits) over E, largest first, renormalised over the k
+      when asked (Qwen3-MoE, Mixtral); "topk_softmax": top-k of the logits, then softmax over
+      the k (GPT-OSS). Equal scores: the lower expert id first.
 
 Not row-wise, the one op that lays tokens out per destination rank:
   dispatch_pack(x_TD, topk_ids_TK, topk_w_TK, world, experts_per_rank) -> (send_x_WTD, send_meta_WT2K)
@@ -148,6 +152,18 @@ def _(x, weight, bias=None):
     return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
 
 
+@torch.library.custom_op("tbo::route_topk", mutates_args=())
+def route_topk(logits: Tensor, k: int, scoring: str = "softmax",
+               renormalize: bool = False) -> tuple[Tensor, Tensor]:
+    return impl("route_topk")(logits, k, *_extra((scoring, renormalize), ("softmax", False)))
+
+
+@route_topk.register_fake
+def _(logits, k, scoring="softmax", renormalize=False):
+    shape = (*logits.shape[:-1], k)
+    return logits.new_empty(shape, dtype=torch.int64), logits.new_empty(shape, dtype=torch.float32)
+
+
 @torch.library.custom_op("tbo::dispatch_pack", mutates_args=())
 def dispatch_pack(x: Tensor, topk_ids: Tensor, topk_w: Tensor, world: int,
                   experts_per_rank: int) -> tuple[Tensor, Tensor]:
@@ -164,13 +180,14 @@ _ops = torch.ops.tbo
 #: ops whose output rows follow the rows of their first argument (the split pass's rule)
 ROWWISE_OPS = frozenset({_ops.paged_attention.default, _ops.latent_attention.default,
                          _ops.moe_experts.default, _ops.rms_norm.default, _ops.silu_mul.default,
-                         _ops.rope_interleaved.default, _ops.rope_half.default, _ops.linear_f32.default})
+                         _ops.rope_interleaved.default, _ops.rope_half.default, _ops.linear_f32.default,
+                         _ops.route_topk.default})
 #: op -> positional index of its `world` argument: outputs hold `world` blocks of the input's tokens
 FAN_OUT_OPS = {_ops.dispatch_pack.default: 3}
 #: every kernel op, by name, with its overload (what the backend registry implements)
 KERNEL_OPS = {name: getattr(_ops, name).default for name in
               ("paged_attention", "latent_attention", "moe_experts", "rms_norm", "silu_mul",
-               "rope_interleaved", "rope_half", "linear_f32", "dispatch_pack")}
+               "rope_interleaved", "rope_half", "linear_f32", "route_topk", "dispatch_pack")}
 
 
 def unpack_meta(meta: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -56,8 +56,9 @@ def _tiny_serial_program(tmp_path, name="gpt_oss_20b"):
     return programs_of(read_plan(p), "cpu")[32]["serial"]
 
 
-@pytest.mark.parametrize("name,attn", [("gpt_oss_20b", "paged_attention"), ("deepseek_v3_slice", "latent_attention")])
-def test_classifier(tmp_path, name, attn):
+@pytest.mark.parametrize("name,attn,route", [("gpt_oss_20b", "paged_attention", "route_topk"),
+                                             ("deepseek_v3_slice", "latent_attention", "topk")])
+def test_classifier(tmp_path, name, attn, route):
     bp = _tiny_serial_program(tmp_path, name)
     fam = rl.classify(bp.gm, bp.inputs)
     nodes = {n.name: n for n in bp.gm.graph.nodes}
@@ -66,7 +67,7 @@ def test_classifier(tmp_path, name, attn):
         by_op.setdefault(rl.op_name(nodes[n]), set()).add(f)
     assert by_op[attn] == {"attention"}
     assert by_op["moe_experts"] == {"moe_experts"}
-    assert by_op["topk"] == {"routing"}
+    assert by_op[route] == {"routing"}
     assert by_op["rms_norm"] == {"norms_rope_act"}
     assert by_op["index_put"] == {"kv_write"}
     # one lm_head GEMM (the last one), the rest dense; the routers' logits are tbo.linear_f32, routing

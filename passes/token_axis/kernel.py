@@ -21,7 +21,8 @@ def rule_rowwise(node, ctx):
     for a, other in token_inputs(node, ctx):
         if other is not STATE and other != ax:
             fail(node, f"{a.name} has its tokens laid out differently ({other} vs {ax})")
-    return ax
+    v = node.meta.get("val")  # route_topk returns (ids, weights): rows of both follow the input's
+    return tuple(ax for _ in v) if isinstance(v, (tuple, list)) else ax
 
 
 @register("kernel", *FAN_OUT_OPS)

@@ -53,6 +53,9 @@ PREFERENCE: dict[str, list[str]] = {
     # a 16-bit GEMM with fp32 output on the tensor cores, not an fp32 GEMM on the FMA units: the
     # routers' logits cost 57 us a layer at Qwen3 prefill 4096 as fp32 (bench/results/roofline_h200)
     "linear_f32": ["cublas", "torch"],
+    # softmax + top-k + renormalisation in one launch, not five kernels: 15 us a layer at Qwen3
+    # decode 256 on an H200 in the torch form (bench/results/roofline_h200, trace)
+    "route_topk": ["triton", "torch"],
 }
 #: ops aiter implements; it goes first for them on ROCm builds of torch only (elsewhere the lists
 #: above are unchanged and only TBO_KERNELS / prefer() reach it)

@@ -162,7 +162,19 @@ def linear_f32(x, weight, bias=None):
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
 
+def route_topk(logits, k, scoring="softmax", renormalize=False):
+    if scoring == "softmax":
+        w, ids = logits.softmax(-1).topk(k, dim=-1)
+        if renormalize:
+            w = w / w.sum(-1, keepdim=True)
+        return ids, w
+    if scoring == "topk_softmax":
+        top, ids = logits.topk(k, dim=-1)
+        return ids, top.softmax(-1)
+    raise ValueError(f"route_topk: unknown scoring {scoring!r}")
+
+
 IMPLS = {"paged_attention": paged_attention, "latent_attention": latent_attention,
          "moe_experts": moe_experts, "rms_norm": rms_norm, "silu_mul": silu_mul,
          "rope_interleaved": rope_interleaved, "rope_half": rope_half, "dispatch_pack": dispatch_pack,
-         "linear_f32": linear_f32}
+         "linear_f32": linear_f32, "route_topk": route_topk}

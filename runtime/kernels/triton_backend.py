@@ -5,6 +5,7 @@
     moe_experts       triton_moe.py         fused MoE (indirect row loads, expert biases and the
                                             GLU activation in the epilogues)
     rms_norm, silu_mul, rope_interleaved, rope_half   triton_elementwise.py
+    route_topk        triton_route.py       router scores, top-k and weights in one launch
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 NAME = "triton"
 _WHERE = {"latent_attention": "triton_mla", "paged_attention": "triton_gqa", "moe_experts": "triton_moe",
           "rms_norm": "triton_elementwise", "silu_mul": "triton_elementwise",
-          "rope_interleaved": "triton_elementwise", "rope_half": "triton_elementwise"}
+          "rope_interleaved": "triton_elementwise", "rope_half": "triton_elementwise",
+          "route_topk": "triton_route"}
 
 
 def available() -> bool:
@@ -29,7 +31,7 @@ def _mod(op: str):
 
 #: ops whose optional arguments (sinks, window; expert biases, activation) the kernel module's
 #: `supported` must see in place: it takes the op's own arguments, not only its tensors
-_FULL_ARGS = frozenset({"paged_attention", "moe_experts"})
+_FULL_ARGS = frozenset({"paged_attention", "moe_experts", "route_topk"})
 
 
 def supports(op: str, args: tuple) -> bool:
