@@ -1,7 +1,8 @@
 """MoE routing prep in one Triton launch: (row, k) pairs grouped by expert, for small batches.
 
 Dims: N rows, K experts per row (top-k), P = N*K pairs (pair = n*K + k), E experts on this rank,
-E_P2 = next_power_of_2(E + 1) histogram lanes, CHUNK pairs per loop step of the kernel.
+E_P2 = next_power_of_2(E + 1) histogram lanes, CHUNK pairs per loop step of the kernel (kernel C:
+CHUNK queries per program, BJ pairs per loop step, Q = P + E + 1 queries).
 
 Contract (bitwise the same as triton_moe._sort_pairs, the torch reference):
   sort_pairs(topk_ids_NK, num_experts) -> (pairs_P int64, offs_E+1 int32)
@@ -12,16 +13,18 @@ Contract (bitwise the same as triton_moe._sort_pairs, the torch reference):
   outputs are torch.empty of shapes from the input's shape, so the call can be captured in a CUDA
   graph. P == 0 launches nothing (empty pairs, offs of zeros).
   small_enough(P, E) says when to use it; above that the torch sort is the better tool.
+  sort_pairs(..., kernel="bitonic" | "counting" | "rank") forces one kernel (tests, bench).
 
 Why: the torch reference is ~6 kernels (compares, radix sort, arange, searchsorted), ~32 us per MoE
 layer on an H200 even as a CUDA graph replay (measured, P = 256..4096), almost all launch latency.
 
-Two single-program kernels, both deterministic; sort_pairs picks by size:
-  A. Bitonic (P <= 1024): all P_P2 = next_power_of_2(P) pairs in one tile. packed = key * P_P2 +
-     pair (distinct values, so any sort of them is the stable order; < 2^31 for P <= 8192, E <= 1023),
-     tl.sort, pairs = packed % P_P2. offs = exclusive cumsum of tl.histogram(key, E_P2) over lanes
-     0..E (lane E = not ours, so offs[E] = valid pairs). Cost hardly depends on E.
-  B. Counting sort (larger P): chunks of CHUNK pairs, twice.
+Three kernels, all deterministic; kernel_for(P, E) picks by size:
+  A. Bitonic (one program, P <= 1024): all P_P2 = next_power_of_2(P) pairs in one tile. packed =
+     key * P_P2 + pair (distinct values, so any sort of them is the stable order; < 2^31 for
+     P <= 8192, E <= 1023), tl.sort, pairs = packed % P_P2. offs = exclusive cumsum of
+     tl.histogram(key, E_P2) over lanes 0..E (lane E = not ours, so offs[E] = valid pairs). Cost
+     hardly depends on E.
+  B. Counting sort (one program, few experts): chunks of CHUNK pairs, twice.
      1. Histogram: a one-hot [CHUNK, E_P2] of the keys (padding rows match no lane) summed over the
         rows; counts accumulate over the chunks; offs = exclusive cumsum, as in A.
      2. Scatter, chunks again in order: the inclusive cumsum of the one-hot along the rows is each
@@ -30,20 +33,45 @@ Two single-program kernels, both deterministic; sort_pairs picks by size:
         is its place in the stable order; pairs[position] = pair. The positions are a permutation
         of 0..P-1, so every element of the torch.empty output is written.
      Work is P * E_P2 lane-ops per pass on one SM, so it only pays for very few experts.
+  C. Rank sort (many programs, any E <= 1023): A and B run on one SM, and neither covers Qwen3
+     decode (P = 2048 pairs of 256 tokens x top-8 over E = 128: A's tile no longer fits, B's lanes
+     are too many). With packed = key * P + pair (distinct, so the stable order is the order of
+     the packed values), the sorted position of pair i is
+            pos_i = #{j : packed_j < packed_i}
+     and offs[e] = #{j : key_j < e} = #{j : packed_j < e * P} (keys are whole multiples of P apart,
+     pair < P), the same count for a "query" e * P. So there are Q = P + E + 1 queries: query t < P
+     is pair t (stores pairs[count] = t), query P + e is lane e (stores offs[e] = count). Program c
+     takes queries c*CHUNK .. c*CHUNK+CHUNK-1 and loops over all pairs j in NUM_J blocks of BJ,
+     adding the [CHUNK, BJ] tile of (packed_j < query) into a [CHUNK, BJ] accumulator (summed over
+     j once at the end: no cross-thread reduction in the loop); padding j gets packed (E + 1) * P,
+     above every query, so it never counts; padding queries store nothing. Grid = cdiv(Q, CHUNK).
+     Every program only reads ids (L2-resident, P * 8 bytes) and writes its own outputs: no
+     atomics, no ordering between programs, the result does not depend on scheduling. Work is
+     Q * P compares spread over Q / CHUNK programs (69..133 at P = 2048..8192 with CHUNK = 32..64,
+     against an H200's 132 SMs), so the time grows like CHUNK * P compares plus P key loads (from
+     L2) per program, almost independent of E; the grid is expected to run in one wave up to ~8K
+     pairs, past which the P^2 work should lose to the torch radix sort (O(P)). The int32 packing
+     holds while (E + 2) * P < 2^31 (P <= 2^20 at E = 1023).
   Measured on an H200 (CUDA graph replays, random ids, K = 8), against the torch reference's ~32 us
   (P <= 4096) and ~58 us (P = 8192):
      A: P = 256: 2.2-2.9 us, P = 1024: 6.5-8.0 us (num_warps 8) for E = 8..256; P = 4096: ~75 us
         (the 4096-wide sort no longer fits registers), so A stops at 1024.
      B: E = 8 (E_P2 = 16, 16K-element tiles, 8 warps): P = 4096: 29.5 us, P = 8192: 58 us (a tie);
-        E = 32: P = 1024 already 17-40 us, E >= 128: 60-100 us at P = 1024. So B is used for
-        E_P2 <= 16 and P <= 4096 only.
-  small_enough(P, E) = P <= 1024 (any E <= 1023), or P <= 4096 with E <= 15. Outside it sort_pairs
-  is still correct (B), just slower than torch.
+        E = 32: P = 1024 already 17-40 us, E >= 128: 60-100 us at P = 1024. So B would be used for
+        E_P2 <= 16 and P <= 4096 only, and C is expected to beat it there (all SMs, not one).
+     C (bench/results/sort_h200/sort_bench.json, bitwise equal to torch in every case): 2.1-2.2 us
+        at P = 256, 2.8-3.0 us at 1024 (CHUNK 16, BJ 128, 4 warps), 4.1-4.3 us at 2048, 7.9-10.2 us
+        at 4096, 18.1 us at 8192 (CHUNK 32, BJ 256, 8 warps), for E = 8, 32 and 128 alike: 3.1-15x
+        faster than torch, and faster than A (2.2x at 1024) and B everywhere. At 16384 it ties
+        with torch (60 vs 58 us), so it stops at 8192. A and B are never chosen now; they stay as
+        forced kernels (kernel="bitonic" / "counting") for the bench and the tests.
+  small_enough(P, E) = kernel_for(P, E) is not None: P <= 8192 for any E <= 1023. Outside it
+  sort_pairs is still correct (B), just slower than torch.
 
-Loop bounds are compile-time constants (NUM_CHUNKS = cdiv(P, CHUNK)): Triton 3.6's interpreter (CPU
-tests) cannot run a runtime loop bound under NumPy >= 2.4. P itself is a runtime argument (it only
-masks the last chunk), so a recompile happens when the chunk count changes, not for every P; in
-decode with CUDA graphs that is once per captured batch size at most.
+Loop bounds are compile-time constants (NUM_CHUNKS = cdiv(P, CHUNK), NUM_J = cdiv(P, BJ)): Triton
+3.6's interpreter (CPU tests) cannot run a runtime loop bound under NumPy >= 2.4. P itself is a
+runtime argument (it only masks the last chunk), so a recompile happens when the chunk count
+changes, not for every P; in decode with CUDA graphs that is once per captured batch size at most.
 """
 from __future__ import annotations
 
@@ -58,22 +86,55 @@ _TILE = 16384
 _MIN_CHUNK = 16
 _NUM_WARPS = 8
 
-_BITONIC_MAX_PAIRS = 1024    # kernel A: 6.5-8 us at 1024, ~75 us at 4096 (see the docstring)
-_COUNTING_MAX_PAIRS = 4096   # kernel B for few experts: 29.5 us at 4096 vs ~35 us for torch
-_COUNTING_MAX_LANES = 16     # E <= 15
+# Kernel choice (kernel_for), measured on an H200 (the module docstring): kernel C up to 8192 pairs
+# at any E; A and B would only be chosen below limits lowered to make C give way (none now).
+_BITONIC_MAX_PAIRS = 0       # kernel A: 6.6-7.3 us at 1024 against C's 2.8-3.0 us
+_RANK_MAX_PAIRS = 8192       # kernel C: 18.1 us at 8192 (torch 57 us); a tie with torch at 16384
+_COUNTING_MAX_PAIRS = 4096   # kernel B for few experts: 30 us at 4096 (C: 8 us);
+_COUNTING_MAX_LANES = 16     # E <= 15. Only reached where C is not (P > _RANK_MAX_PAIRS).
 _MAX_EXPERTS = 1023          # E + 1 buckets <= 1024 lanes; keeps kernel A's packed key < 2^31
+
+# Kernel C's tiles: (max pairs, CHUNK queries per program, BJ pairs per loop step, num_warps), the
+# first row whose max pairs >= P, the last row past them all; the fastest of the four measured
+# settings (bench/results/sort_h200): 16x128 w4 up to 1024 pairs, 32x256 w8 above.
+_RANK_CONFIGS = (
+    (1024, 16, 128, 4),
+    (8192, 32, 256, 8),
+)
+
+KERNELS = ("bitonic", "counting", "rank")
 
 
 def _lanes(num_experts: int) -> int:
     return max(2, triton.next_power_of_2(num_experts + 1))
 
 
+def kernel_for(num_pairs: int, num_experts: int) -> str | None:
+    """The kernel sort_pairs uses for P pairs over E experts ("bitonic", "rank", "counting"), or None
+    where the torch sort is expected to be faster (the limits above; the module docstring)."""
+    P, E = num_pairs, num_experts
+    if P < 0 or not 1 <= E <= _MAX_EXPERTS:
+        return None
+    if P <= _BITONIC_MAX_PAIRS:
+        return "bitonic"
+    if P <= _RANK_MAX_PAIRS:
+        return "rank"
+    if P <= _COUNTING_MAX_PAIRS and _lanes(E) <= _COUNTING_MAX_LANES:
+        return "counting"
+    return None
+
+
 def small_enough(num_pairs: int, num_experts: int) -> bool:
     """Whether sort_pairs is the one to use for P pairs over E experts (see the limits above)."""
-    if num_pairs < 0 or not 1 <= num_experts <= _MAX_EXPERTS:
-        return False
-    return num_pairs <= _BITONIC_MAX_PAIRS or (
-        num_pairs <= _COUNTING_MAX_PAIRS and _lanes(num_experts) <= _COUNTING_MAX_LANES)
+    return kernel_for(num_pairs, num_experts) is not None
+
+
+def _rank_config(num_pairs: int) -> tuple[int, int, int]:
+    """Kernel C's (CHUNK, BJ, num_warps) for P pairs (_RANK_CONFIGS)."""
+    for most, chunk, bj, warps in _RANK_CONFIGS:
+        if num_pairs <= most:
+            break
+    return chunk, bj, warps
 
 
 @triton.jit
@@ -137,16 +198,72 @@ def _sort_pairs_bitonic_kernel(ids_ptr, pairs_ptr, offs_ptr, P, E, s_n, s_k,
     tl.store(offs_ptr + lanes, tl.cumsum(counts, 0) - counts, mask=lanes <= E)
 
 
-def sort_pairs(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+@triton.jit
+def _packed_keys(ids_ptr, pair, P, E, s_n, s_k, K: tl.constexpr):
+    """Kernel C's sort values of `pair` (any shape): key * P + pair, (E + 1) * P past P (above every
+    query, so padding never counts)."""
+    real = pair < P
+    n = (pair // K).to(tl.int64)  # int64 addresses: a strided view may sit far into its storage
+    k = (pair % K).to(tl.int64)
+    v = tl.load(ids_ptr + n * s_n + k * s_k, mask=real, other=-1)
+    ours = (v >= 0) & (v < E)  # compared in the ids' own dtype: int64 ids never wrap into [0, E)
+    key = tl.where(ours, v, E).to(tl.int32)
+    key = tl.where(real, key, E + 1)
+    return key * P + tl.where(real, pair, 0)
+
+
+@triton.jit
+def _sort_pairs_rank_kernel(ids_ptr, pairs_ptr, offs_ptr, P, E, s_n, s_k,
+                            K: tl.constexpr, CHUNK: tl.constexpr, BJ: tl.constexpr,
+                            NUM_J: tl.constexpr):
+    """Kernel C (module docstring): each program counts, for CHUNK queries (pairs, then lanes
+    0..E), the pairs whose packed value is below the query's, and stores pairs[count] or offs."""
+    # this program's queries: t < P is pair t (its own packed value), t = P + e is lane e (e * P)
+    t = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    is_pair = t < P
+    lane = t - P
+    is_lane = (~is_pair) & (lane <= E)
+    q = tl.where(is_pair, _packed_keys(ids_ptr, t, P, E, s_n, s_k, K), tl.where(is_lane, lane, 0) * P)
+
+    # count packed_j < q over all pairs j, BJ at a time; the accumulator is reduced once, at the end
+    acc = tl.zeros([CHUNK, BJ], dtype=tl.int32)
+    for jb in range(NUM_J):
+        pj = _packed_keys(ids_ptr, jb * BJ + tl.arange(0, BJ), P, E, s_n, s_k, K)
+        acc += (pj[None, :] < q[:, None]).to(tl.int32)
+    count = tl.sum(acc, axis=1)
+
+    # a pair's count is its sorted position (a permutation of 0..P-1), a lane's is offs[e]
+    tl.store(pairs_ptr + count, t.to(tl.int64), mask=is_pair)
+    tl.store(offs_ptr + lane, count, mask=is_lane)
+
+
+def sort_pairs(topk_ids: Tensor, num_experts: int, *, kernel: str | None = None,
+               chunk: int | None = None, block_j: int | None = None,
+               num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """Pairs sorted by expert (not-ours last) and each expert's first sorted position, in one
     launch; bitwise equal to triton_moe._sort_pairs. Fast for small_enough(P, E) sizes, correct
-    for any (P <= 2^31 / (E + 2) for kernel A's packing, which its 1024-pair limit keeps)."""
+    for any (outside them kernel B, whose only limit is its E_P2-lane tile).
+
+    kernel: None = kernel_for(P, E) (B where that is None), or "bitonic" / "counting" / "rank" to
+    force one (tests, bench/sort_bench.py) at any P it can take: A needs E <= 1023 (its P_P2-wide
+    tile is slow past 1024 pairs but correct), C needs (E + 2) * P < 2^31, B takes anything.
+    chunk / block_j / num_warps: kernel C's tiles (powers of two) instead of _rank_config's."""
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be [N, K], got shape {tuple(topk_ids.shape)}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
     N, K = topk_ids.shape
     P, E = N * K, int(num_experts)
+    kernel = kernel or kernel_for(P, E) or "counting"
+    tiles = (chunk, block_j, num_warps)
+    if kernel != "rank" and tiles != (None, None, None):
+        raise ValueError("chunk / block_j / num_warps are kernel C's (kernel=\"rank\") tiles")
+    if kernel == "bitonic" and not 1 <= E <= _MAX_EXPERTS:
+        raise ValueError(f"kernel A takes 1 <= E <= {_MAX_EXPERTS}, got {E}")
+    if kernel == "rank" and not (1 <= E and (E + 2) * max(P, 1) < 2**31):
+        raise ValueError(f"kernel C packs key * P + pair in int32: (E + 2) * P < 2^31, got E={E} P={P}")
     dev = topk_ids.device
     pairs = torch.empty(P, dtype=torch.int64, device=dev)
     if P == 0:
@@ -154,13 +271,17 @@ def sort_pairs(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     offs = torch.empty(E + 1, dtype=torch.int32, device=dev)
     e_p2 = _lanes(E)
     args = (topk_ids, pairs, offs, P, E, topk_ids.stride(0), topk_ids.stride(1))
-    if P <= _BITONIC_MAX_PAIRS and E <= _MAX_EXPERTS:
+    if kernel == "bitonic":
         # 8 warps measured faster than 4 at 1024 pairs (6.5 vs 9.9 us), 4 faster below (2.2 vs 2.5)
         _sort_pairs_bitonic_kernel[(1,)](*args, K=K, P_P2=max(2, triton.next_power_of_2(P)), E_P2=e_p2,
                                          num_warps=8 if P >= 1024 else 4)
-        return pairs, offs
-    # a small batch gets a chunk no longer than itself (less padding work, one chunk)
-    chunk = min(max(_MIN_CHUNK, _TILE // e_p2), max(_MIN_CHUNK, triton.next_power_of_2(P)))
-    _sort_pairs_kernel[(1,)](*args, K=K, CHUNK=chunk, NUM_CHUNKS=triton.cdiv(P, chunk), E_P2=e_p2,
-                             num_warps=_NUM_WARPS)
+    elif kernel == "rank":
+        c, bj, w = (t if t is not None else d for t, d in zip(tiles, _rank_config(P)))
+        _sort_pairs_rank_kernel[(triton.cdiv(P + E + 1, c),)](*args, K=K, CHUNK=c, BJ=bj,
+                                                             NUM_J=triton.cdiv(P, bj), num_warps=w)
+    else:
+        # a small batch gets a chunk no longer than itself (less padding work, one chunk)
+        chunk = min(max(_MIN_CHUNK, _TILE // e_p2), max(_MIN_CHUNK, triton.next_power_of_2(P)))
+        _sort_pairs_kernel[(1,)](*args, K=K, CHUNK=chunk, NUM_CHUNKS=triton.cdiv(P, chunk), E_P2=e_p2,
+                                 num_warps=_NUM_WARPS)
     return pairs, offs

@@ -1,0 +1,166 @@
+"""The MoE pair sort (routing prep) alone: each kernel of runtime/kernels/triton_sort.py against the
+torch reference, timed as CUDA graphs, to set triton_sort's kernel thresholds (kernel_for) and
+kernel C's tiles (_RANK_CONFIGS); its H200 run is bench/results/sort_h200.
+
+    python bench/sort_bench.py --out DIR                      # on a GPU: DIR/sort_bench.json
+    python bench/sort_bench.py --pairs 2048 --experts 128     # one case, printed only
+
+Per case (P pairs = N tokens x top-K, K = 8; E experts; default P = 256..16384, E = 8, 32, 128),
+ids as a router draws them (the top-K of random scores per token: K distinct experts a row, int64):
+
+- torch: triton_moe.sort_pairs_torch, the reference (~6 kernels);
+- A (bitonic, one program) where P <= 4096; B (counting sort, one program) where E_P2 <= 16 or
+  P <= 1024; C (rank sort, many programs) at each tile setting of RANK_TILES (CHUNK x BJ, warps);
+- auto: triton_moe._sort_pairs, what the runtime calls (triton_sort where small_enough, with
+  kernel_for's kernel, else torch); its line names the choice.
+
+Each result is checked bitwise equal to the torch reference (the contract: a stable sort); a
+mismatch is reported (ok: false) and the exit status is 1. A kernel that fails (compile, launch) is
+reported with its error and the others still run.
+
+Timing: each call captured REPS times in one CUDA graph (moe_tuned.capture), the graph replayed
+(after the warm-up replay capture does) `--replays` times, each replay timed by CUDA events
+(moe_tuned.time_ms); the median replay divided by REPS. No launch latency between the calls, as in
+the runtime's graphs. Exit 2 without a CUDA GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PAIRS = (256, 1024, 2048, 4096, 8192, 16384)
+EXPERTS = (8, 32, 128)
+TOP_K = 8
+#: kernel C's (CHUNK, BJ, num_warps) settings tried at every size (_RANK_CONFIGS' rows among them)
+RANK_TILES = ((16, 128, 4), (32, 128, 4), (64, 128, 4), (32, 256, 8))
+BITONIC_MAX = 4096  # A is timed up to here (its own limit is 1024: this shows the cliff past it)
+COUNTING_LANES = 16  # B is timed for E_P2 <= 16 at any P, for any E at P <= 1024
+
+
+def graph_us(fn, reps: int, replays: int) -> float:
+    """us per call of fn: REPS calls in one CUDA graph, the median of `replays` replays / REPS."""
+    from tbo_compiler.runtime.kernels.moe_tuned import capture, time_ms
+
+    run = capture(fn, torch.device("cuda", torch.cuda.current_device()), reps)
+    torch.cuda.synchronize()
+    out = [time_ms(run, ()) / reps for _ in range(replays)]
+    del run
+    torch.cuda.empty_cache()  # the graph's memory pool
+    return 1000.0 * statistics.median(out)
+
+
+def router_ids(P: int, E: int, gen: torch.Generator) -> torch.Tensor:
+    """[P / K, K] int64 ids, K distinct experts a row (top-K of random scores), K = min(8, E)."""
+    K = min(TOP_K, E)
+    scores = torch.rand(P // K, E, device="cuda", generator=gen)
+    return scores.topk(K, dim=1).indices
+
+
+def candidates(P: int, E: int) -> dict[str, tuple[Callable, dict]]:
+    """{name: (fn(ids, E) -> (pairs, offs), description)} timed for this case."""
+    from tbo_compiler.runtime.kernels import triton_moe as tm
+    from tbo_compiler.runtime.kernels import triton_sort as ts
+
+    out = {"torch": (tm.sort_pairs_torch, {"kernel": "torch"})}
+    if P <= BITONIC_MAX:
+        out["A"] = (lambda ids, e: ts.sort_pairs(ids, e, kernel="bitonic"), {"kernel": "bitonic"})
+    if ts._lanes(E) <= COUNTING_LANES or P <= 1024:
+        out["B"] = (lambda ids, e: ts.sort_pairs(ids, e, kernel="counting"), {"kernel": "counting"})
+    default = ts._rank_config(P)
+    for c, bj, w in RANK_TILES:
+        def fn(ids, e, c=c, bj=bj, w=w):
+            return ts.sort_pairs(ids, e, kernel="rank", chunk=c, block_j=bj, num_warps=w)
+        out[f"C {c}x{bj} w{w}"] = (fn, {"kernel": "rank", "chunk": c, "block_j": bj, "num_warps": w,
+                                        "default_tiles": (c, bj, w) == default})
+    chosen = ts.kernel_for(P, E) or "torch"  # _sort_pairs: triton_sort where small_enough
+    out["auto"] = (tm._sort_pairs, {"kernel": "auto", "chosen": chosen})
+    return out
+
+
+def run_case(P: int, E: int, reps: int, replays: int, seed: int) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    ids = router_ids(P, E, gen)
+    from tbo_compiler.runtime.kernels import triton_moe as tm
+
+    want_pairs, want_offs = tm.sort_pairs_torch(ids, E)
+    rows = []
+    for name, (fn, desc) in candidates(P, E).items():
+        row = {"P": ids.numel(), "E": E, "K": ids.shape[1], "name": name, **desc}
+        try:
+            pairs, offs = fn(ids, E)  # also the compile, outside the graph
+            row["ok"] = bool(torch.equal(pairs, want_pairs) and torch.equal(offs, want_offs))
+            row["us"] = graph_us(lambda: fn(ids, E), reps, replays)
+        except Exception as e:  # noqa: BLE001 - one failing kernel must not hide the others
+            row["ok"], row["error"] = False, " ".join(str(e).split())[:300]
+        rows.append(row)
+        us = f"{row['us']:9.2f} us" if "us" in row else f"{'-':>9s}   "
+        note = "ok" if row["ok"] else ("FAILED: " + row["error"] if "error" in row else "MISMATCH")
+        extra = f" -> {desc['chosen']}" if name == "auto" else ""
+        extra += " (default tiles)" if desc.get("default_tiles") else ""
+        print(f"P={row['P']:6d} E={E:4d} {name:<14s}{us}  {note}{extra}", flush=True)
+    timed = [r for r in rows if r["ok"] and "us" in r and r["name"] not in ("torch", "auto")]
+    ref = next((r["us"] for r in rows if r["name"] == "torch" and "us" in r), None)
+    if timed and ref:
+        best = min(timed, key=lambda r: r["us"])
+        print(f"P={P:6d} E={E:4d} best {best['name']} {best['us']:.2f} us = {ref / best['us']:.1f}x torch "
+              f"({ref:.2f} us)", flush=True)
+    return rows
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=parse_ints, default=PAIRS, help="P values, comma-separated")
+    ap.add_argument("--experts", type=parse_ints, default=EXPERTS, help="E values, comma-separated")
+    ap.add_argument("--reps", type=int, default=20, help="calls captured in one graph")
+    ap.add_argument("--replays", type=int, default=15, help="timed replays (the median is taken)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="folder for sort_bench.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sort_bench: no CUDA GPU (it times CUDA graph replays); nothing measured", file=sys.stderr)
+        return 2
+
+    import triton
+
+    from tbo_compiler.runtime.kernels import triton_sort as ts
+
+    rows = []
+    for P in args.pairs:
+        for E in args.experts:
+            rows += run_case(P, E, args.reps, args.replays, args.seed)
+    meta = {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "command": " ".join([sys.executable, *sys.argv]),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "reps": args.reps,
+        "replays": args.replays, "seed": args.seed, "top_k": TOP_K,
+        "limits": {"bitonic_max_pairs": ts._BITONIC_MAX_PAIRS, "rank_max_pairs": ts._RANK_MAX_PAIRS,
+                   "counting_max_pairs": ts._COUNTING_MAX_PAIRS, "counting_max_lanes": ts._COUNTING_MAX_LANES,
+                   "rank_configs": [list(r) for r in ts._RANK_CONFIGS]},
+    }
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / "sort_bench.json"
+        path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+        print(f"wrote {path}")
+    bad = [r for r in rows if not r["ok"]]
+    if bad:
+        print(f"sort_bench: {len(bad)} result(s) failed or differ from the torch reference", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
