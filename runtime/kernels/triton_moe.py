@@ -137,9 +137,10 @@ def supported(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tens
 
 def _sort_pairs(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     """Pairs sorted by expert (invalid ones last) and each expert's first sorted position.
-    On CUDA, small batches (decode) take triton_sort's one-launch counting sort, which returns the
-    same tensors bit for bit (tests/test_triton_sort.py); in the torch form below this is ~6
-    kernels (radix sort, searchsorted, ...), 19 us a layer at Qwen3 decode 256 on an H200."""
+    On CUDA, up to 8192 pairs take triton_sort's one-launch rank sort, which returns the same
+    tensors bit for bit (tests/test_triton_sort.py); in the torch form below this is ~6 kernels
+    (radix sort, searchsorted, ...), 32 us a layer as a graph replay on an H200 against 2-18 us
+    (bench/results/sort_h200)."""
     if topk_ids.is_cuda and topk_ids.dim() == 2 and triton_sort.small_enough(topk_ids.numel(), num_experts):
         return triton_sort.sort_pairs(topk_ids, num_experts)
     return sort_pairs_torch(topk_ids, num_experts)
