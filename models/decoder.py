@@ -6,6 +6,10 @@ Legend: T tokens, D hidden, V vocab.
                                      h += mlp(post_attention_layernorm(h))     (MoE block or dense MLP)
                  -> norm -> lm_head -> fp32 logits
 
+Each residual add is made inside the norm that follows it (tbo.add_rms_norm: one kernel for the
+add and the norm, the same bits as the two): a layer takes and returns the stream as two terms,
+(the last block's output, the sum before it), and the next norm adds them.
+
 over the engine-style flat batch and the paged KV cache (batch.py). An architecture subclasses
 `DecoderModel` and supplies:
 
@@ -34,11 +38,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = self_attn
         self.mlp, self.is_moe = mlp, is_moe
 
-    def forward(self, h_TD, positions_T, slot_mapping_T, block_table_TB, cache, rope, pad_T):
-        h_TD = h_TD + self.self_attn(self.input_layernorm(h_TD), positions_T, slot_mapping_T,
-                                     block_table_TB, cache, rope)
-        x_TD = self.post_attention_layernorm(h_TD)
-        return h_TD + (self.mlp(x_TD, pad_T) if self.is_moe else self.mlp(x_TD))
+    def forward(self, out_TD, res_TD, positions_T, slot_mapping_T, block_table_TB, cache, rope, pad_T):
+        """The residual stream is out_TD + res_TD (res_TD None before the first layer); returns
+        the stream after this layer the same way: (the MLP's output, the sum before it)."""
+        if res_TD is None:
+            x_TD, res_TD = self.input_layernorm(out_TD), out_TD
+        else:
+            x_TD, res_TD = self.input_layernorm.add(out_TD, res_TD)
+        a_TD = self.self_attn(x_TD, positions_T, slot_mapping_T, block_table_TB, cache, rope)
+        x_TD, res_TD = self.post_attention_layernorm.add(a_TD, res_TD)
+        return (self.mlp(x_TD, pad_T) if self.is_moe else self.mlp(x_TD)), res_TD
 
 
 class DecoderModel(nn.Module):
@@ -94,7 +103,8 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, slot_mapping: Tensor, block_table: Tensor,
                 kv_caches: list[Tensor]) -> Tensor:
         pad_T = is_padding(slot_mapping, self.block_size)
-        h_TD = self.embed_tokens(input_ids)
+        out_TD, res_TD = self.embed_tokens(input_ids), None
         for layer, cache in zip(self.layers, kv_caches):
-            h_TD = layer(h_TD, positions, slot_mapping, block_table, cache, self.rope, pad_T)
-        return self.lm_head(self.norm(h_TD)).float()
+            out_TD, res_TD = layer(out_TD, res_TD, positions, slot_mapping, block_table, cache, self.rope, pad_T)
+        x_TD = self.norm(out_TD) if res_TD is None else self.norm.add(out_TD, res_TD)[0]
+        return self.lm_head(x_TD).float()

@@ -56,6 +56,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return ops.rms_norm(x, self.weight, self.eps)  # statistics in fp32 whatever the dtype
 
+    def add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm(x + residual), x + residual), the add rounded to x's dtype: one kernel."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+
 
 class SwiGLU(nn.Module):
     """A dense SwiGLU MLP (dense layers, shared experts). Gate and up are one GEMM: the checkpoint's

@@ -25,6 +25,8 @@ tensors: caches, weights). The split pass relies on it (passes/README.md, invari
         activation "gpt_oss": act = (u + 1) * g * sigmoid(1.702 g)
       and, when limit > 0, g clamped to <= limit and u to [-limit, limit] first.
   rms_norm(x_xD, weight_D, eps) -> weight * (x / rms(x)) (statistics in fp32, product in x's dtype)
+  add_rms_norm(x_xD, residual_xD, weight_D, eps) -> (rms_norm(h, weight, eps), h), h = x + residual
+      in x's dtype (the decoder's residual add and the norm after it, one kernel)
   silu_mul(gu_x2I) -> silu(gu[..., :I]) * gu[..., I:]
   rope_interleaved(x_TxR, positions_T, inv_freq, mul) -> x rotated on pairs (x[2i], x[2i+1])
   rope_half(x_THD, positions_T, inv_freq) -> x rotated on pairs (x[i], x[i + D/2])
@@ -112,6 +114,16 @@ def _(x, weight, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
+@torch.library.custom_op("tbo::add_rms_norm", mutates_args=())
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return impl("add_rms_norm")(x, residual, weight, eps)
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)), x.new_empty(x.shape)
+
+
 @torch.library.custom_op("tbo::silu_mul", mutates_args=())
 def silu_mul(gu: Tensor) -> Tensor:
     return impl("silu_mul")(gu)
@@ -181,12 +193,12 @@ _ops = torch.ops.tbo
 ROWWISE_OPS = frozenset({_ops.paged_attention.default, _ops.latent_attention.default,
                          _ops.moe_experts.default, _ops.rms_norm.default, _ops.silu_mul.default,
                          _ops.rope_interleaved.default, _ops.rope_half.default, _ops.linear_f32.default,
-                         _ops.route_topk.default})
+                         _ops.route_topk.default, _ops.add_rms_norm.default})
 #: op -> positional index of its `world` argument: outputs hold `world` blocks of the input's tokens
 FAN_OUT_OPS = {_ops.dispatch_pack.default: 3}
 #: every kernel op, by name, with its overload (what the backend registry implements)
 KERNEL_OPS = {name: getattr(_ops, name).default for name in
-              ("paged_attention", "latent_attention", "moe_experts", "rms_norm", "silu_mul",
+              ("paged_attention", "latent_attention", "moe_experts", "rms_norm", "add_rms_norm", "silu_mul",
                "rope_interleaved", "rope_half", "linear_f32", "route_topk", "dispatch_pack")}
 
 

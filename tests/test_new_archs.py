@@ -265,8 +265,9 @@ def test_one_layer_matches_reference(tiny_dirs, tiny_models, arch, layer):
     h = torch.randn(T, model.config.hidden_size, generator=torch.Generator().manual_seed(layer)) * 2
     kv = model.new_kv_cache(16)
     b = kv.make_batch([("r", list(range(T)))])
-    got = model.layers[layer](h, b.positions, b.slot_mapping, b.block_table, kv.caches[layer], model.rope,
-                              torch.zeros(T, dtype=torch.bool))
+    out, res = model.layers[layer](h, None, b.positions, b.slot_mapping, b.block_table, kv.caches[layer],
+                                   model.rope, torch.zeros(T, dtype=torch.bool))
+    got = out + res  # the layer returns the residual stream as (MLP output, the sum before it)
     want, ids = _reference_layer(arch, d, layer, h.double())
     torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=1e-4)
     assert len(ids.unique()) >= 4  # the tokens spread over the experts

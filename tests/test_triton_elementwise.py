@@ -115,6 +115,31 @@ def test_rms_norm_random(gen, case, dtype):
     assert_close(te.rms_norm(x, w, 1e-5), ref_rms_norm(x, w, 1e-5), max_ulps=2)
 
 
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["rows40", "heads", "wide_slice", "two_strides", "three_strides"])
+def test_add_rms_norm(gen, case, dtype, exact):
+    """The residual sum is torch's x + residual bit for bit (one rounding); the norm of it as rms_norm
+    (exact with order-independent sums: k/8 + k/8 is still a multiple of 1/8 of at most 4)."""
+    x, r = rms_inputs(gen, case, dtype, exact), rms_inputs(gen, case, dtype, exact)
+    w = randn(gen, x.shape[-1], dtype=dtype)
+    out, h = te.add_rms_norm(x, r, w, 1e-6)
+    want_out, want_h = torch_ref.add_rms_norm(x, r, w, 1e-6)
+    assert h.dtype == x.dtype and h.is_contiguous() and torch.equal(h, want_h)
+    assert_close(out, want_out, exact=exact, max_ulps=2)
+
+
+def test_add_rms_norm_op_and_zero_rows(gen):
+    import tbo_compiler.ops  # noqa: F401  (registers the tbo ops)
+    x, r, w = randn(gen, 6, 64), randn(gen, 6, 64), randn(gen, 64)
+    out, h = torch.ops.tbo.add_rms_norm(x.cpu(), r.cpu(), w.cpu(), 1e-6)  # CPU: the torch reference
+    assert torch.equal(h, x.cpu() + r.cpu()) and torch.equal(out, ref_rms_norm(x.cpu() + r.cpu(), w.cpu(), 1e-6))
+    e, h0 = te.add_rms_norm(x[:0], r[:0], w, 1e-6)
+    assert e.shape == h0.shape == (0, 64)
+    with pytest.raises(AssertionError, match="residual"):
+        te.add_rms_norm(x, r[:3], w, 1e-6)
+
+
 def test_rms_norm_fp32_weight_bf16_x(gen):
     x = exact_sum_input(gen, 4, 512, dtype=torch.bfloat16)
     w = randn(gen, 512)
@@ -232,6 +257,8 @@ def _gpu_cases(gen):
 
     return {   # name: (kernel, reference, static input, exact)
         "rms_norm": (lambda a: te.rms_norm(a, w, 1e-6), lambda a: ref_rms_norm(a, w, 1e-6), x, False),
+        "add_rms_norm": (lambda a: te.add_rms_norm(a, x, w, 1e-6)[0],
+                         lambda a: torch_ref.add_rms_norm(a, x, w, 1e-6)[0], x.clone(), False),
         "rms_norm_kv_slice": (lambda a: te.rms_norm(a, w[:512], 1e-6),
                               lambda a: ref_rms_norm(a, w[:512], 1e-6), kv[:, :512], False),
         "silu_mul": (te.silu_mul, ref_silu_mul, torch.randn(T, 4096, generator=gen).to("cuda", bf) * 3, True),

@@ -46,6 +46,7 @@ PREFERENCE: dict[str, list[str]] = {
     # on H200 (bench/results/kernels_h200.log) but lost at Qwen3's 128 experts (issue 24)
     "moe_experts": ["tuned", "triton", "grouped_mm", "torch"],
     "rms_norm": ["triton", "torch"],
+    "add_rms_norm": ["triton", "torch"],
     "silu_mul": ["triton", "torch"],
     "rope_interleaved": ["triton", "torch"],
     "rope_half": ["triton", "torch"],

@@ -123,6 +123,11 @@ def rms_norm(x, weight, eps):
     return weight * xf.to(x.dtype)
 
 
+def add_rms_norm(x, residual, weight, eps):
+    h = x + residual
+    return rms_norm(h, weight, eps), h
+
+
 def silu_mul(gu):
     gate, up = gu.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -175,6 +180,6 @@ def route_topk(logits, k, scoring="softmax", renormalize=False):
 
 
 IMPLS = {"paged_attention": paged_attention, "latent_attention": latent_attention,
-         "moe_experts": moe_experts, "rms_norm": rms_norm, "silu_mul": silu_mul,
+         "moe_experts": moe_experts, "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "silu_mul": silu_mul,
          "rope_interleaved": rope_interleaved, "rope_half": rope_half, "dispatch_pack": dispatch_pack,
          "linear_f32": linear_f32, "route_topk": route_topk}

@@ -4,7 +4,7 @@
     paged_attention   triton_gqa.py         GQA over the paged cache (sliding window, attention sinks)
     moe_experts       triton_moe.py         fused MoE (indirect row loads, expert biases and the
                                             GLU activation in the epilogues)
-    rms_norm, silu_mul, rope_interleaved, rope_half   triton_elementwise.py
+    rms_norm, add_rms_norm, silu_mul, rope_interleaved, rope_half   triton_elementwise.py
     route_topk        triton_route.py       router scores, top-k and weights in one launch
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 
 NAME = "triton"
 _WHERE = {"latent_attention": "triton_mla", "paged_attention": "triton_gqa", "moe_experts": "triton_moe",
-          "rms_norm": "triton_elementwise", "silu_mul": "triton_elementwise",
+          "rms_norm": "triton_elementwise", "add_rms_norm": "triton_elementwise",
+          "silu_mul": "triton_elementwise",
           "rope_interleaved": "triton_elementwise", "rope_half": "triton_elementwise",
           "route_topk": "triton_route"}
 

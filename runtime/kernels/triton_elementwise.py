@@ -7,6 +7,8 @@ the *rounding sequence* of the torch code it replaces, not just its mathematical
 
   rms_norm(x, w, eps)      torch: xf = x.float(); xf = xf * rsqrt(xf.pow(2).mean(-1) + eps)
                                   out = w * xf.to(x.dtype)
+  add_rms_norm(x, r, w, eps)  torch: h = x + r; (rms_norm(h, w, eps), h)   (the decoder's residual
+      add and the norm after it; the sum is rounded to x's dtype first, as torch's add is)
       fp32 sum of squares; mean = sum * fp32(1/D) (CUDA's MeanOps multiplies by a factor; the CPU
       path divides, sum / D, and the kernel follows whichever device it runs on); rsqrt; the
       normalised row rounded to x.dtype *before* the weight product, which is then done in fp32
@@ -176,14 +178,22 @@ def _cos_sin(ang, INTERP: tl.constexpr):
 # 1. RMSNorm ---------------------------------------------------------------------------------
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, D, inner, s_outer, s_inner, eps, inv_d,
-                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, r_ptr, s_ptr, n_rows, D, inner, s_outer, s_inner,
+                     r_inner, r_outer, r_inner_s, eps, inv_d,
+                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RES: tl.constexpr, INTERP: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     mask = (rows < n_rows)[:, None] & cmask[None, :]
     x_off = _row_offsets(rows, inner, s_outer, s_inner)
     x = _f32(tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0), INTERP)
+    o_off = rows.to(tl.int64) * D
+    if HAS_RES:  # the residual add first, rounded to x's dtype as torch's x + residual is
+        r_off = _row_offsets(rows, r_inner, r_outer, r_inner_s)
+        res = _f32(tl.load(r_ptr + r_off[:, None] + cols[None, :], mask=mask, other=0.0), INTERP)
+        h = _round_to(x + res, x_ptr.dtype.element_ty, INTERP)
+        tl.store(s_ptr + o_off[:, None] + cols[None, :], h, mask=mask)
+        x = _f32(h, INTERP)
     ss = tl.sum(x * x, axis=1)
     if INTERP:  # torch CPU: sum(...).div_(D), rsqrt as 1 / sqrt
         r = 1.0 / tl.sqrt_rn(ss / D + eps)
@@ -192,26 +202,40 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, D, inner, s_outer, s_inner, ep
     y = _f32(_round_to(x * r[:, None], x_ptr.dtype.element_ty, INTERP), INTERP)
     w = _f32(tl.load(w_ptr + cols, mask=cmask, other=0.0), INTERP)
     out = _round_to(w[None, :] * y, o_ptr.dtype.element_ty, INTERP)
-    o_off = rows.to(tl.int64) * D
     tl.store(o_ptr + o_off[:, None] + cols[None, :], out, mask=mask)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """weight * normalise(x) over the last dim; result dtype = torch.promote_types(x, weight)."""
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None) -> tuple[Tensor, Tensor | None]:
     D = x.shape[-1]
     assert weight.shape == (D,), f"weight {tuple(weight.shape)} for rows of {D}"
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    h = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_rows = x.numel() // D if D else 0
     if n_rows == 0:
-        return out
+        return out, h
     x, inner, s_outer, s_inner = _rows(x)
+    res, r_inner, r_outer, r_inner_s = (x, 1, 0, 0) if residual is None else _rows(residual)
     block_d = triton.next_power_of_2(D)
     rows = min(max(1, _TILE // block_d), triton.next_power_of_2(n_rows))
     inv_d = float(np.float32(1.0) / np.float32(D))
     _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
-        x, weight.contiguous(), out, n_rows, D, inner, s_outer, s_inner, eps, inv_d,
-        ROWS=rows, BLOCK_D=block_d, INTERP=_interpreting(), **_launch_opts(rows * block_d))
-    return out
+        x, weight.contiguous(), out, res, out if h is None else h, n_rows, D, inner, s_outer, s_inner,
+        r_inner, r_outer, r_inner_s, eps, inv_d, ROWS=rows, BLOCK_D=block_d, HAS_RES=residual is not None,
+        INTERP=_interpreting(), **_launch_opts(rows * block_d))
+    return out, h
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * normalise(x) over the last dim; result dtype = torch.promote_types(x, weight)."""
+    return _rms_norm(x, weight, eps, None)[0]
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(h), h) with h = x + residual in x's dtype: the residual add and the norm after it
+    in one launch (one read of each input, one write of each output)."""
+    assert residual.shape == x.shape and residual.dtype == x.dtype, \
+        f"residual {tuple(residual.shape)} {residual.dtype} for x {tuple(x.shape)} {x.dtype}"
+    return _rms_norm(x, weight, eps, residual)
 
 
 # 2. SiLU(gate) * up -------------------------------------------------------------------------
