@@ -138,17 +138,22 @@ def _rank_config(num_pairs: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _chunk_keys(ids_ptr, c, P, E, s_n, s_k, K: tl.constexpr, CHUNK: tl.constexpr):
-    """Pair indices of chunk c and their keys: expert id, E if not ours, -1 past P (no lane)."""
-    pair = c * CHUNK + tl.arange(0, CHUNK)
+def _keys(ids_ptr, pair, P, E, s_n, s_k, K: tl.constexpr):
+    """Whether each `pair` (any shape) is real (< P), and its key: expert id, E if not ours."""
     real = pair < P
     n = (pair // K).to(tl.int64)  # int64 addresses: a strided view may sit far into its storage
     k = (pair % K).to(tl.int64)
     v = tl.load(ids_ptr + n * s_n + k * s_k, mask=real, other=-1)
     ours = (v >= 0) & (v < E)  # compared in the ids' own dtype: int64 ids never wrap into [0, E)
-    key = tl.where(ours, v, E).to(tl.int32)
-    key = tl.where(real, key, -1)
-    return pair, real, key
+    return real, tl.where(ours, v, E).to(tl.int32)
+
+
+@triton.jit
+def _chunk_keys(ids_ptr, c, P, E, s_n, s_k, K: tl.constexpr, CHUNK: tl.constexpr):
+    """Pair indices of chunk c and their keys: expert id, E if not ours, -1 past P (no lane)."""
+    pair = c * CHUNK + tl.arange(0, CHUNK)
+    real, key = _keys(ids_ptr, pair, P, E, s_n, s_k, K)
+    return pair, real, tl.where(real, key, -1)
 
 
 @triton.jit
@@ -183,12 +188,7 @@ def _sort_pairs_bitonic_kernel(ids_ptr, pairs_ptr, offs_ptr, P, E, s_n, s_k,
                                K: tl.constexpr, P_P2: tl.constexpr, E_P2: tl.constexpr):
     """Kernel A (module docstring): one tile, a sort of packed (key, pair), a histogram."""
     pair = tl.arange(0, P_P2)
-    real = pair < P
-    n = (pair // K).to(tl.int64)
-    k = (pair % K).to(tl.int64)
-    v = tl.load(ids_ptr + n * s_n + k * s_k, mask=real, other=-1)
-    ours = (v >= 0) & (v < E)
-    key = tl.where(ours, v, E).to(tl.int32)
+    real, key = _keys(ids_ptr, pair, P, E, s_n, s_k, K)
     # distinct values, so the unstable tl.sort gives the stable order; padding sorts last (key E+1)
     packed = tl.where(real, key, E + 1) * P_P2 + pair
     s = tl.sort(packed)
@@ -202,14 +202,8 @@ def _sort_pairs_bitonic_kernel(ids_ptr, pairs_ptr, offs_ptr, P, E, s_n, s_k,
 def _packed_keys(ids_ptr, pair, P, E, s_n, s_k, K: tl.constexpr):
     """Kernel C's sort values of `pair` (any shape): key * P + pair, (E + 1) * P past P (above every
     query, so padding never counts)."""
-    real = pair < P
-    n = (pair // K).to(tl.int64)  # int64 addresses: a strided view may sit far into its storage
-    k = (pair % K).to(tl.int64)
-    v = tl.load(ids_ptr + n * s_n + k * s_k, mask=real, other=-1)
-    ours = (v >= 0) & (v < E)  # compared in the ids' own dtype: int64 ids never wrap into [0, E)
-    key = tl.where(ours, v, E).to(tl.int32)
-    key = tl.where(real, key, E + 1)
-    return key * P + tl.where(real, pair, 0)
+    real, key = _keys(ids_ptr, pair, P, E, s_n, s_k, K)
+    return tl.where(real, key, E + 1) * P + tl.where(real, pair, 0)
 
 
 @triton.jit
