@@ -30,8 +30,8 @@ Algorithm, one program per BT rows, the [BT, E_P2] tile in registers:
      One store of the [BT, K] ids (int64) and weights.
 Cost: the tile is read once; 2K row reductions over E_P2 lanes, a few us at any batch size here.
 
-Under Triton's interpreter (CPU tests) libdevice is unavailable: tl.exp and a plain division
-stand in (the tests compare to fp32 rounding, not bits).
+Under Triton's interpreter (CPU tests) libdevice is unavailable: tl.exp stands in
+(triton_elementwise._exp; the tests compare to fp32 rounding, not bits).
 """
 from __future__ import annotations
 
@@ -39,9 +39,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
-
 from tbo_compiler.runtime.env import flag
+from tbo_compiler.runtime.kernels.triton_elementwise import _exp
 
 SCORINGS = ("softmax", "topk_softmax")
 _MAX_EXPERTS = 1024   # one row of logits is one tile of at most this many lanes
@@ -65,20 +64,6 @@ def supported(logits: Tensor, k: int = 1, scoring: str = "softmax", renormalize:
 
 
 @triton.jit
-def _exp(x, INTERP: tl.constexpr):
-    if INTERP:
-        return tl.exp(x)
-    return libdevice.exp(x)
-
-
-@triton.jit
-def _div(a, b, INTERP: tl.constexpr):
-    if INTERP:
-        return a / b
-    return tl.math.div_rn(a, b)
-
-
-@triton.jit
 def _route_kernel(x_ptr, ids_ptr, w_ptr, T, E, s_t,
                   K: tl.constexpr, K_P2: tl.constexpr, E_P2: tl.constexpr, BT: tl.constexpr,
                   SOFTMAX_FIRST: tl.constexpr, RENORM: tl.constexpr, INTERP: tl.constexpr):
@@ -94,7 +79,7 @@ def _route_kernel(x_ptr, ids_ptr, w_ptr, T, E, s_t,
         m = tl.where(m == float("-inf"), 0.0, m)  # padding rows: no NaN from -inf - -inf
         e = _exp(x - m[:, None], INTERP)
         s = tl.sum(e, 1)
-        cur = _div(e, tl.where(s == 0.0, 1.0, s)[:, None], INTERP)  # padding rows: 0, not 0 / 0
+        cur = tl.div_rn(e, tl.where(s == 0.0, 1.0, s)[:, None])  # padding rows: 0, not 0 / 0
         cur = tl.where(c_ok[None, :], cur, float("-inf"))
     else:
         cur = x
@@ -114,13 +99,13 @@ def _route_kernel(x_ptr, ids_ptr, w_ptr, T, E, s_t,
         w = sel_v
         if RENORM:
             s = tl.sum(tl.where(k_ok[None, :], w, 0.0), 1)
-            w = _div(w, tl.where(s == 0.0, 1.0, s)[:, None], INTERP)
+            w = tl.div_rn(w, tl.where(s == 0.0, 1.0, s)[:, None])
     else:
         top = tl.max(tl.where(k_ok[None, :], sel_v, float("-inf")), 1)  # column 0: the largest
         top = tl.where(top == float("-inf"), 0.0, top)
         e = tl.where(k_ok[None, :], _exp(sel_v - top[:, None], INTERP), 0.0)
         s = tl.sum(e, 1)
-        w = _div(e, tl.where(s == 0.0, 1.0, s)[:, None], INTERP)
+        w = tl.div_rn(e, tl.where(s == 0.0, 1.0, s)[:, None])
     out = r.to(tl.int64)[:, None] * K + kc[None, :]
     ok = r_ok[:, None] & k_ok[None, :]
     tl.store(ids_ptr + out, sel_i.to(tl.int64), mask=ok)
