@@ -575,7 +575,7 @@ def rank_serve(rank: int, world: int, cfg: dict) -> list[dict]:
                 res = serve_loop(runs, kv, mine, concurrency=-(-conc // world), token_budget=cfg["token_budget"],
                                  max_blocks=cfg["max_blocks"], world=world, device=device, barrier=barrier,
                                  overlap=overlap)
-                res.update(mode=mode + ("+overlap" if overlap and len(overlaps) > 1 else ""), overlap=overlap,
+                res.update(mode=mode + ("+overlap" if overlap else ""), overlap=overlap,
                            concurrency=conc,
                            decisions={k: {b: d["variant"] for b, d in sorted(r.decisions.items())}
                                       for k, r in runs.items()})
