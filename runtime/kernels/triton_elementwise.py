@@ -7,12 +7,12 @@ the *rounding sequence* of the torch code it replaces, not just its mathematical
 
   rms_norm(x, w, eps)      torch: xf = x.float(); xf = xf * rsqrt(xf.pow(2).mean(-1) + eps)
                                   out = w * xf.to(x.dtype)
-  add_rms_norm(x, r, w, eps)  torch: h = x + r; (rms_norm(h, w, eps), h)   (the decoder's residual
-      add and the norm after it; the sum is rounded to x's dtype first, as torch's add is)
       fp32 sum of squares; mean = sum * fp32(1/D) (CUDA's MeanOps multiplies by a factor; the CPU
       path divides, sum / D, and the kernel follows whichever device it runs on); rsqrt; the
       normalised row rounded to x.dtype *before* the weight product, which is then done in fp32
       and rounded once to the result dtype (torch's promotion of x and w).
+  add_rms_norm(x, r, w, eps)  torch: h = x + r; (rms_norm(h, w, eps), h)   (the decoder's residual
+      add and the norm after it; the sum is rounded to x's dtype first, as torch's add is)
   silu_mul(gu)             torch: F.silu(gu[..., :I]) * gu[..., I:]
       silu = g / (1 + exp(-g)) in fp32 (IEEE division, full-precision expf, like torch's CUDA
       kernel), rounded to the input dtype, then the product in fp32 rounded again.
