@@ -263,6 +263,67 @@ def attention_rows(T: int, ctx: int, reps: int, replays: int, block: int = 64) -
     return rows
 
 
+#: (tile rows, tile block_n, tile warps, tile stages) tried for the prefill run kernel; the first is
+#: the kernel's default (128 rows = tokens x the R heads of a kv head); "tiles only" drops the
+#: per-token kernel (whose programs all exit at once when every tile was a run) to show its cost
+PREFILL_ATTN_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                        (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 2)]
+
+
+def prefill_attention_rows(n_req: int, new: int, reps: int, replays: int, block: int = 64) -> list[dict]:
+    """The prefill attention (run kernel + per-token kernel) of n_req requests of `new` tokens at
+    positions 0..new-1 (the roofline's prefill buckets) at each PREFILL_ATTN_CONFIGS entry, checked
+    against the default's output; rate = causal score + value FLOPs / time."""
+    from tbo_compiler.runtime.kernels import triton_gqa as tg
+
+    rows = []
+    for name, a in ATTN.items():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        nb = -(-new // block)
+        T = n_req * new
+        kv = (torch.randn(n_req * nb * block + block, 2, a["G"], a["Dh"], device="cuda", generator=g) * 0.5).bfloat16()
+        table = (torch.randperm(n_req * nb, device="cuda", generator=g) + 1).view(n_req, nb).int()
+        bt = table.repeat_interleave(new, 0)
+        pos = torch.arange(new, device="cuda", dtype=torch.int32).repeat(n_req)
+        q = torch.randn(T, a["H"], a["Dh"], device="cuda", generator=g).bfloat16()
+        sinks = torch.randn(a["H"], device="cuda", generator=g) if a["sinks"] else None
+        keys = (pos.clamp(max=a["window"] - 1) + 1) if a["window"] else pos + 1
+        flops = 4.0 * float(keys.sum()) * a["H"] * a["Dh"]
+        row = dict(case=name, tokens=T, requests=n_req, flops=flops, configs={})
+        R = a["H"] // a["G"]
+        ref = None
+        for rows_, bn, nw, ns in PREFILL_ATTN_CONFIGS:
+            for tiles_only in (False, True):
+                if tiles_only and (rows_, bn, nw, ns) != PREFILL_ATTN_CONFIGS[0]:
+                    continue
+                key = f"m{rows_}_bn{bn}_w{nw}_s{ns}" + ("_tiles_only" if tiles_only else "")
+                tt = rows_ // R
+
+                def fn(tt=tt, bn=bn, nw=nw, ns=ns, tiles_only=tiles_only):
+                    return tg.paged_attention(q, kv, bt, pos, block, a["Dh"] ** -0.5, sinks, a["window"],
+                                              tile_tokens=tt, tile_block_n=bn, tile_warps=nw, tile_stages=ns,
+                                              per_token=not tiles_only)
+                try:
+                    if tt < 2 or R * tt != rows_:
+                        raise ValueError(f"{rows_} rows is not whole tokens of {R} heads")
+                    out = fn().float()
+                    ref = out if ref is None else ref
+                    err = float((out - ref).abs().max())
+                    ms = round(graph_ms(fn, reps, replays), 4)
+                    row["configs"][key] = dict(ms=ms, max_diff_vs_default=err, tflops=round(flops / ms / 1e9, 1))
+                except Exception as e:  # noqa: BLE001 - a config that does not fit must not hide the rest
+                    row["configs"][key] = dict(error=f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+                print(f"prefill attention {name} T={T} {key:30s} {row['configs'][key]}", flush=True)
+        ok = {k: v["ms"] for k, v in row["configs"].items() if "ms" in v and not k.endswith("tiles_only")}
+        if ok:
+            row["best"] = min(ok, key=ok.get)
+            row["best_ms"] = ok[row["best"]]
+        rows.append(row)
+        del kv
+        torch.cuda.empty_cache()
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | N | floor ms (GEMM / weights) | best | best ms | % of floor | grouped_mm ms | "
              "fused default ms | parts (ms) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -282,6 +343,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--replays", type=int, default=5)
     ap.add_argument("--attention", action="store_true", help="also the decode attention configs (T = 256, ctx 512)")
+    ap.add_argument("--prefill-attention", action="store_true",
+                    help="also the prefill attention configs (8 requests x 512 new tokens)")
     ap.add_argument("--no-moe", dest="moe", action="store_false", help="skip the expert candidates")
     ap.add_argument("--out", default="out/moe_bench")
     a = ap.parse_args(argv)
@@ -291,12 +354,13 @@ def main(argv=None) -> int:
     import triton
     rows = run(a.models.split(","), [int(t) for t in a.tokens.split(",")], a.reps, a.replays) if a.moe else []
     attn = attention_rows(256, 512, a.reps, a.replays) if a.attention else []
+    pattn = prefill_attention_rows(8, 512, a.reps, a.replays) if a.prefill_attention else []
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), reps=a.reps, replays=a.replays)
-    (out / "moe_bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, attention=attn), indent=1))
+    (out / "moe_bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, attention=attn, prefill_attention=pattn), indent=1))
     (out / "moe_bench.md").write_text(markdown(rows))
     print(markdown(rows))
     return 0

@@ -46,12 +46,16 @@ def test_grouped_path_matches_reference(activation, limit, bias):
 def test_every_candidate_matches_reference_bf16(N, D, I, E, K):
     """Qwen3-30B-A3B, GPT-OSS-20B and Mixtral expert dims: each candidate the tuner may pick."""
     args = make(N, D, I, E, K, torch.bfloat16, p_invalid=0.0, device="cuda")
+    ran = []
     for name, fn in mt.candidates(args).items():
         try:
             out = fn(*args)
         except Exception as e:  # a tile that does not fit is left out by the tuner, not a wrong answer
-            pytest.skip(f"{name}: {e}")
+            print(f"{name} left out: {' '.join(str(e).split())[:160]}")
+            continue
         _close(out, args, TOL[torch.bfloat16])
+        ran.append(name)
+    assert "triton_default" in ran and len(ran) > 1, ran
 
 
 @pytest.fixture

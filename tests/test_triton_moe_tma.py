@@ -19,9 +19,11 @@ from test_triton_moe import TOL, make, reference
 GPU = torch.cuda.is_available()
 
 
-def _tiny(swap: bool, block_m: int = 16, half_tail: bool = False) -> tt.TmaConfig:
+def _tiny(swap: bool, block_m: int = 16, half_tail: bool = False, persistent: bool = False,
+          quarter_tail: bool = False) -> tt.TmaConfig:
     return tt.TmaConfig(block_m, tm.GemmTile(32, 32, 4, 1), tm.GemmTile(32, 32, 4, 1), swap=swap,
-                        half_tail=half_tail, group_m=2, block_d=32)
+                        half_tail=half_tail, group_m=2, block_d=32, persistent=persistent,
+                        quarter_tail=quarter_tail)
 
 
 def _check(args, cfg):
@@ -53,6 +55,26 @@ def test_half_height_tail_blocks():
     counts = torch.bincount(ids[ids >= 0], minlength=6) % 32
     assert ((counts > 0) & (counts <= 16)).any() and (counts > 16).any()
     _check(args, _tiny(False, block_m=32, half_tail=True))
+
+
+@pytest.mark.skipif(GPU, reason="interpreter check; the GPU check is in test_moe_tuning.py")
+@pytest.mark.parametrize("persistent", [False, True])
+def test_quarter_height_swapped_tail_blocks(persistent):
+    """64-row blocks: last blocks of <= 16 rows run the swapped 16-row tile, 17..32 the half tile,
+    more the full one; all three occur with these counts."""
+    args = make(128, 64, 48, 5, 3, torch.float32, p_invalid=0.05, seed=4)
+    ids = args[1]
+    tails = torch.bincount(ids[ids >= 0], minlength=5) % 64
+    assert ((tails > 0) & (tails <= 16)).any() and ((tails > 16) & (tails <= 32)).any() and (tails > 32).any(), tails
+    _check(args, _tiny(False, block_m=64, half_tail=True, quarter_tail=True, persistent=persistent))
+
+
+@pytest.mark.skipif(GPU, reason="interpreter check; the GPU check is in test_moe_tuning.py")
+def test_persistent_programs_cover_every_tile():
+    """Persistent launch (4 programs on CPU, looping over ~40 output tiles, blocks without an
+    expert skipped inside the loop), with half-height tail blocks: same result."""
+    args = make(64, 64, 48, 6, 2, torch.float32, p_invalid=0.1, drop_expert=3, seed=6)
+    _check(args, _tiny(False, block_m=32, half_tail=True, persistent=True))
 
 
 @pytest.mark.skipif(GPU, reason="interpreter check; the GPU check is in test_moe_tuning.py")

@@ -301,8 +301,11 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions:
                     block_size: int, scale: float, sinks: Tensor | None = None, window: int = 0, *,
                     block_n: int | None = None, num_splits: int | None = None,
                     tile_tokens: int | None = None, per_token: bool = True,
-                    num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
-    """GQA over a paged cache; see the module docstring. No host sync."""
+                    num_warps: int | None = None, num_stages: int | None = None,
+                    tile_block_n: int | None = None, tile_warps: int | None = None,
+                    tile_stages: int | None = None) -> Tensor:
+    """GQA over a paged cache; see the module docstring. No host sync. The keyword-only knobs
+    (tiles of the per-token kernel, then of the run kernel) are for tests and benches."""
     T, H, Dh = q.shape
     G = kv_cache.shape[2]
     R = H // G
@@ -334,9 +337,9 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions:
             q, kv_cache, block_table, positions, sink_arg, out, done, scale * _LOG2E, T, win,
             q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
             block_table.stride(0), out.stride(0), out.stride(1), NB,
-            R=R, DH=Dh, BS=block_size, TILE_T=tile_t, NB_P2=triton.next_power_of_2(NB), BLOCK_N=bn,
+            R=R, DH=Dh, BS=block_size, TILE_T=tile_t, NB_P2=triton.next_power_of_2(NB), BLOCK_N=tile_block_n or bn,
             BLOCK_D=block_d, PREC=prec, HAS_SINKS=sinks is not None, BLOCK_M=tile_t * R,
-            num_warps=8 if tile_t * R >= 128 else 4, num_stages=3)
+            num_warps=tile_warps or (8 if tile_t * R >= 128 else 4), num_stages=tile_stages or 3)
     meta = dict(R=R, DH=Dh, BS=block_size, SPLITS=splits, BLOCK_M=max(16, triton.next_power_of_2(R)),
                 BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, HAS_SINKS=sinks is not None, TILE_T=tile_t,
                 num_warps=num_warps or 4, num_stages=num_stages or 3)

@@ -27,6 +27,15 @@ them to 64; swapped, the weight tile is the M operand (BN = 64/128 rows of weigh
 or 32 routed rows are the N operand, so every MMA does useful work while the weights stream: the
 accumulator is [BN, BM] and is transposed once for the epilogue.
 
+QUARTER_TAIL (prefill): a last block of at most BM/4 rows (32 of 128) runs the swapped tile of
+SWAP, the rows as the MMA's N (which may be as small as 8), not padded to a 64-row M: at Qwen3's
+256 +- 16 rows an expert about half the experts end with such a block.
+
+PERSISTENT (prefill): one program per SM, each taking every SMs-th output tile (the same tiles in
+the same swizzled order; blocks without an expert are skipped inside the loop), instead of one
+program per tile: no tail wave of partly filled SMs and no program launch per tile. The trip count
+is a constexpr (cdiv(tiles, SMs)), so each token count compiles its own kernel.
+
 Descriptors need 16-byte aligned row strides (D and I multiples of 8 in 16-bit types) and
 contiguous weights: `supported` says so, the tuner offers these candidates only then. Out-of-range
 tile elements read as zero (descriptor padding). No host sync: capturable in a CUDA graph (the
@@ -51,8 +60,10 @@ class TmaConfig:
     down: tm.GemmTile
     swap: bool = False
     half_tail: bool = False  # an expert's last block with <= block_m/2 rows runs a half-height tile
+    quarter_tail: bool = False  # ... and one with <= block_m/4 rows a quarter-height swapped tile
     group_m: int = 8
     block_d: int = 1024
+    persistent: bool = False  # one program per SM looping over the output tiles, not one per tile
 
 
 def supported(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor, *rest) -> bool:
@@ -124,22 +135,48 @@ def _gate_up_tile(a_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be,
 
 
 @triton.jit
-def _gate_up_tma_kernel(a_desc, a_half_desc, w_desc, b_ptr, h_ptr, offs_ptr, E, num_blocks, limit, s_be,
-                        D: tl.constexpr, I: tl.constexpr,
+def _gate_up_block(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, h_ptr, offs_ptr, tile, E, num_blocks,
+                   limit, s_be, D: tl.constexpr, I: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr, E_P2: tl.constexpr, SWAP: tl.constexpr, HALF_TAIL: tl.constexpr,
+                   QUARTER_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr):
+    """Output tile `tile` of the gate/up GEMM (nothing when its block has no expert)."""
+    pid_m, pid_n = tm._swizzle(tile, num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
+    e, start, end = tm._block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
+    if e < E:
+        n0 = pid_n * BLOCK_N
+        if QUARTER_TAIL and end - start <= BLOCK_M // 4:  # a last block of <= BM/4 rows: swapped MMA
+            _gate_up_tile(a_quarter_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be, D, I,
+                          BLOCK_M // 4, BLOCK_N, BLOCK_K, True, HAS_BIAS, ACT, CLAMP)
+        elif HALF_TAIL and end - start <= BLOCK_M // 2:  # an expert's last block with at most half its rows
+            _gate_up_tile(a_half_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be, D, I, BLOCK_M // 2,
+                          BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, ACT, CLAMP)
+        else:
+            _gate_up_tile(a_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be, D, I, BLOCK_M,
+                          BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, ACT, CLAMP)
+
+
+@triton.jit
+def _gate_up_tma_kernel(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, h_ptr, offs_ptr, E, num_blocks, limit,
+                        s_be, D: tl.constexpr, I: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, E_P2: tl.constexpr, SWAP: tl.constexpr, HALF_TAIL: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr):
-    pid_m, pid_n = tm._swizzle(tl.program_id(0), num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
-    e, start, end = tm._block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
-    if e >= E:
-        return
-    n0 = pid_n * BLOCK_N
-    if HALF_TAIL and end - start <= BLOCK_M // 2:  # an expert's last block with at most half its rows
-        _gate_up_tile(a_half_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be, D, I, BLOCK_M // 2,
-                      BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, ACT, CLAMP)
+                        QUARTER_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, ITERS: tl.constexpr):
+    """One program per output tile (ITERS = 0), or a persistent grid whose programs take ITERS
+    tiles each, strided by the grid (a constexpr trip count: Triton's interpreter cannot loop to a
+    runtime bound)."""
+    if ITERS > 0:
+        tiles = num_blocks * tl.cdiv(I, BLOCK_N)
+        for i in range(ITERS):
+            tile = tl.program_id(0) + i * tl.num_programs(0)
+            if tile < tiles:
+                _gate_up_block(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, h_ptr, offs_ptr, tile, E,
+                               num_blocks, limit, s_be, D, I, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, E_P2, SWAP,
+                               HALF_TAIL, QUARTER_TAIL, HAS_BIAS, ACT, CLAMP)
     else:
-        _gate_up_tile(a_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be, D, I, BLOCK_M,
-                      BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, ACT, CLAMP)
+        _gate_up_block(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, h_ptr, offs_ptr, tl.program_id(0), E,
+                       num_blocks, limit, s_be, D, I, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, E_P2, SWAP, HALF_TAIL,
+                       QUARTER_TAIL, HAS_BIAS, ACT, CLAMP)
 
 
 @triton.jit
@@ -175,26 +212,57 @@ def _down_tile(a_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, e, start, end, n
 
 
 @triton.jit
-def _down_tma_kernel(a_desc, a_half_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr,
+def _down_block(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr, tile,
+                E, num_blocks, s_be, s_tn, s_tk,
+                D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr, E_P2: tl.constexpr, SWAP: tl.constexpr, HALF_TAIL: tl.constexpr,
+                QUARTER_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Output tile `tile` of the down GEMM (nothing when its block has no expert)."""
+    pid_m, pid_n = tm._swizzle(tile, num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
+    e, start, end = tm._block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
+    if e < E:
+        n0 = pid_n * BLOCK_N
+        if QUARTER_TAIL and end - start <= BLOCK_M // 4:
+            _down_tile(a_quarter_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, e, start, end, n0, s_be, s_tn, s_tk,
+                       D, I, K, BLOCK_M // 4, BLOCK_N, BLOCK_K, True, HAS_BIAS)
+        elif HALF_TAIL and end - start <= BLOCK_M // 2:
+            _down_tile(a_half_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, e, start, end, n0, s_be, s_tn, s_tk,
+                       D, I, K, BLOCK_M // 2, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS)
+        else:
+            _down_tile(a_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, e, start, end, n0, s_be, s_tn, s_tk,
+                       D, I, K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS)
+
+
+@triton.jit
+def _down_tma_kernel(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr,
                      E, num_blocks, s_be, s_tn, s_tk,
                      D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, E_P2: tl.constexpr, SWAP: tl.constexpr, HALF_TAIL: tl.constexpr,
-                     HAS_BIAS: tl.constexpr):
-    pid_m, pid_n = tm._swizzle(tl.program_id(0), num_blocks, tl.cdiv(D, BLOCK_N), GROUP_M)
-    e, start, end = tm._block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
-    if e >= E:
-        return
-    n0 = pid_n * BLOCK_N
-    if HALF_TAIL and end - start <= BLOCK_M // 2:
-        _down_tile(a_half_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, e, start, end, n0, s_be, s_tn, s_tk,
-                   D, I, K, BLOCK_M // 2, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS)
+                     QUARTER_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, ITERS: tl.constexpr):
+    if ITERS > 0:
+        tiles = num_blocks * tl.cdiv(D, BLOCK_N)
+        for i in range(ITERS):
+            tile = tl.program_id(0) + i * tl.num_programs(0)
+            if tile < tiles:
+                _down_block(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr,
+                            tile, E, num_blocks, s_be, s_tn, s_tk, D, I, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                            E_P2, SWAP, HALF_TAIL, QUARTER_TAIL, HAS_BIAS)
     else:
-        _down_tile(a_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, e, start, end, n0, s_be, s_tn, s_tk,
-                   D, I, K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, HAS_BIAS)
+        _down_block(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, tw_ptr, y_ptr, pairs_ptr, offs_ptr,
+                    tl.program_id(0), E, num_blocks, s_be, s_tn, s_tk, D, I, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                    E_P2, SWAP, HALF_TAIL, QUARTER_TAIL, HAS_BIAS)
 
 
 # Step 3: the op ----------------------------------------------------------------------------------
+
+def _num_sms(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM (CPU interpreter: a few, so the loop runs)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
 
 def _desc(t: Tensor, block: list[int]):
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -213,7 +281,15 @@ def moe_experts_tma(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2
     pairs, offs = tm._sort_pairs(topk_ids, E)
     num_blocks = triton.cdiv(P, BM) + E
     common = dict(BLOCK_M=BM, GROUP_M=cfg.group_m, E_P2=max(2, triton.next_power_of_2(E)), SWAP=cfg.swap,
-                  HALF_TAIL=cfg.half_tail)
+                  HALF_TAIL=cfg.half_tail, QUARTER_TAIL=cfg.quarter_tail)
+    sms = _num_sms(x.device) if cfg.persistent else 0
+
+    def launch(tiles: int) -> dict:
+        """Grid and trip count: one program per tile, or one per SM taking cdiv(tiles, SMs) each."""
+        if not cfg.persistent:
+            return dict(grid=(tiles,), ITERS=0)
+        progs = min(tiles, sms)
+        return dict(grid=(progs,), ITERS=triton.cdiv(tiles, progs))
 
     xs = x.new_empty(P, D)
     rows = 16
@@ -225,24 +301,28 @@ def moe_experts_tma(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2
     b13 = None if w13_bias is None else w13_bias.contiguous()
     b2 = None if w2_bias is None else w2_bias.contiguous()
     a_desc = _desc(xs, [BM, gu.block_k])
-    _gate_up_tma_kernel[(num_blocks * triton.cdiv(I, gu.block_n),)](
+    gl = launch(num_blocks * triton.cdiv(I, gu.block_n))
+    _gate_up_tma_kernel[gl.pop("grid")](
         a_desc, _desc(xs, [BM // 2, gu.block_k]) if cfg.half_tail else a_desc,
+        _desc(xs, [BM // 4, gu.block_k]) if cfg.quarter_tail else a_desc,
         _desc(w13.view(E * 2 * I, D), [gu.block_n, gu.block_k]),
         w13 if b13 is None else b13, h, offs, E, num_blocks, float(limit), 0 if b13 is None else b13.stride(0),
         D=D, I=I, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, HAS_BIAS=b13 is not None,
         ACT=tm._ACTIVATIONS[activation], CLAMP=limit > 0,
-        num_warps=gu.num_warps, num_stages=gu.num_stages, **common)
+        num_warps=gu.num_warps, num_stages=gu.num_stages, **gl, **common)
 
     dn = cfg.down
     y_pairs = x.new_empty(P, D)
     h_desc = _desc(h, [BM, dn.block_k])
-    _down_tma_kernel[(num_blocks * triton.cdiv(D, dn.block_n),)](
+    dl = launch(num_blocks * triton.cdiv(D, dn.block_n))
+    _down_tma_kernel[dl.pop("grid")](
         h_desc, _desc(h, [BM // 2, dn.block_k]) if cfg.half_tail else h_desc,
+        _desc(h, [BM // 4, dn.block_k]) if cfg.quarter_tail else h_desc,
         _desc(w2.view(E * D, I), [dn.block_n, dn.block_k]),
         w2 if b2 is None else b2, topk_w, y_pairs, pairs, offs, E, num_blocks,
         0 if b2 is None else b2.stride(0), topk_w.stride(0), topk_w.stride(1),
         D=D, I=I, K=K, BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, HAS_BIAS=b2 is not None,
-        num_warps=dn.num_warps, num_stages=dn.num_stages, **common)
+        num_warps=dn.num_warps, num_stages=dn.num_stages, **dl, **common)
     return tm.sum_over_k(y_pairs, topk_ids, E, cfg.block_d)
 
 
@@ -251,6 +331,16 @@ def moe_experts_tma(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2
 CONFIGS = {
     "tma_bm128_n128": TmaConfig(128, tm.GemmTile(128, 64, 8, 3), tm.GemmTile(256, 64, 8, 3)),
     "tma_bm128_n128_ht": TmaConfig(128, tm.GemmTile(128, 64, 8, 3), tm.GemmTile(256, 64, 8, 3), half_tail=True),
+    # prefill candidates not yet measured on the GPU (the tuner decides): one program per SM over
+    # the tiles (no tail wave, no launch per tile), and a fourth pipeline stage (4 x 48 KB of tiles)
+    "tma_bm128_n128_ht_p": TmaConfig(128, tm.GemmTile(128, 64, 8, 3), tm.GemmTile(256, 64, 8, 3), half_tail=True,
+                                     persistent=True),
+    "tma_bm128_n128_ht_s4": TmaConfig(128, tm.GemmTile(128, 64, 8, 4), tm.GemmTile(256, 64, 8, 4), half_tail=True),
+    "tma_bm128_n128_hq": TmaConfig(128, tm.GemmTile(128, 64, 8, 3), tm.GemmTile(256, 64, 8, 3), half_tail=True,
+                                   quarter_tail=True),
+    "tma_bm128_n128_hq_p": TmaConfig(128, tm.GemmTile(128, 64, 8, 3), tm.GemmTile(256, 64, 8, 3), half_tail=True,
+                                     quarter_tail=True, persistent=True),
+    "tma_bm128_n128_ht_k128": TmaConfig(128, tm.GemmTile(128, 128, 8, 2), tm.GemmTile(256, 128, 8, 2), half_tail=True),
     "tma_bm64_n128_w8": TmaConfig(64, tm.GemmTile(128, 64, 8, 4), tm.GemmTile(256, 64, 8, 3)),
     "tma_bm128_n64": TmaConfig(128, tm.GemmTile(64, 64, 8, 4), tm.GemmTile(128, 64, 8, 4)),
     "tma_bm64_n128": TmaConfig(64, tm.GemmTile(128, 64, 4, 4), tm.GemmTile(128, 64, 4, 4)),
