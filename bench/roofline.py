@@ -257,8 +257,9 @@ _ATTENTION = {"paged_attention", "latent_attention", "scaled_dot_product_attenti
               "_scaled_dot_product_cudnn_attention", "flash_attention"}
 _EXPERTS = {"moe_experts", "_grouped_mm", "grouped_mm", "dispatch_pack", "dispatch_start", "dispatch_wait",
             "combine_start", "combine_wait"}
-_GEMM = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "einsum"}
-_ROUTING = {"topk", "sort", "argsort", "_softmax", "softmax", "sigmoid", "one_hot", "linear_f32", "route_topk"}
+#: linear_f32 (fp32 out) is the routers' GEMM and the lm_head's: its weight tells which
+_GEMM = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "einsum", "linear_f32"}
+_ROUTING = {"topk", "sort", "argsort", "_softmax", "softmax", "sigmoid", "one_hot", "route_topk"}
 _KV_WRITE = {"index_put", "index_put_", "copy_"}
 _NORM_ACT = {"add", "sub", "mul", "div", "neg", "exp", "pow", "rsqrt", "sqrt", "mean", "sum", "clamp",
              "clamp_min", "clamp_max", "minimum", "maximum", "where", "silu", "gelu", "tanh", "sigmoid",

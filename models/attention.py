@@ -4,7 +4,9 @@ over the paged cache (Qwen3-MoE, Mixtral, GPT-OSS; DeepSeek's MLA lives in deeps
 Legend: T tokens, D hidden, H query heads, G kv heads, Dh head_dim, S cache slots
 (num_blocks * block_size), B blocks per request.
 
-GQA cache entry per token and layer: [2, G, Dh] (k, v), keys stored after RoPE.
+GQA cache entry per token and layer: [2, G, Dh] (k, v), keys stored after RoPE. With a RopeHalf
+(Qwen3-MoE, Mixtral, GPT-OSS) and at most FUSED_ROPE_MAX_TOKENS tokens, the q/k norms, both ropes
+and the entry are one kernel, tbo.qk_rope_kv (the same bits as the ops); otherwise the separate ops.
 """
 from __future__ import annotations
 
@@ -20,6 +22,26 @@ ops = torch.ops.tbo
 
 #: rope(x [T, heads, R], positions_T) -> x rotated: what the model shell hands every attention
 Rope = Callable[[Tensor, Tensor], Tensor]
+
+
+#: the most tokens a step runs tbo.qk_rope_kv at; more run the separate ops. On an H200 (roofline,
+#: 2026-12-03) the one kernel beat them at decode 256 (Qwen3: 0.27 against 0.48 ms of kernels a
+#: step) but lost at prefill 4096 (Qwen3 3.40 against 2.72 ms, GPT-OSS 2.02 against 0.93,
+#: Mixtral 3.05 against 1.55): bench/rope_bench.py times both
+FUSED_ROPE_MAX_TOKENS = 512
+
+
+class RopeHalf:
+    """The Rope of half-split pairs (x[i], x[i + R/2]) over a table: tbo.rope_half. An architecture
+    returns one from its `rope` (a property, so it reads the model's current inv_freq buffer);
+    GQAAttention recognises it by `kind` and folds it into tbo.qk_rope_kv."""
+    kind = "half"
+
+    def __init__(self, inv_freq: Tensor):
+        self.inv_freq = inv_freq
+
+    def __call__(self, x: Tensor, positions_T: Tensor) -> Tensor:
+        return ops.rope_half(x, positions_T, self.inv_freq)
 
 
 # Step 1: rotary tables -------------------------------------------------------------------------
@@ -91,10 +113,16 @@ class GQAAttention(nn.Module):
         q_THD = self.q_proj(x_TD).view(T, self.H, self.Dh)
         k_TGD = self.k_proj(x_TD).view(T, self.G, self.Dh)
         v_TGD = self.v_proj(x_TD).view(T, self.G, self.Dh)
-        if hasattr(self, "q_norm"):
-            q_THD, k_TGD = self.q_norm(q_THD), self.k_norm(k_TGD)
-        q_THD, k_TGD = rope(q_THD, positions_T), rope(k_TGD, positions_T)
-        cache_S2GD.index_put_((slot_mapping_T,), torch.stack([k_TGD, v_TGD], 1).to(cache_S2GD.dtype))
+        norms = hasattr(self, "q_norm")
+        if getattr(rope, "kind", None) == "half" and T <= FUSED_ROPE_MAX_TOKENS:  # one kernel
+            qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if norms else ()
+            q_THD, kv_T2GD = ops.qk_rope_kv(q_THD, k_TGD, v_TGD, positions_T, rope.inv_freq, *qk_norm)
+        else:
+            if norms:
+                q_THD, k_TGD = self.q_norm(q_THD), self.k_norm(k_TGD)
+            q_THD, k_TGD = rope(q_THD, positions_T), rope(k_TGD, positions_T)
+            kv_T2GD = torch.stack([k_TGD, v_TGD], 1)
+        cache_S2GD.index_put_((slot_mapping_T,), kv_T2GD.to(cache_S2GD.dtype))
         args = (q_THD, cache_S2GD, block_table_TB, positions_T, self.block_size, self.scale)
         if self.sinks is not None or self.window:  # plain GQA calls the op with its original arguments
             args += (self.sinks, self.window)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tbo_compiler.models.attention import GQAAttention, rope_inv_freq, rope_type
+from tbo_compiler.models.attention import GQAAttention, RopeHalf, rope_inv_freq, rope_type
 from tbo_compiler.models.decoder import DecoderModel
 from tbo_compiler.models.moe import FusedExperts, MoEBlock, ParallelConfig
 
@@ -139,8 +139,9 @@ class GptOssModel(DecoderModel):
     def rope_table(self) -> tuple[Tensor, float]:
         return rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
 
-    def rope(self, x: Tensor, positions_T: Tensor) -> Tensor:
-        return ops.rope_half(x, positions_T, self.inv_freq)  # the yarn multiplier is in the scale
+    @property
+    def rope(self) -> RopeHalf:  # a property: the shell's `self.rope` is a RopeHalf on the current table
+        return RopeHalf(self.inv_freq)  # the yarn multiplier is in the scale
 
     def cache_entry_shape(self, i: int) -> tuple[int, ...]:
         return (2, self.config.num_key_value_heads, self.config.head_dim)

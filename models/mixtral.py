@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-from tbo_compiler.models.attention import GQAAttention, rope_inv_freq
+from tbo_compiler.models.attention import GQAAttention, RopeHalf, rope_inv_freq
 from tbo_compiler.models.decoder import DecoderModel
 from tbo_compiler.models.moe import MoEBlock, ParallelConfig, SoftmaxTopkRouter
-
-ops = torch.ops.tbo
 
 
 @dataclass
@@ -84,8 +81,9 @@ class MixtralModel(DecoderModel):
     def rope_table(self) -> tuple[Tensor, float]:
         return rope_inv_freq(self.config.head_dim, self.config.rope_theta, None)
 
-    def rope(self, x: Tensor, positions_T: Tensor) -> Tensor:
-        return ops.rope_half(x, positions_T, self.inv_freq)
+    @property
+    def rope(self) -> RopeHalf:  # a property: the shell's `self.rope` is a RopeHalf on the current table
+        return RopeHalf(self.inv_freq)
 
     def cache_entry_shape(self, i: int) -> tuple[int, ...]:
         return (2, self.config.num_key_value_heads, self.config.head_dim)

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from tbo_compiler.models import moe
-from tbo_compiler.models.attention import GQAAttention, rope_inv_freq
+from tbo_compiler.models.attention import GQAAttention, RopeHalf, rope_inv_freq
 from tbo_compiler.models.decoder import DecoderModel
 from tbo_compiler.models.moe import MoEBlock, ParallelConfig, SwiGLU, swiglu_checkpoint_names
-
-ops = torch.ops.tbo
 
 
 @dataclass
@@ -77,11 +74,6 @@ CHECKPOINT_NAMES = {
 }
 
 
-def apply_rope_half(x_TxD: Tensor, positions_T: Tensor, inv_freq: Tensor) -> Tensor:
-    """Rotate pairs (x[i], x[i + Dh/2]) by positions * inv_freq[i]; x is [T, heads, Dh]."""
-    return ops.rope_half(x_TxD, positions_T, inv_freq)
-
-
 class SoftmaxTopkRouter(moe.SoftmaxTopkRouter):
     """Softmax over the experts, top-k, renormalised when norm_topk_prob."""
 
@@ -107,8 +99,9 @@ class Qwen3MoeModel(DecoderModel):
     def rope_table(self) -> tuple[Tensor, float]:
         return rope_inv_freq(self.config.head_dim, self.config.rope_theta, None)
 
-    def rope(self, x: Tensor, positions_T: Tensor) -> Tensor:
-        return apply_rope_half(x, positions_T, self.inv_freq)
+    @property
+    def rope(self) -> RopeHalf:  # a property: the shell's `self.rope` is a RopeHalf on the current table
+        return RopeHalf(self.inv_freq)
 
     def cache_entry_shape(self, i: int) -> tuple[int, ...]:
         return (2, self.config.num_key_value_heads, self.config.head_dim)

@@ -30,6 +30,11 @@ tensors: caches, weights). The split pass relies on it (passes/README.md, invari
   silu_mul(gu_x2I) -> silu(gu[..., :I]) * gu[..., I:]
   rope_interleaved(x_TxR, positions_T, inv_freq, mul) -> x rotated on pairs (x[2i], x[2i+1])
   rope_half(x_THD, positions_T, inv_freq) -> x rotated on pairs (x[i], x[i + D/2])
+  qk_rope_kv(q_THD, k_TGD, v_TGD, positions_T, inv_freq, q_weight_D=None, k_weight_D=None, eps=0.0)
+          -> (rope_half(qn, positions, inv_freq), stack([rope_half(kn, positions, inv_freq), v], 1))
+      with qn = rms_norm(q, q_weight, eps) (kn likewise) when the weight is given, else q (k):
+      the attention's work before the cache write in one kernel, the same bits as those ops;
+      outputs [T, H, Dh] and [T, 2, G, Dh] (the cache entry), dtypes as the ops' (torch's promotion)
   linear_f32(x_xD, weight_ED, bias_E=None) -> F.linear(x.float(), weight.float(), bias.float()), fp32
       (routers: logits in fp32 from 16-bit activations and weights; a 16-bit GEMM accumulating in
       fp32 computes the same products exactly, so a backend may use the tensor cores)
@@ -154,6 +159,25 @@ def _(x, positions, inv_freq):
     return x.new_empty(x.shape)
 
 
+def _promote(x: Tensor, w: Optional[Tensor]) -> torch.dtype:
+    return x.dtype if w is None else torch.promote_types(x.dtype, w.dtype)
+
+
+@torch.library.custom_op("tbo::qk_rope_kv", mutates_args=())
+def qk_rope_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Tensor,
+               q_weight: Optional[Tensor] = None, k_weight: Optional[Tensor] = None,
+               eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    return impl("qk_rope_kv")(q, k, v, positions, inv_freq,
+                              *_extra((q_weight, k_weight, eps), (None, None, 0.0)))
+
+
+@qk_rope_kv.register_fake
+def _(q, k, v, positions, inv_freq, q_weight=None, k_weight=None, eps=0.0):
+    kv_dtype = torch.promote_types(_promote(k, k_weight), v.dtype)
+    return q.new_empty(q.shape, dtype=_promote(q, q_weight)), k.new_empty(k.shape[0], 2, *k.shape[1:],
+                                                                          dtype=kv_dtype)
+
+
 @torch.library.custom_op("tbo::linear_f32", mutates_args=())
 def linear_f32(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return impl("linear_f32")(x, weight, *_extra((bias,), (None,)))
@@ -193,13 +217,13 @@ _ops = torch.ops.tbo
 ROWWISE_OPS = frozenset({_ops.paged_attention.default, _ops.latent_attention.default,
                          _ops.moe_experts.default, _ops.rms_norm.default, _ops.silu_mul.default,
                          _ops.rope_interleaved.default, _ops.rope_half.default, _ops.linear_f32.default,
-                         _ops.route_topk.default, _ops.add_rms_norm.default})
+                         _ops.route_topk.default, _ops.add_rms_norm.default, _ops.qk_rope_kv.default})
 #: op -> positional index of its `world` argument: outputs hold `world` blocks of the input's tokens
 FAN_OUT_OPS = {_ops.dispatch_pack.default: 3}
 #: every kernel op, by name, with its overload (what the backend registry implements)
 KERNEL_OPS = {name: getattr(_ops, name).default for name in
               ("paged_attention", "latent_attention", "moe_experts", "rms_norm", "add_rms_norm", "silu_mul",
-               "rope_interleaved", "rope_half", "linear_f32", "route_topk", "dispatch_pack")}
+               "rope_interleaved", "rope_half", "qk_rope_kv", "linear_f32", "route_topk", "dispatch_pack")}
 
 
 def unpack_meta(meta: Tensor, k: int) -> tuple[Tensor, Tensor]:

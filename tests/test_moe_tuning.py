@@ -98,8 +98,11 @@ def test_fastest_is_chosen_stored_and_read_back_without_measuring(fake_gpu, monk
     path, timings, calls = fake_gpu
     args = _args()
     assert mt.moe_experts(*args) == "triton_bm128_n128"
-    assert sorted(calls) == sorted(list(timings) * mt.ROUNDS)  # each candidate ROUNDS times
-    assert mt.moe_experts(*args) == "triton_bm128_n128" and len(calls) == len(timings) * mt.ROUNDS  # not again
+    # each candidate ROUNDS times, then the CONFIRM (here all three) fastest in turn CONFIRM_ROUNDS times
+    n = len(timings) * (mt.ROUNDS + mt.CONFIRM_ROUNDS)
+    assert sorted(calls) == sorted(list(timings) * (mt.ROUNDS + mt.CONFIRM_ROUNDS))
+    assert calls[-3:] == ["triton_bm128_n128", "grouped_mm", "triton_default"]  # interleaved, fastest first
+    assert mt.moe_experts(*args) == "triton_bm128_n128" and len(calls) == n  # not again
     data = json.loads(path.read_text())
     assert data == {"FakeGPU | torch x | triton y": {mt.shape_key(args): "triton_bm128_n128"}}
     # a new process: the file answers, nothing is measured
@@ -133,6 +136,24 @@ def test_failing_candidate_left_out_and_damaged_file_measured_again(fake_gpu, ca
         assert mt.moe_experts(*_args()) == "grouped_mm"
     assert "unreadable" in caplog.text
     assert list(json.loads(path.read_text()).values()) == [{mt.shape_key(_args()): "grouped_mm"}]
+
+
+def test_the_interleaved_confirmation_decides(fake_gpu, monkeypatch):
+    """A candidate fastest when timed alone but not when timed in turn with the others (a GPU that
+    heats up) is not chosen: the confirmation's times decide."""
+    _, timings, _ = fake_gpu
+    first = {"triton_default": 3.0, "triton_bm128_n128": 1.0, "grouped_mm": 2.0}
+    then = {"triton_default": 3.0, "triton_bm128_n128": 3.1, "grouped_mm": 2.0}
+    seen = []
+
+    def time_ms(fn, args):
+        n = fn()
+        seen.append(n)
+        return (first if len(seen) <= len(timings) * mt.ROUNDS else then)[n]
+    monkeypatch.setattr(mt, "time_ms", time_ms)
+    assert mt.moe_experts(*_args()) == "grouped_mm"
+    key = mt.shape_key(_args())
+    assert mt.TIMES[key]["triton_bm128_n128"] == 1.0 and mt.TIMES[key]["triton_bm128_n128 (confirm)"] == 3.1
 
 
 def test_a_gain_inside_the_noise_keeps_the_default(fake_gpu):

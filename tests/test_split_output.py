@@ -12,6 +12,7 @@ from tbo_compiler import load_plan
 from tbo_compiler.compile import compile_model_dir
 from tbo_compiler.load import programs_of
 from tbo_compiler.models import load_model
+from tbo_compiler.models.decoder import DecoderModel
 from tbo_compiler.models.tiny import make_tiny
 from tbo_compiler.ops.instr import Op
 from tbo_compiler.passes.memory import estimate_memory
@@ -91,10 +92,27 @@ KW = dict(token_counts=(64,), block_size=4, max_blocks=8, profile="cpu")
 
 @pytest.fixture(scope="module")
 def big_vocab(tmp_path_factory):
+    """Plans whose logits are a cast: the lm_head's GEMM in the model's dtype, then `.float()`, the
+    way models from elsewhere end (ours make fp32 logits in the GEMM: test_fp32_logits_gemm_...)."""
     root = tmp_path_factory.mktemp("vocab")
     d = make_tiny("qwen3_moe", root / "m", seed=2, num_hidden_layers=2, vocab_size=4096)
-    return d, {dt: compile_model_dir(d, root / f"{dt}.pt", dtype=getattr(torch, dt), **KW)
-               for dt in ("bfloat16", "float32")}
+    DecoderModel.fp32_logits_gemm = False
+    try:
+        return d, {dt: compile_model_dir(d, root / f"{dt}.pt", dtype=getattr(torch, dt), **KW)
+                   for dt in ("bfloat16", "float32")}
+    finally:
+        DecoderModel.fp32_logits_gemm = True
+
+
+def test_fp32_logits_gemm_holds_no_16_bit_logits(tmp_path):
+    """The models' own ending (tbo.linear_f32): a bf16 model's serial program holds the fp32 logits
+    (1 MiB) and the final norm (8 KiB), not also the bf16 logits of a cast (512 KiB)."""
+    d = make_tiny("qwen3_moe", tmp_path / "m", seed=2, num_hidden_layers=2, vocab_size=4096)
+    plan = compile_model_dir(d, tmp_path / "p.pt", dtype=torch.bfloat16, **KW)
+    p = programs_of(plan)[64]["serial"]
+    assert (estimate_memory(p.gm, p.instrs).peak_bytes) == (1 << 20) + 8192
+    assert [n for n in p.gm.graph.nodes if n.target == torch.ops.tbo.linear_f32.default][-1].meta["tbo_val"] \
+        == [[64, 4096], "float32"]
 
 
 def test_tbo_needs_less_than_serial_when_the_logits_are_a_cast(big_vocab):

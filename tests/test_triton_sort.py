@@ -90,7 +90,7 @@ def test_default_choice(P, E, dtype):
 def test_default_choice_gpt_oss_prefill():
     # GPT-OSS prefill: 4096 tokens x top-4 over 32 experts, kernel D at its default tiles (128 chunks)
     gen = torch.Generator().manual_seed(7)
-    assert ts.kernel_for(16384, 32) == "chunked" and ts._chunked_config(16384) == (128, 128, 8)
+    assert ts.kernel_for(16384, 32) == "chunked" and ts._chunked_config(16384) == (128, 128, 4)
     check(ids_of(16384, 32, torch.int64, gen).reshape(4096, 4).to(DEV), 32)
 
 
@@ -238,13 +238,13 @@ def test_chunked_config():
     cfg = {P: ts._chunked_config(P) for P in (1, 8193, 16384, 24576, 32768, 65536, 131072, 262144, 1 << 20)}
     assert {P: c[0] for P, c in cfg.items()} == {1: 128, 8193: 128, 16384: 128, 24576: 256, 32768: 256,
                                                  65536: 512, 131072: 1024, 262144: 2048, 1 << 20: 2048}
-    assert all(c[1:] == (128, 8) for c in cfg.values())
+    assert all(c[1:] == (128, 4) for c in cfg.values())
     assert [-(-P // cfg[P][0]) for P in (8193, 16384, 24576, 131072, 262144)] == [65, 128, 96, 128, 128]
     # H = next_power_of_2(E) lanes (not-ours pairs get none): 256 for DeepSeek-V3's E = 256, not 512
     assert [ts._chunked_lanes(E) for E in (1, 8, 32, 128, 129, 256, 1023)] == [2, 8, 32, 128, 256, 256, 1024]
     # the counts are read in tiles of ~8K: RB = 8192 / H rows, no more than next_power_of_2(NC)
-    assert ts._chunked_plan(131072, 256, None, None, None) == (1024, 128, 8, 256, 128, 32)
-    assert ts._chunked_plan(16384, 8, None, None, None) == (128, 128, 8, 8, 128, 128)
+    assert ts._chunked_plan(131072, 256, None, None, None) == (1024, 128, 4, 256, 128, 32)
+    assert ts._chunked_plan(16384, 8, None, None, None) == (128, 128, 4, 8, 128, 128)
     assert ts._chunked_plan(100, 8, 32, 64, 4) == (32, 32, 4, 8, 4, 4)  # SUB cut to CHUNK
 
 
@@ -261,7 +261,7 @@ def test_limits_are_module_level(monkeypatch):
     assert ts.kernel_for(256, 128) == "bitonic" and ts.kernel_for(2048, 128) == "rank"
     monkeypatch.setattr(ts, "_CHUNKED_PROGRAMS", 64)
     monkeypatch.setattr(ts, "_CHUNKED_SUB", 64)
-    assert ts._chunked_config(131072) == (2048, 64, 8)
+    assert ts._chunked_config(131072) == (2048, 64, 4)
 
 
 def test_bad_input():
@@ -318,7 +318,7 @@ def test_bench_candidates():
     assert {"torch", "auto"} <= set(big) and not any(n.startswith(("A", "B", "C")) for n in big)
     d = {n: desc for n, desc in ((n, c[1]) for n, c in big.items()) if n.startswith("D ")}
     assert len(d) == len(sb.CHUNKED_TILES) and sum(desc["default_tiles"] for desc in d.values()) == 1
-    assert "D 1024x128 w8" in d and d["D 1024x128 w8"]["default_tiles"]
+    assert "D 1024x128 w4" in d and d["D 1024x128 w4"]["default_tiles"]
     assert {"D 64x64 w8", "D 128x128 w8"} <= set(sb.candidates(16384, 32))  # 256 and 128 programs
     assert "D 4096x128 w8" in sb.candidates(262144, 8)  # 64 programs
     assert big["auto"][1]["chosen"] == "chunked"
@@ -335,7 +335,7 @@ def test_bench_dry_run(tmp_path, capsys):
     sb = load_bench()
     assert sb.main(["--dry-run", "--pairs", "64", "--experts", "8", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "P=    64 E=   8 D 128x128 w8" in out and "(default tiles)" in out
+    assert "P=    64 E=   8 D 128x128 w4" in out and "(default tiles)" in out
     assert "MISMATCH" not in out and "FAILED" not in out
     import json
     data = json.loads((tmp_path / "sort_bench.json").read_text())

@@ -50,6 +50,9 @@ PREFERENCE: dict[str, list[str]] = {
     "silu_mul": ["triton", "torch"],
     "rope_interleaved": ["triton", "torch"],
     "rope_half": ["triton", "torch"],
+    # q/k norms, both ropes and the k|v stack in one launch instead of five (Qwen3 at 48 layers:
+    # ~3 ms of a 67 ms prefill-4096 step and ~0.5 ms + launch gaps of a 23 ms decode-256 step)
+    "qk_rope_kv": ["triton", "torch"],
     "dispatch_pack": ["torch"],
     # a 16-bit GEMM with fp32 output on the tensor cores, not an fp32 GEMM on the FMA units: the
     # routers' logits cost 57 us a layer at Qwen3 prefill 4096 as fp32 (bench/results/roofline_h200)

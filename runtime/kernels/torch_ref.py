@@ -149,6 +149,15 @@ def rope_half(x, positions, inv_freq):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
+def qk_rope_kv(q, k, v, positions, inv_freq, q_weight=None, k_weight=None, eps=0.0):
+    """The attention's pre-cache work as the ops it stands for (so: the same bits by construction)."""
+    if q_weight is not None:
+        q = rms_norm(q, q_weight, eps)
+    if k_weight is not None:
+        k = rms_norm(k, k_weight, eps)
+    return rope_half(q, positions, inv_freq), torch.stack([rope_half(k, positions, inv_freq), v], 1)
+
+
 # Step 4: token layout for dispatch -------------------------------------------------------------
 
 def dispatch_pack(x, topk_ids, topk_w, world, experts_per_rank):
@@ -181,5 +190,5 @@ def route_topk(logits, k, scoring="softmax", renormalize=False):
 
 IMPLS = {"paged_attention": paged_attention, "latent_attention": latent_attention,
          "moe_experts": moe_experts, "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "silu_mul": silu_mul,
-         "rope_interleaved": rope_interleaved, "rope_half": rope_half, "dispatch_pack": dispatch_pack,
-         "linear_f32": linear_f32, "route_topk": route_topk}
+         "rope_interleaved": rope_interleaved, "rope_half": rope_half, "qk_rope_kv": qk_rope_kv,
+         "dispatch_pack": dispatch_pack, "linear_f32": linear_f32, "route_topk": route_topk}

@@ -6,6 +6,7 @@
                                             GLU activation in the epilogues)
     rms_norm, add_rms_norm, silu_mul, rope_interleaved, rope_half   triton_elementwise.py
     route_topk        triton_route.py       router scores, top-k and weights in one launch
+    qk_rope_kv        triton_rope.py        q/k head norms, rope_half and the k|v cache entry, one launch
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ _WHERE = {"latent_attention": "triton_mla", "paged_attention": "triton_gqa", "mo
           "rms_norm": "triton_elementwise", "add_rms_norm": "triton_elementwise",
           "silu_mul": "triton_elementwise",
           "rope_interleaved": "triton_elementwise", "rope_half": "triton_elementwise",
-          "route_topk": "triton_route"}
+          "route_topk": "triton_route", "qk_rope_kv": "triton_rope"}
 
 
 def available() -> bool:
@@ -30,9 +31,9 @@ def _mod(op: str):
     return importlib.import_module(f".{_WHERE[op]}", __package__)
 
 
-#: ops whose optional arguments (sinks, window; expert biases, activation) the kernel module's
-#: `supported` must see in place: it takes the op's own arguments, not only its tensors
-_FULL_ARGS = frozenset({"paged_attention", "moe_experts", "route_topk"})
+#: ops whose optional arguments (sinks, window; expert biases, activation; norm weights) the kernel
+#: module's `supported` must see in place: it takes the op's own arguments, not only its tensors
+_FULL_ARGS = frozenset({"paged_attention", "moe_experts", "route_topk", "qk_rope_kv"})
 
 
 def supports(op: str, args: tuple) -> bool:

@@ -119,13 +119,31 @@ def _num_splits(programs: int, max_ctx: int, device: torch.device) -> int:
 def _tile_tokens(T: int, R: int, dtype: torch.dtype, head_dim: int) -> int:
     """Tokens per tile of the run kernel (0: per-token kernel only). The tile's rows are tokens x
     the R heads of one kv head: 128 on Hopper (two warpgroups' MMA rows), 64 for fp32 or wide heads
-    (registers), 16 in the interpreter; R and the tile must be powers of two (tl.arange), and the
+    (registers) and for Dh <= 64 (measured, _tile_launch), 16 in the interpreter; R and the tile must be powers of two (tl.arange), and the
     tile must hold at least 2 tokens and 16 rows (tl.dot)."""
-    rows = 16 if _interpreting() else (64 if dtype == torch.float32 or head_dim > 128 else 128)
+    if _interpreting():
+        rows = 16
+    elif dtype == torch.float32 or head_dim > 128 or head_dim <= 64:
+        rows = 64  # Dh 64 (GPT-OSS): 64 rows measured 7 % faster than 128 (bench/results/moe_h200)
+    else:
+        rows = 128
     if R & (R - 1) or R > rows // 2:
         return 0
     tile = rows // R
     return tile if T >= tile else 0
+
+
+def _tile_launch(dtype: torch.dtype, head_dim: int, rows: int, block_n: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the run kernel. Measured on an H200 at the roofline's
+    prefill (8 requests x 512 tokens, bench/moe_bench.py --prefill-attention, 2026-12-03): Dh 128
+    in 16 bits with 32 positions a tile, 11-12 % faster than 64 (Qwen3, Mixtral); Dh 64 at 64 rows,
+    4 warps, 2 stages, 7 % faster than 128 rows, 8 warps, 3 stages (GPT-OSS, with and without its
+    window)."""
+    if _interpreting() or dtype == torch.float32:
+        return block_n, (8 if rows >= 128 else 4), 3
+    if head_dim == 128:
+        return 32, 8, 3
+    return block_n, (8 if rows >= 128 else 4), (2 if head_dim <= 64 else 3)
 
 
 def _block_n(dtype: torch.dtype, head_dim: int) -> int:
@@ -333,13 +351,14 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions:
     if tile_t:  # runs of one request's tokens (prefill) as MMA-sized tiles; the rest per token
         NB = block_table.shape[1]
         done = torch.empty(triton.cdiv(T, tile_t), dtype=torch.int8, device=q.device)
+        t_bn, t_warps, t_stages = _tile_launch(q.dtype, Dh, tile_t * R, bn)
         _attn_tile_kernel[(triton.cdiv(T, tile_t), G)](
             q, kv_cache, block_table, positions, sink_arg, out, done, scale * _LOG2E, T, win,
             q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
             block_table.stride(0), out.stride(0), out.stride(1), NB,
-            R=R, DH=Dh, BS=block_size, TILE_T=tile_t, NB_P2=triton.next_power_of_2(NB), BLOCK_N=tile_block_n or bn,
+            R=R, DH=Dh, BS=block_size, TILE_T=tile_t, NB_P2=triton.next_power_of_2(NB), BLOCK_N=tile_block_n or t_bn,
             BLOCK_D=block_d, PREC=prec, HAS_SINKS=sinks is not None, BLOCK_M=tile_t * R,
-            num_warps=tile_warps or (8 if tile_t * R >= 128 else 4), num_stages=tile_stages or 3)
+            num_warps=tile_warps or t_warps, num_stages=tile_stages or t_stages)
     meta = dict(R=R, DH=Dh, BS=block_size, SPLITS=splits, BLOCK_M=max(16, triton.next_power_of_2(R)),
                 BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, HAS_SINKS=sinks is not None, TILE_T=tile_t,
                 num_warps=num_warps or 4, num_stages=num_stages or 3)
