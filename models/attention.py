@@ -1,8 +1,13 @@
 """Attention pieces shared by the architectures: rotary tables (plain and yarn) and GQA attention
 over the paged cache (Qwen3-MoE, Mixtral, GPT-OSS; DeepSeek's MLA lives in deepseek_v3.py).
 
-Legend: T tokens, D hidden, H query heads, G kv heads, Dh head_dim, S cache slots
-(num_blocks * block_size), B blocks per request.
+Legend: T tokens, D hidden, H query heads, G kv heads, Dh head_dim, N = (H + 2G) * Dh, S cache
+slots (num_blocks * block_size), B blocks per request.
+
+GQA projections: one GEMM, qkv_proj [N, D], its output split into q, k and v by views
+(no copy; the ops after it read strided rows). In decode each of three separate GEMMs is small and
+launch-bound (Qwen3-30B-A3B, decode 256, H200: 11.4 + 5.8 + 5.8 us a layer for 4.4 us of weight
+bytes). Checkpoints keep HF's q_proj/k_proj/v_proj: the loader concatenates them (RowParts).
 
 GQA cache entry per token and layer: [2, G, Dh] (k, v), keys stored after RoPE. With a RopeHalf
 (Qwen3-MoE, Mixtral, GPT-OSS) and at most FUSED_ROPE_MAX_TOKENS tokens, the q/k norms, both ropes
@@ -11,6 +16,7 @@ and the entry are one kernel, tbo.qk_rope_kv (the same bits as the ops); otherwi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -82,11 +88,33 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> tuple[Tensor,
 
 # Step 2: GQA attention -------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class RowParts:
+    """Checkpoint name templates whose tensors are concatenated along dim 0 (per expert when the
+    templates take one more {} than the parameter name) in parts of `rows(config)` rows each: for
+    parts of unequal sizes, where a plain tuple of templates means equal parts."""
+    templates: tuple[str, ...]
+    rows: Callable[[object], tuple[int, ...]]
+
+
+def qkv_rows(cfg) -> tuple[int, int, int]:
+    """Rows of q, k and v in qkv_proj, from the HF config fields every GQA architecture here shares."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return q, kv, kv
+
+
+def qkv_checkpoint_names(param_prefix: str, disk_prefix: str) -> dict:
+    """Templates of GQAAttention's qkv_proj weight and bias at `param_prefix`, stored as HF's separate
+    q_proj/k_proj/v_proj under `disk_prefix` (a model without biases never reads the bias ones)."""
+    return {f"{param_prefix}.qkv_proj.{w}": RowParts(tuple(f"{disk_prefix}.{p}_proj.{w}" for p in "qkv"), qkv_rows)
+            for w in ("weight", "bias")}
+
+
 class GQAAttention(nn.Module):
     """Grouped-query attention over the paged cache, with the variants the architectures need:
     q/k/v/o biases, per-head q/k RMSNorm before RoPE (Qwen3), attention sinks (a learned per-head
     logit in the softmax, GPT-OSS) and a sliding window (the last `window` positions, GPT-OSS's
-    even layers). `scale` defaults to Dh^-0.5."""
+    even layers). `scale` defaults to Dh^-0.5. q, k and v are one GEMM (qkv_proj, rows [q; k; v])."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, block_size: int, *,
                  bias: bool = False, qk_norm_eps: float | None = None, sinks: bool = False,
@@ -95,9 +123,7 @@ class GQAAttention(nn.Module):
         if heads % kv_heads:
             raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         self.H, self.G, self.Dh = heads, kv_heads, head_dim
-        self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias, dtype=dtype)
-        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias, dtype=dtype)
-        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias, dtype=dtype)
+        self.qkv_proj = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias, dtype=dtype)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias, dtype=dtype)
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, dtype)
@@ -110,9 +136,11 @@ class GQAAttention(nn.Module):
     def forward(self, x_TD: Tensor, positions_T: Tensor, slot_mapping_T: Tensor, block_table_TB: Tensor,
                 cache_S2GD: Tensor, rope: Rope) -> Tensor:
         T = x_TD.shape[0]
-        q_THD = self.q_proj(x_TD).view(T, self.H, self.Dh)
-        k_TGD = self.k_proj(x_TD).view(T, self.G, self.Dh)
-        v_TGD = self.v_proj(x_TD).view(T, self.G, self.Dh)
+        qkv_TN = self.qkv_proj(x_TD)  # q, k, v: views of its columns
+        nq, nkv = self.H * self.Dh, self.G * self.Dh
+        q_THD = qkv_TN[:, :nq].view(T, self.H, self.Dh)
+        k_TGD = qkv_TN[:, nq:nq + nkv].view(T, self.G, self.Dh)
+        v_TGD = qkv_TN[:, nq + nkv:].view(T, self.G, self.Dh)
         norms = hasattr(self, "q_norm")
         if getattr(rope, "kind", None) == "half" and T <= FUSED_ROPE_MAX_TOKENS:  # one kernel
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if norms else ()

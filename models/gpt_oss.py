@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tbo_compiler.models.attention import GQAAttention, RopeHalf, rope_inv_freq, rope_type
+from tbo_compiler.models.attention import GQAAttention, RopeHalf, qkv_checkpoint_names, rope_inv_freq, rope_type
 from tbo_compiler.models.decoder import DecoderModel
 from tbo_compiler.models.moe import FusedExperts, MoEBlock, ParallelConfig
 
@@ -84,11 +84,11 @@ class GptOssConfig:
         return self.sliding_window if self.layer_types[i] == "sliding_attention" else 0
 
 
-# Checkpoint names: parameter name -> on-disk name ({} = layer). FusedExperts: one tensor holds
-# every expert of the layer.
+# Checkpoint names: parameter name -> on-disk name ({} = layer). RowParts: q|k|v concatenated along
+# dim 0; FusedExperts: one tensor holds every expert of the layer.
 _SAME_IN_LAYER = [
     "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.sinks",
-    *(f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")),
+    "self_attn.o_proj.weight", "self_attn.o_proj.bias",
 ]
 _EXPERTS = "model.layers.{}.mlp.experts."
 CHECKPOINT_NAMES = {
@@ -96,6 +96,7 @@ CHECKPOINT_NAMES = {
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
     **{f"layers.{{}}.{n}": f"model.layers.{{}}.{n}" for n in _SAME_IN_LAYER},
+    **qkv_checkpoint_names("layers.{}.self_attn", "model.layers.{}.self_attn"),
     "layers.{}.mlp.gate.weight": "model.layers.{}.mlp.router.weight",
     "layers.{}.mlp.gate.bias": "model.layers.{}.mlp.router.bias",
     "layers.{}.mlp.experts.w13": FusedExperts(_EXPERTS + "gate_up_proj", deinterleave=True, mxfp4=True),

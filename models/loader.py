@@ -12,7 +12,9 @@ Pseudo-code:
   2. build the model on the meta device, materialise it on `device`
   3. for each parameter: checkpoint name(s) from the model's CHECKPOINT_NAMES templates ->
      read -> dequantize -> check shape -> copy (stacked expert parameters: this rank's experts,
-     from one tensor per expert or from one tensor of all experts: moe.FusedExperts)
+     from one tensor per expert or from one tensor of all experts: moe.FusedExperts; several
+     tensors concatenated along dim 0: a tuple in equal parts, an attention.RowParts in parts of
+     the sizes it gives, each part read and checked at its own logical shape)
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from tbo_compiler.models import quant
+from tbo_compiler.models.attention import RowParts
 from tbo_compiler.models.deepseek_v3 import DeepseekV3Config, DeepseekV3Model
 from tbo_compiler.models.gpt_oss import GptOssConfig, GptOssModel
 from tbo_compiler.models.mixtral import MixtralConfig, MixtralModel
@@ -308,7 +311,7 @@ def _template_regex(key: str) -> re.Pattern:
 
 @torch.no_grad()
 def _load_params(model: nn.Module, ckpt: _Checkpoint, prefix: str, qcfg: dict) -> None:
-    templates = [(_template_regex(k), v if isinstance(v, (tuple, FusedExperts)) else (v,))
+    templates = [(_template_regex(k), v if isinstance(v, (tuple, FusedExperts, RowParts)) else (v,))
                  for k, v in model.checkpoint_names.items()]
     for pname, param in model.named_parameters():
         match = next(((m, v) for r, v in templates if (m := r.match(pname))), None)
@@ -324,20 +327,28 @@ def _load_params(model: nn.Module, ckpt: _Checkpoint, prefix: str, qcfg: dict) -
                 w = torch.cat([w[:, 0::2], w[:, 1::2]], dim=1)
             param.copy_(w.to(param.dtype))
             continue
-        stacked = sources[0].count("{}") > len(idx)
+        # concatenated parts along dim 0: equal ones (a tuple) or of the model's sizes (a RowParts)
+        tmpls = sources.templates if isinstance(sources, RowParts) else sources
+        stacked = tmpls[0].count("{}") > len(idx)
         if stacked:  # [E_loc, rows, cols]: this rank's experts, ids offset by rank
             moe = model.get_submodule(pname.rsplit(".", 2)[0])
             experts = [(j, moe.par.ep_rank * moe.e_loc + j) for j in range(param.shape[0])]
-            rows = param.shape[1] // len(sources)
         else:
-            experts, rows = [(None, None)], param.shape[0] // len(sources)
+            experts = [(None, None)]
+        total = param.shape[1 if stacked else 0]
+        rows = tuple(sources.rows(model.config)) if isinstance(sources, RowParts) else \
+            (total // len(tmpls),) * len(tmpls)
+        if len(rows) != len(tmpls) or sum(rows) != total:  # a model/template mismatch, as above
+            raise RuntimeFailure(f"parameter {pname} has {total} rows, its checkpoint parts "
+                                 f"{list(tmpls)} have {list(rows)}")
         for j, e in experts:
             dst = param[j] if stacked else param
-            for part, tmpl in enumerate(sources):
+            lo = 0
+            for tmpl, n in zip(tmpls, rows):
                 name = prefix + tmpl.format(*idx, *([e] if stacked else []))
-                shape = (rows, *dst.shape[1:])
-                w = _read_weight(ckpt, name, shape, qcfg)
-                dst[part * rows:(part + 1) * rows].copy_(w.to(param.dtype))
+                w = _read_weight(ckpt, name, (n, *dst.shape[1:]), qcfg)  # each part's own logical shape
+                dst[lo:lo + n].copy_(w.to(param.dtype))
+                lo += n
 
 
 def build_model(model_dir, *, parallel: ParallelConfig | None = None, block_size: int = 16,

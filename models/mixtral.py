@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from tbo_compiler.models.attention import GQAAttention, RopeHalf, rope_inv_freq
+from tbo_compiler.models.attention import GQAAttention, RopeHalf, qkv_checkpoint_names, rope_inv_freq
 from tbo_compiler.models.decoder import DecoderModel
 from tbo_compiler.models.moe import MoEBlock, ParallelConfig, SoftmaxTopkRouter
 
@@ -49,16 +49,16 @@ class MixtralConfig:
 
 
 # Checkpoint names: parameter name -> on-disk name ({} = layer, then expert). A tuple is
-# concatenated along dim 0; a template with one more {} than its key is stacked over this rank's
-# experts.
-_SAME_IN_LAYER = ["input_layernorm.weight", "post_attention_layernorm.weight",
-                  *(f"self_attn.{p}_proj.weight" for p in "qkvo")]
+# concatenated along dim 0 (a RowParts: in parts of its own sizes, q|k|v); a template with one more
+# {} than its key is stacked over this rank's experts.
+_SAME_IN_LAYER = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight"]
 _MOE = "model.layers.{}.block_sparse_moe"
 CHECKPOINT_NAMES = {
     "embed_tokens.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
     **{f"layers.{{}}.{n}": f"model.layers.{{}}.{n}" for n in _SAME_IN_LAYER},
+    **qkv_checkpoint_names("layers.{}.self_attn", "model.layers.{}.self_attn"),
     "layers.{}.mlp.gate.weight": f"{_MOE}.gate.weight",
     "layers.{}.mlp.experts.w13": (f"{_MOE}.experts.{{}}.w1.weight", f"{_MOE}.experts.{{}}.w3.weight"),
     "layers.{}.mlp.experts.w2": f"{_MOE}.experts.{{}}.w2.weight",

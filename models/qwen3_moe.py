@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from tbo_compiler.models import moe
-from tbo_compiler.models.attention import GQAAttention, RopeHalf, rope_inv_freq
+from tbo_compiler.models.attention import GQAAttention, RopeHalf, qkv_checkpoint_names, rope_inv_freq
 from tbo_compiler.models.decoder import DecoderModel
 from tbo_compiler.models.moe import MoEBlock, ParallelConfig, SwiGLU, swiglu_checkpoint_names
 
@@ -54,11 +54,11 @@ class Qwen3MoeConfig:
 
 
 # Checkpoint names: parameter name -> on-disk name ({} = layer, then expert). A tuple is
-# concatenated along dim 0; a template with one more {} than its key is stacked over this rank's
-# experts.
+# concatenated along dim 0 (a RowParts: in parts of its own sizes, q|k|v); a template with one more
+# {} than its key is stacked over this rank's experts.
 _SAME_IN_LAYER = [
     "input_layernorm.weight", "post_attention_layernorm.weight",
-    *(f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")),
+    "self_attn.o_proj.weight", "self_attn.o_proj.bias",
     "self_attn.q_norm.weight", "self_attn.k_norm.weight",
     "mlp.gate.weight",
 ]
@@ -67,6 +67,7 @@ CHECKPOINT_NAMES = {
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
     **{f"layers.{{}}.{n}": f"model.layers.{{}}.{n}" for n in _SAME_IN_LAYER},
+    **qkv_checkpoint_names("layers.{}.self_attn", "model.layers.{}.self_attn"),
     **swiglu_checkpoint_names("layers.{}.mlp", "model.layers.{}.mlp"),  # dense layers
     "layers.{}.mlp.experts.w13": ("model.layers.{}.mlp.experts.{}.gate_proj.weight",
                                   "model.layers.{}.mlp.experts.{}.up_proj.weight"),

@@ -77,15 +77,15 @@ CHECKED = {  # param accessor -> on-disk name (without the kimi prefix); layer 1
         (lambda m: m.layers[1].mlp.shared_experts.down_proj.weight, "model.layers.1.mlp.shared_experts.down_proj.weight"),
         (lambda m: m.norm.weight, "model.norm.weight"),
     ],
-    "qwen3_moe": [
-        (lambda m: m.layers[1].self_attn.k_proj.weight, "model.layers.1.self_attn.k_proj.weight"),
+    "qwen3_moe": [  # qkv_proj rows: q 0:128, k 128:192, v 192:256
+        (lambda m: m.layers[1].self_attn.qkv_proj.weight[128:192], "model.layers.1.self_attn.k_proj.weight"),
         (lambda m: m.layers[1].self_attn.q_norm.weight, "model.layers.1.self_attn.q_norm.weight"),
         (lambda m: m.layers[0].mlp.down_proj.weight, "model.layers.0.mlp.down_proj.weight"),
         (lambda m: m.layers[2].mlp.experts.w13[6, 32:], "model.layers.2.mlp.experts.6.up_proj.weight"),
         (lambda m: m.layers[1].mlp.experts.w2[0], "model.layers.1.mlp.experts.0.down_proj.weight"),
     ],
-    "mixtral": [
-        (lambda m: m.layers[1].self_attn.k_proj.weight, "model.layers.1.self_attn.k_proj.weight"),
+    "mixtral": [  # qkv_proj rows: q 0:64, k 64:96, v 96:128
+        (lambda m: m.layers[1].self_attn.qkv_proj.weight[64:96], "model.layers.1.self_attn.k_proj.weight"),
         (lambda m: m.layers[0].mlp.gate.weight, "model.layers.0.block_sparse_moe.gate.weight"),
         (lambda m: m.layers[1].mlp.experts.w13[5, :32], "model.layers.1.block_sparse_moe.experts.5.w1.weight"),
         (lambda m: m.layers[1].mlp.experts.w13[5, 32:], "model.layers.1.block_sparse_moe.experts.5.w3.weight"),

@@ -114,8 +114,9 @@ def test_gpt_oss_on_disk_format_and_loaded_weights(tiny_dirs, tiny_models):
             torch.testing.assert_close(got.double(), want, rtol=0, atol=0)
         attn, gate_mod = model.layers[layer].self_attn, model.layers[layer].mlp.gate
         p = f"model.layers.{layer}."
+        k_rows = attn.qkv_proj.weight[attn.H * attn.Dh:(attn.H + attn.G) * attn.Dh]  # qkv_proj rows: [q; k; v]
         for got, name in ((attn.sinks, "self_attn.sinks"), (attn.o_proj.bias, "self_attn.o_proj.bias"),
-                          (attn.k_proj.weight, "self_attn.k_proj.weight"), (gate_mod.weight, "mlp.router.weight"),
+                          (k_rows, "self_attn.k_proj.weight"), (gate_mod.weight, "mlp.router.weight"),
                           (gate_mod.bias, "mlp.router.bias")):
             torch.testing.assert_close(got.double(), disk[p + name].double(), rtol=0, atol=0)
     assert [a.window for a in (layer.self_attn for layer in model.layers)] == [4, 0]
