@@ -10,8 +10,9 @@ launch-bound (Qwen3-30B-A3B, decode 256, H200: 11.4 + 5.8 + 5.8 us a layer for 4
 bytes). Checkpoints keep HF's q_proj/k_proj/v_proj: the loader concatenates them (RowParts).
 
 GQA cache entry per token and layer: [2, G, Dh] (k, v), keys stored after RoPE. With a RopeHalf
-(Qwen3-MoE, Mixtral, GPT-OSS) and at most FUSED_ROPE_MAX_TOKENS tokens, the q/k norms, both ropes
-and the entry are one kernel, tbo.qk_rope_kv (the same bits as the ops); otherwise the separate ops.
+(Qwen3-MoE, Mixtral, GPT-OSS) the q/k norms, both ropes and the entry are one kernel,
+tbo.qk_rope_kv (the same bits as the ops; on an H200 faster than them at 256 and at 4096 tokens,
+bench/rope_bench.py); any other Rope runs as the separate ops.
 """
 from __future__ import annotations
 
@@ -28,13 +29,6 @@ ops = torch.ops.tbo
 
 #: rope(x [T, heads, R], positions_T) -> x rotated: what the model shell hands every attention
 Rope = Callable[[Tensor, Tensor], Tensor]
-
-
-#: the most tokens a step runs tbo.qk_rope_kv at; more run the separate ops. On an H200 (roofline,
-#: 2026-12-03) the one kernel beat them at decode 256 (Qwen3: 0.27 against 0.48 ms of kernels a
-#: step) but lost at prefill 4096 (Qwen3 3.40 against 2.72 ms, GPT-OSS 2.02 against 0.93,
-#: Mixtral 3.05 against 1.55): bench/rope_bench.py times both
-FUSED_ROPE_MAX_TOKENS = 512
 
 
 class RopeHalf:
@@ -142,7 +136,7 @@ class GQAAttention(nn.Module):
         k_TGD = qkv_TN[:, nq:nq + nkv].view(T, self.G, self.Dh)
         v_TGD = qkv_TN[:, nq + nkv:].view(T, self.G, self.Dh)
         norms = hasattr(self, "q_norm")
-        if getattr(rope, "kind", None) == "half" and T <= FUSED_ROPE_MAX_TOKENS:  # one kernel
+        if getattr(rope, "kind", None) == "half":  # norms, ropes and the k|v entry: one kernel
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if norms else ()
             q_THD, kv_T2GD = ops.qk_rope_kv(q_THD, k_TGD, v_TGD, positions_T, rope.inv_freq, *qk_norm)
         else:

@@ -265,32 +265,6 @@ def test_attention_fused_equals_separate_ops(gen, variant):
     assert torch.equal(rope(x_THD, pos), plain(x_THD, pos))  # still a rope for any other caller
 
 
-@torch.no_grad()
-def test_attention_runs_the_separate_ops_above_the_token_limit(gen, monkeypatch):
-    """Past FUSED_ROPE_MAX_TOKENS (prefill: the one kernel measured slower there) the trace holds the
-    norm, rope and stack ops, not qk_rope_kv; at or below it, qk_rope_kv. Same bits either way."""
-    from tbo_compiler.models import attention as attn_mod
-
-    D, H, G, Dh, bs, T = 64, 4, 2, 32, 4, 9
-    attn = GQAAttention(D, H, G, Dh, bs, qk_norm_eps=1e-6)
-    for p in attn.parameters():
-        p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1 if p.dim() == 1 else 0))
-    x, pos = torch.randn(T, D, generator=gen), torch.arange(T) + 3
-    slots, table = torch.arange(T) + 3, torch.arange(4).view(1, 4).expand(T, 4)
-    rope = RopeHalf(inv_freq_for(Dh, device="cpu"))
-    outs, targets = [], []
-    for limit in (T, T - 1):
-        monkeypatch.setattr(attn_mod, "FUSED_ROPE_MAX_TOKENS", limit)
-        cache = torch.zeros(16, 2, G, Dh)
-        outs.append((attn(x, pos, slots, table, cache, rope), cache))
-        gm = make_fx(lambda *a: attn(*a, rope))(x, pos, slots, table, torch.zeros(16, 2, G, Dh))
-        targets.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
-    fused, separate = torch.ops.tbo.qk_rope_kv.default, torch.ops.tbo.rope_half.default
-    assert fused in targets[0] and separate not in targets[0]
-    assert separate in targets[1] and fused not in targets[1]
-    assert_bitwise(outs[0], outs[1])
-
-
 # 7. The GPU's summation order, checked without a GPU ------------------------------------------
 
 _LAYOUTS = r"""

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from tbo_compiler.models import ModelLoadError, load_model, quant
-from tbo_compiler.models.attention import FUSED_ROPE_MAX_TOKENS, GQAAttention
+from tbo_compiler.models.attention import GQAAttention
 
 ops = torch.ops.tbo
 ARCHS = ["qwen3_moe", "gpt_oss", "mixtral"]
@@ -110,7 +110,7 @@ def _three_gemm_attention(attn: GQAAttention, wq, wk, wv, bq, bk, bv, x_TD, posi
     k_TGD = F.linear(x_TD, wk, bk).view(T, attn.G, attn.Dh)
     v_TGD = F.linear(x_TD, wv, bv).view(T, attn.G, attn.Dh)
     norms = hasattr(attn, "q_norm")
-    if getattr(rope, "kind", None) == "half" and T <= FUSED_ROPE_MAX_TOKENS:
+    if getattr(rope, "kind", None) == "half":
         qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if norms else ()
         q_THD, kv_T2GD = ops.qk_rope_kv(q_THD, k_TGD, v_TGD, positions_T, rope.inv_freq, *qk_norm)
     else:

@@ -34,9 +34,10 @@ Grid (T, NQ + NKV), NQ = cdiv(H, BH_Q) blocks of query heads, NKV = cdiv(G, BH_K
 heads. Program (t, b) computes token t's cos/sin once, then
     b <  NQ: q heads b*BH_Q.. : norm (when q_weight), rotate, store to q'[t, heads]
     b >= NQ: kv heads (b-NQ)*BH_KV.. : k norm and rotate -> kv[t, 0, heads]; v -> kv[t, 1, heads]
-BH_* = the heads rounded up to a power of two, at most 4096 / BLOCK_D, at least a vector per
-thread (rows past the heads masked): Qwen3-30B-A3B (H=32, G=4, Dh=128) is two programs per
-token (32 q heads; 4 kv heads in a 16-row tile), GPT-OSS (H=64, G=8, Dh=64) too. Each input
+BH_Q = 16 q heads on 2 warps (measured, _BH_Q), BH_KV = all kv heads, both rounded up to a power
+of two, at most 4096 / BLOCK_D, at least a 16-byte vector per thread (rows past the heads masked):
+Qwen3-30B-A3B (H=32, G=4, Dh=128) is three programs per token (2 x 16 q heads, 4 kv heads in a
+4-row tile), GPT-OSS (H=64, G=8, Dh=64) five. Each input
 byte is read once from HBM (the norm's full-row tile and the halves the rotation uses are the
 same lines: the second read hits L1) and each output byte written once: the ops' five launches
 and four intermediate round trips become one.
@@ -140,15 +141,22 @@ def _qk_rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, f_ptr, qw_ptr, kw_ptr, qo_p
         tl.store(kv_ptr + t * (2 * G * DH) + G * DH + rows * DH + cols, v, mask=mask)
 
 
+#: q heads a program and warps: measured on an H200 (bench/rope_bench.py, 2026-12-03) over the
+#: heads a program can take with 1-8 warps, 16 heads on 2 warps was the fastest or within 10 % of it
+#: at every model and token count (Qwen3 4096 tokens: 35 us against 67 us with all 32 heads on 8
+#: warps, and 60 us for the separate ops)
+_BH_Q, _WARPS = 16, 2
+
+
 def _tiles(H: int, G: int, block_d: int) -> tuple[int, int, int]:
     """-> (BH_Q, BH_KV, num_warps). A norm tile gives each thread at least one whole 16-byte vector
     of each row it reads, as the rms_norm kernel's tiles do (its warps are sized to its tile):
     Triton's coalescing gives a thread at most tile / threads elements of a row, and fewer would
     spread a row over more lanes, i.e. sum it in another order. Rows past the heads are masked."""
     cap = max(1, _TILE // block_d)
-    bh_q, bh_kv = min(triton.next_power_of_2(H), cap), min(triton.next_power_of_2(G), cap)
-    warps = _num_warps(max(bh_q, bh_kv) * block_d)
+    warps = _WARPS
     least = min(cap, triton.next_power_of_2(triton.cdiv(8 * 32 * warps, block_d)))  # 8 = 16 B of bf16
+    bh_q, bh_kv = min(triton.next_power_of_2(H), _BH_Q, cap), min(triton.next_power_of_2(G), cap)
     return max(bh_q, least), max(bh_kv, least), warps
 
 
