@@ -205,6 +205,26 @@ def run(models: list[str], tokens: list[int], reps: int, replays: int) -> list[d
     return rows
 
 
+def timed_config(fn, ref, reps: int, replays: int, rate: str, per_ms: float) -> tuple[dict, object]:
+    """One attention config: its output against the first config's (`ref`, None for the first),
+    its CUDA-graph time and `rate` = per_ms / ms; an error entry when it does not run. -> (entry, ref)."""
+    try:
+        out = fn().float()
+        ref = out if ref is None else ref
+        ms = round(graph_ms(fn, reps, replays), 4)
+        return dict(ms=ms, max_diff_vs_default=float((out - ref).abs().max()), **{rate: round(per_ms / ms, 2)}), ref
+    except Exception as e:  # noqa: BLE001 - a config that does not fit must not hide the rest
+        return dict(error=f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"), ref
+
+
+def keep_best(row: dict, skip: str | None = None) -> None:
+    """row["best"] and row["best_ms"]: the fastest config that ran (names ending in `skip` aside)."""
+    ok = {k: v["ms"] for k, v in row["configs"].items() if "ms" in v and not (skip and k.endswith(skip))}
+    if ok:
+        row["best"] = min(ok, key=ok.get)
+        row["best_ms"] = ok[row["best"]]
+
+
 #: decode attention of the roofline's decode buckets: heads, kv heads, head dim, sinks, window
 ATTN = {
     "qwen3_30b_a3b": dict(H=32, G=4, Dh=128, sinks=False, window=0),
@@ -244,19 +264,9 @@ def attention_rows(T: int, ctx: int, reps: int, replays: int, block: int = 64) -
             def fn(bn=bn, nw=nw, ns=ns, sp=sp):
                 return tg.paged_attention(q, kv, table, pos, block, a["Dh"] ** -0.5, sinks, a["window"],
                                           block_n=bn, num_splits=sp, num_warps=nw, num_stages=ns)
-            try:
-                out = fn().float()
-                ref = out if ref is None else ref
-                err = float((out - ref).abs().max())
-                ms = round(graph_ms(fn, reps, replays), 4)
-                row["configs"][key] = dict(ms=ms, max_diff_vs_default=err, tb_s=round(kv_bytes / ms / 1e9, 2))
-            except Exception as e:  # noqa: BLE001 - a config that does not fit must not hide the rest
-                row["configs"][key] = dict(error=f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+            row["configs"][key], ref = timed_config(fn, ref, reps, replays, "tb_s", kv_bytes / 1e9)
             print(f"attention {name} T={T} {key:18s} {row['configs'][key]}", flush=True)
-        ok = {k: v["ms"] for k, v in row["configs"].items() if "ms" in v}
-        if ok:
-            row["best"] = min(ok, key=ok.get)
-            row["best_ms"] = ok[row["best"]]
+        keep_best(row)
         rows.append(row)
         del kv
         torch.cuda.empty_cache()
@@ -303,21 +313,12 @@ def prefill_attention_rows(n_req: int, new: int, reps: int, replays: int, block:
                     return tg.paged_attention(q, kv, bt, pos, block, a["Dh"] ** -0.5, sinks, a["window"],
                                               tile_tokens=tt, tile_block_n=bn, tile_warps=nw, tile_stages=ns,
                                               per_token=not tiles_only)
-                try:
-                    if tt < 2 or R * tt != rows_:
-                        raise ValueError(f"{rows_} rows is not whole tokens of {R} heads")
-                    out = fn().float()
-                    ref = out if ref is None else ref
-                    err = float((out - ref).abs().max())
-                    ms = round(graph_ms(fn, reps, replays), 4)
-                    row["configs"][key] = dict(ms=ms, max_diff_vs_default=err, tflops=round(flops / ms / 1e9, 1))
-                except Exception as e:  # noqa: BLE001 - a config that does not fit must not hide the rest
-                    row["configs"][key] = dict(error=f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+                if tt < 2 or R * tt != rows_:
+                    row["configs"][key] = dict(error=f"{rows_} rows is not whole tokens of {R} heads")
+                else:
+                    row["configs"][key], ref = timed_config(fn, ref, reps, replays, "tflops", flops / 1e9)
                 print(f"prefill attention {name} T={T} {key:30s} {row['configs'][key]}", flush=True)
-        ok = {k: v["ms"] for k, v in row["configs"].items() if "ms" in v and not k.endswith("tiles_only")}
-        if ok:
-            row["best"] = min(ok, key=ok.get)
-            row["best_ms"] = ok[row["best"]]
+        keep_best(row, skip="tiles_only")
         rows.append(row)
         del kv
         torch.cuda.empty_cache()

@@ -14,24 +14,17 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from tbo_compiler.models import ModelLoadError, load_model, quant
 from tbo_compiler.models.attention import GQAAttention
 
+from test_new_archs import _disk
+
 ops = torch.ops.tbo
 ARCHS = ["qwen3_moe", "gpt_oss", "mixtral"]
 BIAS = {"qwen3_moe": False, "gpt_oss": True, "mixtral": False}
-
-
-def _disk(d) -> dict:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({n: h.get_tensor(n) for n in h.keys()})
-    return out
 
 
 def _qkv_from_disk(disk: dict, layer: int, what: str = "weight") -> list[torch.Tensor]:
@@ -102,28 +95,16 @@ def test_misshaped_k_proj_is_one_line_naming_it(tiny_dirs, tmp_path, arch, what)
 
 # 2. the forward ---------------------------------------------------------------------------------
 
-def _three_gemm_attention(attn: GQAAttention, wq, wk, wv, bq, bk, bv, x_TD, positions_T, slot_mapping_T,
-                          block_table_TB, cache_S2GD, rope):
-    """GQAAttention.forward as it was before qkv_proj: q, k and v each their own GEMM."""
-    T = x_TD.shape[0]
-    q_THD = F.linear(x_TD, wq, bq).view(T, attn.H, attn.Dh)
-    k_TGD = F.linear(x_TD, wk, bk).view(T, attn.G, attn.Dh)
-    v_TGD = F.linear(x_TD, wv, bv).view(T, attn.G, attn.Dh)
-    norms = hasattr(attn, "q_norm")
-    if getattr(rope, "kind", None) == "half":
-        qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if norms else ()
-        q_THD, kv_T2GD = ops.qk_rope_kv(q_THD, k_TGD, v_TGD, positions_T, rope.inv_freq, *qk_norm)
-    else:
-        if norms:
-            q_THD, k_TGD = attn.q_norm(q_THD), attn.k_norm(k_TGD)
-        q_THD, k_TGD = rope(q_THD, positions_T), rope(k_TGD, positions_T)
-        kv_T2GD = torch.stack([k_TGD, v_TGD], 1)
-    cache_S2GD.index_put_((slot_mapping_T,), kv_T2GD.to(cache_S2GD.dtype))
-    args = (q_THD, cache_S2GD, block_table_TB, positions_T, attn.block_size, attn.scale)
-    if attn.sinks is not None or attn.window:
-        args += (attn.sinks, attn.window)
-    o_THD = ops.paged_attention(*args)
-    return attn.o_proj(o_THD.reshape(T, attn.H * attn.Dh))
+class _ThreeGemms(torch.nn.Module):
+    """What qkv_proj replaced: q, k and v each their own GEMM, joined along the columns (the forward
+    after it reads q, k, v as views of those columns either way)."""
+
+    def __init__(self, ws, bs):
+        super().__init__()
+        self.ws, self.bs = ws, bs
+
+    def forward(self, x):
+        return torch.cat([F.linear(x, w, b) for w, b in zip(self.ws, self.bs)], 1)
 
 
 @pytest.mark.parametrize("path", ["qk_rope_kv", "separate_ops"])
@@ -145,7 +126,12 @@ def test_attention_equals_three_gemms(tiny_dirs, tiny_models, arch, path):
     entry = model.cache_entry_shape(0)
     caches = [torch.zeros(S, *entry), torch.zeros(S, *entry)]
     got = attn(x, pos, slots, table, caches[0], rope)
-    want = _three_gemm_attention(attn, wq, wk, wv, bq, bk, bv, x, pos, slots, table, caches[1], rope)
+    fused = attn.qkv_proj
+    try:
+        attn.qkv_proj = _ThreeGemms((wq, wk, wv), (bq, bk, bv))
+        want = attn(x, pos, slots, table, caches[1], rope)
+    finally:
+        attn.qkv_proj = fused
     # the same dot products; a CPU BLAS may only block the columns differently (observed: bitwise)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(caches[0], caches[1], rtol=1e-6, atol=1e-6)
