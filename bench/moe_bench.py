@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -43,14 +42,9 @@ MODELS = {
 
 
 def graph_ms(fn, reps: int, replays: int) -> float:
-    from tbo_compiler.runtime.kernels.moe_tuned import capture, time_ms
+    from tbo_compiler.runtime.kernels.moe_tuned import graph_ms as timed
 
-    run = capture(fn, torch.device("cuda", torch.cuda.current_device()), reps)
-    torch.cuda.synchronize()
-    out = [time_ms(run, ()) / reps for _ in range(replays)]
-    del run
-    torch.cuda.empty_cache()
-    return statistics.median(out)
+    return timed(fn, reps, replays)
 
 
 def inputs(m: dict, N: int, seed: int = 0):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,11 +25,9 @@ TILINGS = [(None, None), (32, 4), (16, 4), (16, 2), (8, 4), (8, 2), (4, 2), (4, 
 
 
 def graph_ms(fn, reps: int = 20, replays: int = 7) -> float:
-    from tbo_compiler.runtime.kernels.moe_tuned import capture, time_ms
+    from tbo_compiler.runtime.kernels.moe_tuned import graph_ms as timed
 
-    run = capture(fn, torch.device("cuda", torch.cuda.current_device()), reps)
-    torch.cuda.synchronize()
-    return statistics.median(time_ms(run, ()) / reps for _ in range(replays))
+    return timed(fn, reps, replays)
 
 
 def rows_for(name: str, T: int, dev: str = "cuda") -> dict:

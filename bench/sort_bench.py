@@ -36,7 +36,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -64,14 +63,9 @@ RANK_MAX = 16384  # C: P^2 compares, a tie with torch at 16384 (bench/results/so
 
 def graph_us(fn, reps: int, replays: int) -> float:
     """us per call of fn: REPS calls in one CUDA graph, the median of `replays` replays / REPS."""
-    from tbo_compiler.runtime.kernels.moe_tuned import capture, time_ms
+    from tbo_compiler.runtime.kernels.moe_tuned import graph_ms
 
-    run = capture(fn, torch.device("cuda", torch.cuda.current_device()), reps)
-    torch.cuda.synchronize()
-    out = [time_ms(run, ()) / reps for _ in range(replays)]
-    del run
-    torch.cuda.empty_cache()  # the graph's memory pool
-    return 1000.0 * statistics.median(out)
+    return 1000.0 * graph_ms(fn, reps, replays)
 
 
 def router_ids(P: int, E: int, gen: torch.Generator) -> torch.Tensor:

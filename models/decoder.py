@@ -111,7 +111,8 @@ class DecoderModel(nn.Module):
             out_TD, res_TD = layer(out_TD, res_TD, positions, slot_mapping, block_table, cache, self.rope, pad_T)
         x_TD = self.norm(out_TD) if res_TD is None else self.norm.add(out_TD, res_TD)[0]
         if self.fp32_logits_gemm and type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
-            # fp32 straight out of the GEMM: a 16-bit GEMM and then a cast pass over the [T, V]
-            # logits cost 1.2 ms of GPT-OSS's prefill 4096 on an H200 (the cast alone)
+            # fp32 straight out of the GEMM: the cast pass over the [T, V] logits after a 16-bit
+            # GEMM took 2.6 ms of GPT-OSS's prefill 4096 on an H200 and 1.9 ms of Qwen3's
+            # (bench/results/roofline_h200, third and fourth runs)
             return torch.ops.tbo.linear_f32(x_TD, self.lm_head.weight)
         return self.lm_head(x_TD).float()

@@ -50,8 +50,8 @@ PREFERENCE: dict[str, list[str]] = {
     "silu_mul": ["triton", "torch"],
     "rope_interleaved": ["triton", "torch"],
     "rope_half": ["triton", "torch"],
-    # q/k norms, both ropes and the k|v stack in one launch instead of five (Qwen3 at 48 layers:
-    # ~3 ms of a 67 ms prefill-4096 step and ~0.5 ms + launch gaps of a 23 ms decode-256 step)
+    # q/k norms, both ropes and the k|v stack in one launch instead of five: on an H200, 35 against
+    # 60 us a Qwen3 layer at 4096 tokens, 3.7 against 9.5 us at 256 (bench/results/moe_h200/rope_bench)
     "qk_rope_kv": ["triton", "torch"],
     "dispatch_pack": ["torch"],
     # a 16-bit GEMM with fp32 output on the tensor cores, not an fp32 GEMM on the FMA units: the

@@ -188,6 +188,17 @@ def capture(fn: Callable[[], object], device: torch.device, reps: int = 1) -> Ca
     return graph.replay
 
 
+def graph_ms(fn: Callable[[], object], reps: int = 1, replays: int = ROUNDS) -> float:
+    """Median ms of one fn() call on the current GPU: `reps` calls captured in one CUDA graph, the
+    graph replayed `replays` times (the benches' timer: bench/moe_bench.py, sort_bench.py, rope_bench.py)."""
+    run = capture(fn, torch.device("cuda", torch.cuda.current_device()), reps)
+    torch.cuda.synchronize()
+    out = [time_ms(run, ()) / reps for _ in range(replays)]
+    del run
+    torch.cuda.empty_cache()  # the graph's memory pool
+    return statistics.median(out)
+
+
 def measure(args: tuple, rounds: int = ROUNDS) -> dict[str, float]:
     """{candidate: median ms} on these tensors: each candidate warmed up (compiled), captured and
     replayed `rounds` times, one candidate after the other so that only one graph's memory is

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tbo_compiler.runtime.kernels import triton_gqa as tg
 from tbo_compiler.runtime.kernels import triton_moe as tm
 
 
@@ -259,9 +260,7 @@ def _down_tma_kernel(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, tw_ptr,
 
 def _num_sms(device: torch.device) -> int:
     """Programs of a persistent launch: one per SM (CPU interpreter: a few, so the loop runs)."""
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return tg._sm_count(device) if device.type == "cuda" else 4
 
 
 def _desc(t: Tensor, block: list[int]):
