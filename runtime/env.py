@@ -15,6 +15,8 @@ a value that does not parse fails with one line naming the flag.
                                                  (1) ~/.cache/tbo_compiler/moe_tuning.json
     TBO_GQA_TILES                 0|1    1       paged attention: one request's runs of tokens (prefill) as
                                                  MMA tiles (runtime/kernels/triton_gqa.py); 0: per token only
+    TBO_GQA_TOKEN_LOOP            0|1    1       paged attention after the tiles: each per-token program takes
+                                                 several tokens (prefill: few programs that find them done)
     TBO_COMM                      name   unset   the comm backend of every multi-rank group (runtime/comm)
     TBO_COMM_TIMEOUT_S            s      300     how long a collective waits for its peers before the rank
                                                  fails naming them (runtime/comm/faults.py)
@@ -90,6 +92,7 @@ FLAGS: dict[str, Flag] = {f.name: f for f in (
     Flag("TBO_KERNELS", "", _text, "op=backend,...: a kernel backend per op"),
     Flag("TBO_MOE_TUNING", "", _text, "file of the per-GPU moe_experts choices ('off': none, default tiles)"),
     Flag("TBO_GQA_TILES", True, _not_zero, "paged attention takes one request's runs of tokens as tiles"),
+    Flag("TBO_GQA_TOKEN_LOOP", True, _not_zero, "per-token attention programs take several tokens after the tiles"),
     Flag("TBO_COMM", None, _text, "the comm backend of every multi-rank group"),
     Flag("TBO_COMM_TIMEOUT_S", 300.0, _seconds, "seconds a collective waits for its peers"),
     Flag("TBO_MORI_KERNEL", "AsyncLL", _text, "mori's dispatch/combine kernel type"),

@@ -252,6 +252,24 @@ def test_tiles_with_split_kv_and_decode_batches():
     check(make_batch([(4, 1), (12, 1), (0, 1), (37, 1), (22, 1), (9, 1), (1, 1), (2, 1)], seed=9), tile_tokens=8)
 
 
+@pytest.mark.parametrize("iters", [2, 4, 8])
+def test_per_token_programs_take_several_tokens(iters):
+    """After the tile kernel, each per-token program takes tokens pid, pid + P, ...: tokens left by
+    the tiles (a run straddling two requests, decode tokens, padding) among ones the tiles did, with
+    a grid that does not divide T, with and without split-KV."""
+    batch = make_batch([(5, 16), (0, 11), (3, 1), (30, 8), (2, 1)], pad=3, seed=12)
+    check(batch, tile_tokens=8, token_iters=iters)
+    check(batch, sinks=_sinks(4, 2), window=5, tile_tokens=8, token_iters=iters, num_splits=2)
+
+
+def test_tokens_per_program_choice():
+    """Several tokens a program only while >= 8 programs an SM remain: a 4096-token prefill with
+    4-8 kv heads on an H200 (132 SMs) takes 8; decode batches keep one token a program."""
+    assert tg._token_iters(4096, 4, 132) == 8 and tg._token_iters(4096, 8, 132) == 16
+    assert tg._token_iters(256, 4, 132) == 1 and tg._token_iters(512, 8, 132) == 2
+    assert tg._token_iters(1 << 20, 8, 132) == 32
+
+
 def test_tile_size_choice():
     assert tg._tile_tokens(4096, 8, torch.bfloat16, 128) == (16 if not tg._interpreting() else 2)
     assert tg._tile_tokens(4096, 3, torch.bfloat16, 128) == 0      # R not a power of two

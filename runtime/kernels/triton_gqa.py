@@ -133,6 +133,18 @@ def _tile_tokens(T: int, R: int, dtype: torch.dtype, head_dim: int) -> int:
     return tile if T >= tile else 0
 
 
+def _token_iters(T: int, programs_per_token: int, sms: int) -> int:
+    """Tokens per program of the per-token kernel when the tile kernel ran first: a power of two,
+    as large as keeps >= 8 programs per SM. In a prefill every tile is usually one request's run and
+    the per-token kernel has nothing to do; one program per (token, kv head) that reads a flag and
+    exits cost 11-21 us a layer at 4096 tokens on an H200 (bench/moe_bench.py --prefill-attention,
+    2026-12-03). Decode batches (T * kv heads below that) keep one token a program."""
+    iters = 1
+    while iters < 32 and triton.cdiv(T, 2 * iters) * programs_per_token >= 8 * sms:
+        iters *= 2
+    return iters
+
+
 def _tile_launch(dtype: torch.dtype, head_dim: int, rows: int, block_n: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the run kernel. Measured on an H200 at the roofline's
     prefill (8 requests x 512 tokens, bench/moe_bench.py --prefill-attention, 2026-12-03): Dh 128
@@ -160,16 +172,40 @@ def _block_n(dtype: torch.dtype, head_dim: int) -> int:
 
 @triton.jit
 def _attn_kernel(q_ptr, kv_ptr, bt_ptr, pos_ptr, sink_ptr, o_ptr, part_ptr, ml_ptr, done_ptr,
-                 qk_scale, H, window, s_qt, s_qh, s_ks, s_kv, s_kg, s_bt, s_ot, s_oh,
+                 qk_scale, T, H, window, s_qt, s_qh, s_ks, s_kv, s_kg, s_bt, s_ot, s_oh,
                  R: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PREC: tl.constexpr, HAS_SINKS: tl.constexpr, TILE_T: tl.constexpr):
-    t = tl.program_id(0)  # fastest: neighbouring programs are tokens of one request, sharing K/V in L2
+                 PREC: tl.constexpr, HAS_SINKS: tl.constexpr, TILE_T: tl.constexpr, ITERS: tl.constexpr):
+    """Tokens pid, pid + P, ... (P programs on axis 0, ITERS tokens each: 1 unless the tile kernel
+    ran first, see _token_iters) for kv head g, split sp."""
+    pid = tl.program_id(0)  # fastest: neighbouring programs are tokens of one request, sharing K/V in L2
     g = tl.program_id(1)
     sp = tl.program_id(2)
-    if TILE_T > 0:  # the tile kernel already did this token's tile (one request's run of tokens)
-        if tl.load(done_ptr + t // TILE_T) != 0:
+    P = tl.num_programs(0)
+    if TILE_T > 0 and ITERS > 1:  # one load of all its tokens' flags: in a prefill they are all done
+        ts = pid + tl.arange(0, ITERS) * P
+        todo = tl.sum((tl.load(done_ptr + ts // TILE_T, mask=ts < T, other=1) == 0).to(tl.int32), 0)
+        if todo == 0:
             return
+    for it in range(ITERS):
+        t = pid + it * P
+        if t < T:
+            skip = False
+            if TILE_T > 0:
+                skip = tl.load(done_ptr + t // TILE_T) != 0
+            if not skip:
+                _attn_token(q_ptr, kv_ptr, bt_ptr, pos_ptr, sink_ptr, o_ptr, part_ptr, ml_ptr, t, g, sp,
+                            qk_scale, H, window, s_qt, s_qh, s_ks, s_kv, s_kg, s_bt, s_ot, s_oh,
+                            R, DH, BS, SPLITS, BLOCK_M, BLOCK_N, BLOCK_D, PREC, HAS_SINKS)
+
+
+@triton.jit
+def _attn_token(q_ptr, kv_ptr, bt_ptr, pos_ptr, sink_ptr, o_ptr, part_ptr, ml_ptr, t, g, sp,
+                qk_scale, H, window, s_qt, s_qh, s_ks, s_kv, s_kg, s_bt, s_ot, s_oh,
+                R: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                PREC: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """One token's R query heads of kv head g over its split sp of the context (steps 1-3)."""
     ctx = tl.load(pos_ptr + t).to(tl.int32) + 1
     start = tl.maximum(ctx - window, 0)  # the sliding window's first position (0 without one)
     if SPLITS == 1:
@@ -321,7 +357,7 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions:
                     tile_tokens: int | None = None, per_token: bool = True,
                     num_warps: int | None = None, num_stages: int | None = None,
                     tile_block_n: int | None = None, tile_warps: int | None = None,
-                    tile_stages: int | None = None) -> Tensor:
+                    tile_stages: int | None = None, token_iters: int | None = None) -> Tensor:
     """GQA over a paged cache; see the module docstring. No host sync. The keyword-only knobs
     (tiles of the per-token kernel, then of the run kernel) are for tests and benches."""
     T, H, Dh = q.shape
@@ -359,8 +395,11 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions:
             R=R, DH=Dh, BS=block_size, TILE_T=tile_t, NB_P2=triton.next_power_of_2(NB), BLOCK_N=tile_block_n or t_bn,
             BLOCK_D=block_d, PREC=prec, HAS_SINKS=sinks is not None, BLOCK_M=tile_t * R,
             num_warps=tile_warps or t_warps, num_stages=tile_stages or t_stages)
+    sms = _sm_count(q.device) if q.is_cuda else 4  # interpreter: a few, so tests take several tokens
+    loop = tile_t and flag("TBO_GQA_TOKEN_LOOP")
+    iters = (token_iters or _token_iters(T, G * splits, sms)) if loop else 1
     meta = dict(R=R, DH=Dh, BS=block_size, SPLITS=splits, BLOCK_M=max(16, triton.next_power_of_2(R)),
-                BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, HAS_SINKS=sinks is not None, TILE_T=tile_t,
+                BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, HAS_SINKS=sinks is not None, TILE_T=tile_t, ITERS=iters,
                 num_warps=num_warps or 4, num_stages=num_stages or 3)
     if splits == 1:
         part = ml = out  # unused: the kernel writes the output itself
@@ -369,9 +408,9 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions:
         ml = torch.empty(T, H, splits, 2, dtype=torch.float32, device=q.device)
     if not per_token:  # tests: the tiles' rows alone (the others are left unwritten)
         return out
-    _attn_kernel[(T, G, splits)](
+    _attn_kernel[(triton.cdiv(T, iters), G, splits)](
         q, kv_cache, block_table, positions, sink_arg, out, part, ml, done,
-        scale * _LOG2E, H, win,
+        scale * _LOG2E, T, H, win,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1), **meta)
     if splits > 1:

@@ -1,5 +1,5 @@
-"""moe_experts with TMA loads (Hopper and later): the routed rows gathered once, then both expert
-GEMMs read their tiles through tensor descriptors.
+"""moe_experts with TMA loads (Hopper and later): the routed rows gathered once (or, GATHER_A, loaded
+by the gate/up GEMM itself), then both expert GEMMs read their tiles through tensor descriptors.
 
 Same contract as triton_moe.moe_experts (see that module: dims N, D, K, E, I, P = N*K, BM), same
 routing prep (pairs sorted by expert, each expert's first sorted position) and the same block
@@ -30,6 +30,13 @@ accumulator is [BN, BM] and is transposed once for the epilogue.
 QUARTER_TAIL (prefill): a last block of at most BM/4 rows (32 of 128) runs the swapped tile of
 SWAP, the rows as the MMA's N (which may be as small as 8), not padded to a 64-row M: at Qwen3's
 256 +- 16 rows an expert about half the experts end with such a block.
+
+GATHER_A (prefill): no step 1. The gate/up GEMM loads its [BM, BK] A tiles straight from x with
+pointer loads (row = pairs[p] // K, as triton_moe does), only the weight tiles through
+descriptors: the gather's P x D write and read (134 MB a layer at Qwen3 prefill 4096, ~4 ms of a
+60 ms step with the sum over K) are gone, at the price of address arithmetic in the warps for A.
+A candidate the tuner measures against the gathered form; it combines with every other option (the
+half and quarter tail tiles are the same loads at BM/2 and BM/4 rows).
 
 PERSISTENT (prefill): one program per SM, each taking every SMs-th output tile (the same tiles in
 the same swizzled order; blocks without an expert are skipped inside the loop), instead of one
@@ -65,6 +72,7 @@ class TmaConfig:
     group_m: int = 8
     block_d: int = 1024
     persistent: bool = False  # one program per SM looping over the output tiles, not one per tile
+    gather_a: bool = False  # the gate/up GEMM loads x's routed rows itself: no gather pass, no xs
 
 
 def supported(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tensor, *rest) -> bool:
@@ -98,11 +106,30 @@ def _gather_kernel(x_ptr, pairs_ptr, offs_ptr, xs_ptr, E, s_xn, D: tl.constexpr,
 # Step 2: the GEMMs -------------------------------------------------------------------------------
 
 @triton.jit
-def _gate_up_tile(a_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be,
-                  D: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                  CLAMP: tl.constexpr):
+def _a_tile(a_desc, a_ptrs, start, k, s_xd, D: tl.constexpr, BLOCK_K: tl.constexpr, GATHER_A: tl.constexpr):
+    """The block's [BM, BK] tile of A at column k: through xs's descriptor, or (GATHER_A) from the x
+    rows a_ptrs points at (column 0), the K tail past D masked to zero as the descriptor pads it."""
+    if GATHER_A:
+        if D % BLOCK_K == 0:
+            a = tl.load(a_ptrs + k * s_xd)
+        else:
+            a = tl.load(a_ptrs + k * s_xd, mask=(k + tl.arange(0, BLOCK_K) < D)[None, :], other=0.0)
+    else:
+        a = a_desc.load([start, k])
+    return a
+
+
+@triton.jit
+def _gate_up_tile(a_desc, x_ptr, pairs_ptr, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_xn, s_xd, s_be,
+                  D: tl.constexpr, I: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SWAP: tl.constexpr, GATHER_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  ACT: tl.constexpr, CLAMP: tl.constexpr):
     g_row = e * (2 * I) + n0
+    pos = start + tl.arange(0, BLOCK_M)
+    a_ptrs = x_ptr  # unused unless GATHER_A: A comes through a_desc
+    if GATHER_A:  # rows past the block's end read pair 0's row (it exists): computed, never stored
+        row = (tl.load(pairs_ptr + pos, mask=pos < end, other=0) // K).to(tl.int64)  # N*D may pass 2^31
+        a_ptrs = x_ptr + row[:, None] * s_xn + tl.arange(0, BLOCK_K)[None, :] * s_xd
     if SWAP:
         acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -111,7 +138,7 @@ def _gate_up_tile(a_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be,
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(D, BLOCK_K)):
         k = kb * BLOCK_K
-        a = a_desc.load([start, k])
+        a = _a_tile(a_desc, a_ptrs, start, k, s_xd, D, BLOCK_K, GATHER_A)
         wg = w_desc.load([g_row, k])
         wu = w_desc.load([g_row + I, k])
         if SWAP:
@@ -130,54 +157,55 @@ def _gate_up_tile(a_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be,
         acc_g += tl.load(b_row + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_row + I + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     h = tm._glu(acc_g, acc_u, limit, ACT, CLAMP)
-    pos = start + tl.arange(0, BLOCK_M)
     h_ptrs = h_ptr + pos.to(tl.int64)[:, None] * I + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(pos < end)[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _gate_up_block(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, h_ptr, offs_ptr, tile, E, num_blocks,
-                   limit, s_be, D: tl.constexpr, I: tl.constexpr,
+def _gate_up_block(a_desc, a_half_desc, a_quarter_desc, x_ptr, pairs_ptr, w_desc, b_ptr, h_ptr, offs_ptr, tile, E,
+                   num_blocks, limit, s_xn, s_xd, s_be, D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, E_P2: tl.constexpr, SWAP: tl.constexpr, HALF_TAIL: tl.constexpr,
-                   QUARTER_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr):
+                   QUARTER_TAIL: tl.constexpr, GATHER_A: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                   CLAMP: tl.constexpr):
     """Output tile `tile` of the gate/up GEMM (nothing when its block has no expert)."""
     pid_m, pid_n = tm._swizzle(tile, num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
     e, start, end = tm._block_of(offs_ptr, pid_m, E, BLOCK_M, E_P2)
     if e < E:
         n0 = pid_n * BLOCK_N
         if QUARTER_TAIL and end - start <= BLOCK_M // 4:  # a last block of <= BM/4 rows: swapped MMA
-            _gate_up_tile(a_quarter_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be, D, I,
-                          BLOCK_M // 4, BLOCK_N, BLOCK_K, True, HAS_BIAS, ACT, CLAMP)
+            _gate_up_tile(a_quarter_desc, x_ptr, pairs_ptr, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_xn,
+                          s_xd, s_be, D, I, K, BLOCK_M // 4, BLOCK_N, BLOCK_K, True, GATHER_A, HAS_BIAS, ACT, CLAMP)
         elif HALF_TAIL and end - start <= BLOCK_M // 2:  # an expert's last block with at most half its rows
-            _gate_up_tile(a_half_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be, D, I, BLOCK_M // 2,
-                          BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, ACT, CLAMP)
+            _gate_up_tile(a_half_desc, x_ptr, pairs_ptr, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_xn,
+                          s_xd, s_be, D, I, K, BLOCK_M // 2, BLOCK_N, BLOCK_K, SWAP, GATHER_A, HAS_BIAS, ACT, CLAMP)
         else:
-            _gate_up_tile(a_desc, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_be, D, I, BLOCK_M,
-                          BLOCK_N, BLOCK_K, SWAP, HAS_BIAS, ACT, CLAMP)
+            _gate_up_tile(a_desc, x_ptr, pairs_ptr, w_desc, b_ptr, h_ptr, e, start, end, n0, limit, s_xn, s_xd,
+                          s_be, D, I, K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP, GATHER_A, HAS_BIAS, ACT, CLAMP)
 
 
 @triton.jit
-def _gate_up_tma_kernel(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, h_ptr, offs_ptr, E, num_blocks, limit,
-                        s_be, D: tl.constexpr, I: tl.constexpr,
+def _gate_up_tma_kernel(a_desc, a_half_desc, a_quarter_desc, x_ptr, pairs_ptr, w_desc, b_ptr, h_ptr, offs_ptr, E,
+                        num_blocks, limit, s_xn, s_xd, s_be, D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, E_P2: tl.constexpr, SWAP: tl.constexpr, HALF_TAIL: tl.constexpr,
-                        QUARTER_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, ITERS: tl.constexpr):
+                        QUARTER_TAIL: tl.constexpr, GATHER_A: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                        CLAMP: tl.constexpr, ITERS: tl.constexpr):
     """One program per output tile (ITERS = 0), or a persistent grid whose programs take ITERS
     tiles each, strided by the grid (a constexpr trip count: Triton's interpreter cannot loop to a
-    runtime bound)."""
+    runtime bound). GATHER_A: the A descriptors are None, A comes from x through pairs."""
     if ITERS > 0:
         tiles = num_blocks * tl.cdiv(I, BLOCK_N)
         for i in range(ITERS):
             tile = tl.program_id(0) + i * tl.num_programs(0)
             if tile < tiles:
-                _gate_up_block(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, h_ptr, offs_ptr, tile, E,
-                               num_blocks, limit, s_be, D, I, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, E_P2, SWAP,
-                               HALF_TAIL, QUARTER_TAIL, HAS_BIAS, ACT, CLAMP)
+                _gate_up_block(a_desc, a_half_desc, a_quarter_desc, x_ptr, pairs_ptr, w_desc, b_ptr, h_ptr, offs_ptr,
+                               tile, E, num_blocks, limit, s_xn, s_xd, s_be, D, I, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                               GROUP_M, E_P2, SWAP, HALF_TAIL, QUARTER_TAIL, GATHER_A, HAS_BIAS, ACT, CLAMP)
     else:
-        _gate_up_block(a_desc, a_half_desc, a_quarter_desc, w_desc, b_ptr, h_ptr, offs_ptr, tl.program_id(0), E,
-                       num_blocks, limit, s_be, D, I, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, E_P2, SWAP, HALF_TAIL,
-                       QUARTER_TAIL, HAS_BIAS, ACT, CLAMP)
+        _gate_up_block(a_desc, a_half_desc, a_quarter_desc, x_ptr, pairs_ptr, w_desc, b_ptr, h_ptr, offs_ptr,
+                       tl.program_id(0), E, num_blocks, limit, s_xn, s_xd, s_be, D, I, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                       GROUP_M, E_P2, SWAP, HALF_TAIL, QUARTER_TAIL, GATHER_A, HAS_BIAS, ACT, CLAMP)
 
 
 @triton.jit
@@ -290,23 +318,27 @@ def moe_experts_tma(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2
         progs = min(tiles, sms)
         return dict(grid=(progs,), ITERS=triton.cdiv(tiles, progs))
 
-    xs = x.new_empty(P, D)
-    rows = 16
-    _gather_kernel[(triton.cdiv(P, rows),)](x, pairs, offs, xs, E, x.stride(0), D=D, K=K, ROWS=rows,
-                                            BLOCK_D=min(512, triton.next_power_of_2(D)), num_warps=4)
-
     gu = cfg.gate_up
+    if cfg.gather_a:  # the gate/up GEMM loads x's rows through pairs: no xs, no descriptors over it
+        a_descs = (None, None, None)
+    else:
+        xs = x.new_empty(P, D)
+        rows = 16
+        _gather_kernel[(triton.cdiv(P, rows),)](x, pairs, offs, xs, E, x.stride(0), D=D, K=K, ROWS=rows,
+                                                BLOCK_D=min(512, triton.next_power_of_2(D)), num_warps=4)
+        a_desc = _desc(xs, [BM, gu.block_k])
+        a_descs = (a_desc, _desc(xs, [BM // 2, gu.block_k]) if cfg.half_tail else a_desc,
+                   _desc(xs, [BM // 4, gu.block_k]) if cfg.quarter_tail else a_desc)
+
     h = x.new_empty(P, I)
     b13 = None if w13_bias is None else w13_bias.contiguous()
     b2 = None if w2_bias is None else w2_bias.contiguous()
-    a_desc = _desc(xs, [BM, gu.block_k])
     gl = launch(num_blocks * triton.cdiv(I, gu.block_n))
     _gate_up_tma_kernel[gl.pop("grid")](
-        a_desc, _desc(xs, [BM // 2, gu.block_k]) if cfg.half_tail else a_desc,
-        _desc(xs, [BM // 4, gu.block_k]) if cfg.quarter_tail else a_desc,
-        _desc(w13.view(E * 2 * I, D), [gu.block_n, gu.block_k]),
-        w13 if b13 is None else b13, h, offs, E, num_blocks, float(limit), 0 if b13 is None else b13.stride(0),
-        D=D, I=I, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, HAS_BIAS=b13 is not None,
+        *a_descs, x, pairs, _desc(w13.view(E * 2 * I, D), [gu.block_n, gu.block_k]),
+        w13 if b13 is None else b13, h, offs, E, num_blocks, float(limit), x.stride(0), x.stride(1),
+        0 if b13 is None else b13.stride(0),
+        D=D, I=I, K=K, BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, GATHER_A=cfg.gather_a, HAS_BIAS=b13 is not None,
         ACT=tm._ACTIVATIONS[activation], CLAMP=limit > 0,
         num_warps=gu.num_warps, num_stages=gu.num_stages, **gl, **common)
 
@@ -339,6 +371,11 @@ CONFIGS = {
                                    quarter_tail=True),
     "tma_bm128_n128_hq_p": TmaConfig(128, tm.GemmTile(128, 64, 8, 3), tm.GemmTile(256, 64, 8, 3), half_tail=True,
                                      quarter_tail=True, persistent=True),
+    # ... and the gate/up GEMM loading x's rows itself, no gather pass (GATHER_A)
+    "tma_bm128_n128_ga": TmaConfig(128, tm.GemmTile(128, 64, 8, 3), tm.GemmTile(256, 64, 8, 3), gather_a=True),
+    "tma_bm128_n128_ht_s4_ga": TmaConfig(128, tm.GemmTile(128, 64, 8, 4), tm.GemmTile(256, 64, 8, 4), half_tail=True,
+                                         gather_a=True),
+    "tma_bm64_n128_w8_ga": TmaConfig(64, tm.GemmTile(128, 64, 8, 4), tm.GemmTile(256, 64, 8, 3), gather_a=True),
     "tma_bm128_n128_ht_k128": TmaConfig(128, tm.GemmTile(128, 128, 8, 2), tm.GemmTile(256, 128, 8, 2), half_tail=True),
     "tma_bm64_n128_w8": TmaConfig(64, tm.GemmTile(128, 64, 8, 4), tm.GemmTile(256, 64, 8, 3)),
     "tma_bm128_n64": TmaConfig(128, tm.GemmTile(64, 64, 8, 4), tm.GemmTile(128, 64, 8, 4)),
