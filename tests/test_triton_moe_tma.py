@@ -115,3 +115,11 @@ def test_tma_refuses_unaligned_rows():
     """Descriptor rows must be multiples of 16 bytes: D = 36 in fp16 is not offered."""
     args = make(8, 36, 16, 2, 2, torch.float16, device="cuda" if GPU else "cpu")
     assert not tt.supported(*args)
+
+
+def test_rows_not_contiguous_are_not_offered():
+    """The gather pass reads x's rows as contiguous: an x whose last dim is strided is left to the
+    other candidates (the tuner offers TMA configs only where `supported`)."""
+    x, *rest = make(16, 64, 32, 4, 2, torch.float32, seed=1)
+    assert tt.supported(x, *rest) == (not GPU)  # fp32 runs only in the interpreter
+    assert not tt.supported(x.t().contiguous().t(), *rest)

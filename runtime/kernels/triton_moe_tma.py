@@ -85,7 +85,8 @@ def supported(x: Tensor, topk_ids: Tensor, topk_w: Tensor, w13: Tensor, w2: Tens
     if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
     D, I = x.shape[1], w13.shape[1] // 2
-    return w13.is_contiguous() and w2.is_contiguous() and D % 8 == 0 and I % 8 == 0
+    # x.stride(1) == 1: the gather pass reads its rows as contiguous (gather_a would not need it)
+    return x.stride(1) == 1 and w13.is_contiguous() and w2.is_contiguous() and D % 8 == 0 and I % 8 == 0
 
 
 # Step 1: the gather ------------------------------------------------------------------------------
