@@ -263,3 +263,34 @@ def test_instruction_kinds_serialise_as_plain_strings():
     assert repr(i) == "Instr(op='free', node='x', ubatch=1, stream='comm', event=3)"
     with pytest.raises(ScheduleError, match="unknown instruction kind 'jump'"):
         Instr.from_list(["jump", None, None, "compute", None])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_wide_cache_write_is_index_put(dtype):
+    """TBO_KV_WRITE_WIDE's row write lands the same bits as aten.index_put_ on KV-cache-shaped rows
+    ([S, 2, G, Dh], int64 and int32 slots), and hands every other call to ATen unchanged: rows whose
+    bytes are not a multiple of 8, accumulate, values of another dtype or not contiguous, a 2-D index."""
+    from tbo_compiler.runtime.program import _index_put_rows_
+
+    g = torch.Generator().manual_seed(0)
+
+    def case(shape, T, idx_dtype=torch.int64, accumulate=False, vals=None):
+        base = torch.randn(shape, generator=g).to(dtype)
+        idx = torch.randperm(shape[0], generator=g)[:T].to(idx_dtype)
+        v = torch.randn(T, *shape[1:], generator=g).to(dtype) if vals is None else vals(T, shape)
+        ref = base.clone().index_put_((idx,), v, accumulate)
+        out = _index_put_rows_(base, (idx,), v, accumulate)
+        assert out is base and torch.equal(base.view(torch.uint8) if dtype != torch.float32 else base,
+                                           ref.view(torch.uint8) if dtype != torch.float32 else ref)
+
+    case((64, 2, 4, 8), 20)
+    case((64, 2, 4, 8), 20, torch.int32)
+    case((64, 2, 4, 8), 0)
+    case((64, 3), 10)                                    # 6 or 12 bytes a row
+    case((64, 2, 4, 8), 20, accumulate=True)
+    case((64, 2, 4, 8), 20, vals=lambda T, s: torch.randn(*s[1:], T, generator=g).to(dtype).movedim(-1, 0))
+    case((64, 2, 4, 8), 20, vals=lambda T, s: torch.randn(T, *s[1:], generator=g).double().to(dtype)[:, :1])
+    base = torch.zeros(8, 4, dtype=dtype)
+    idx2 = torch.tensor([[0, 1], [2, 3]])
+    ref = base.clone().index_put_((idx2,), torch.ones(2, 2, 4, dtype=dtype))
+    assert torch.equal(_index_put_rows_(base, (idx2,), torch.ones(2, 2, 4, dtype=dtype)), ref)

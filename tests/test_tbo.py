@@ -75,10 +75,14 @@ def test_ranks_with_uneven_tokens_agree_on_one_bucket(tiny, tmp_path):
     assert diff0 <= ATOL
 
 
-def test_cache_updates_run_in_place(tiny, tmp_path):
+@pytest.mark.parametrize("wide", ["0", "1"])
+def test_cache_updates_run_in_place(tiny, tmp_path, monkeypatch, wide):
     """The program writes KV-cache updates into the caller's cache (no per-layer cache copies);
-    outputs and caches equal those of the functional program."""
-    from tbo_compiler.runtime.program import Program
+    outputs and caches equal those of the functional program, with the rows moved as elements or
+    as 8-byte words (TBO_KV_WRITE_WIDE)."""
+    from tbo_compiler.runtime.program import Program, _index_put_rows_
+
+    monkeypatch.setenv("TBO_KV_WRITE_WIDE", wide)
 
     d = tiny["qwen3_moe"]
     p = tmp_path / "p.pt"
@@ -87,6 +91,7 @@ def test_cache_updates_run_in_place(tiny, tmp_path):
     run = load_plan(p, d, dtype=torch.float32, policy="tbo")
     bp, bound, ex, _ = run.buckets[14]["tbo"]
     assert len(ex.inplace) == 2 * run.model.config.num_hidden_layers  # each layer's write, both ubatches
+    assert (_index_put_rows_ in ex.glob.values()) == (wide == "1")
     functional = Program(bp.gm, bp.instrs, inplace=False)
     reqs = [("a", list(range(1, 9))), ("b", list(range(9, 15)))]
     kv, kv_f = run.new_kv_cache(sc.NUM_BLOCKS), run.new_kv_cache(sc.NUM_BLOCKS)
