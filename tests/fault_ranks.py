@@ -130,7 +130,8 @@ def rank_fails_before_agreeing(rank, world, faulty=0):
     others wait in it."""
     from tbo_compiler.runtime.comm import agree_num_tokens
 
-    if rank == faulty:
+    dist.barrier()  # every pair connected first: gloo connects lazily, and a rank that exits while
+    if rank == faulty:  # its peer still connects fails that peer in gloo's connect, not in the step
         fail("raise")
     return agree_num_tokens(3, "ep")
 
