@@ -226,10 +226,10 @@ ATTN = {
     "gpt_oss_20b_window": dict(H=64, G=8, Dh=64, sinks=True, window=128),
     "mixtral_8x7b": dict(H=32, G=8, Dh=128, sinks=False, window=0),
 }
-#: (block_n, num_warps, num_stages, splits) tried for the per-token (decode) kernel; the first is
-#: the kernel's default
-ATTN_CONFIGS = [(64, 4, 3, 1), (64, 4, 2, 1), (64, 4, 4, 1), (128, 4, 2, 1), (128, 8, 3, 1), (32, 4, 3, 1),
-                (32, 2, 3, 1), (64, 4, 3, 2), (128, 8, 2, 2), (64, 8, 3, 1)]
+#: (block_n, num_warps, num_stages, splits, head first) tried for the per-token (decode) kernel; the
+#: first is the kernel's default; "_hf": the programs ordered kv head first (TBO_GQA_HEAD_FIRST)
+ATTN_CONFIGS = [(64, 4, 3, 1, False), (64, 4, 3, 1, True), (64, 4, 4, 1, True), (32, 2, 3, 1, True),
+                (128, 4, 2, 1, True), (64, 4, 4, 1, False), (32, 2, 3, 1, False), (64, 4, 3, 2, True)]
 
 
 def attention_rows(T: int, ctx: int, reps: int, replays: int, block: int = 64) -> list[dict]:
@@ -252,12 +252,12 @@ def attention_rows(T: int, ctx: int, reps: int, replays: int, block: int = 64) -
         kv_bytes = T * span * 2 * a["G"] * a["Dh"] * 2
         row = dict(case=name, tokens=T, ctx=ctx, kv_bytes=kv_bytes, floor_ms=kv_bytes / PEAK_BYTES * 1e3, configs={})
         ref = None
-        for bn, nw, ns, sp in ATTN_CONFIGS:
-            key = f"bn{bn}_w{nw}_s{ns}_sp{sp}"
+        for bn, nw, ns, sp, hf in ATTN_CONFIGS:
+            key = f"bn{bn}_w{nw}_s{ns}_sp{sp}" + ("_hf" if hf else "")
 
-            def fn(bn=bn, nw=nw, ns=ns, sp=sp):
+            def fn(bn=bn, nw=nw, ns=ns, sp=sp, hf=hf):
                 return tg.paged_attention(q, kv, table, pos, block, a["Dh"] ** -0.5, sinks, a["window"],
-                                          block_n=bn, num_splits=sp, num_warps=nw, num_stages=ns)
+                                          block_n=bn, num_splits=sp, num_warps=nw, num_stages=ns, head_first=hf)
             row["configs"][key], ref = timed_config(fn, ref, reps, replays, "tb_s", kv_bytes / 1e9)
             print(f"attention {name} T={T} {key:18s} {row['configs'][key]}", flush=True)
         keep_best(row)
@@ -331,6 +331,26 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def hbm_rows(gib: float = 4.0, reps: int = 4, replays: int = 5) -> dict:
+    """What the GPU's memory delivers to a plain stream, the ceiling a weight-streaming decode
+    kernel can hope for (the floors use the 4.8 TB/s of the data sheet): a read-only pass (an
+    fp32 sum over bf16 rows, a few KB written) and a copy (read + write), each over `gib` GiB, far
+    past L2, timed as CUDA graphs."""
+    n = int(gib * 2**30) // 2
+    a = torch.randn(n // 4096, 4096, device="cuda").bfloat16()
+    b = torch.empty_like(a)
+    out = {}
+    read_ms = graph_ms(lambda: a.sum(dim=0, dtype=torch.float32), reps, replays)
+    copy_ms = graph_ms(lambda: b.copy_(a), reps, replays)
+    nbytes = a.numel() * 2
+    out["read"] = dict(bytes=nbytes, ms=round(read_ms, 4), tb_s=round(nbytes / read_ms / 1e9, 3))
+    out["copy"] = dict(bytes=2 * nbytes, ms=round(copy_ms, 4), tb_s=round(2 * nbytes / copy_ms / 1e9, 3))
+    print(f"hbm {out}", flush=True)
+    del a, b
+    torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -341,6 +361,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-attention", action="store_true",
                     help="also the prefill attention configs (8 requests x 512 new tokens)")
     ap.add_argument("--no-moe", dest="moe", action="store_false", help="skip the expert candidates")
+    ap.add_argument("--hbm", action="store_true", help="also a read and a copy over 4 GiB: the memory's own rate")
     ap.add_argument("--out", default="out/moe_bench")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -350,12 +371,14 @@ def main(argv=None) -> int:
     rows = run(a.models.split(","), [int(t) for t in a.tokens.split(",")], a.reps, a.replays) if a.moe else []
     attn = attention_rows(256, 512, a.reps, a.replays) if a.attention else []
     pattn = prefill_attention_rows(8, 512, a.reps, a.replays) if a.prefill_attention else []
+    hbm = hbm_rows() if a.hbm else {}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), reps=a.reps, replays=a.replays)
-    (out / "moe_bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, attention=attn, prefill_attention=pattn), indent=1))
+    (out / "moe_bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, attention=attn, prefill_attention=pattn, hbm=hbm),
+                                                  indent=1))
     (out / "moe_bench.md").write_text(markdown(rows))
     print(markdown(rows))
     return 0

@@ -543,6 +543,9 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
         if dev.type == "cuda":  # as a serving loop runs steps: each launch overlaps the replay before it
             from tbo_compiler.runtime.graphs import time_replays
             row[f"{v}_b2b_ms"] = round(time_replays({v: step}, block=opts["iters"], rounds=3)[v], 4)
+            if v == "serial":
+                row["launch"] = launch_costs(step, pm.buckets[T][v][3], opts["iters"])
+                row["launch"]["host_parts_ms"] = host_parts(pm, T, v, args, opts["iters"])
     if v == "serial":
         user_all = list(user) + list(kv.caches)
         if opts["profile"]:
@@ -559,6 +562,112 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
     if v == "serial" and opts.get("baseline"):
         row["serial_baseline_ms"] = baseline_ms(progs[T]["serial"], T, model, args, opts, dev)
         row["baseline_env"] = opts["baseline"]
+
+
+def launch_costs(step, graphed, iters: int) -> dict:
+    """Where a single call's time beyond its kernels goes: the host's time for the whole call
+    (PlanModule: bucket choice, argument binding, the static-input check, input copies, graph
+    launch) and for graph.replay() alone, neither waiting for the GPU; the GPU time of one replay
+    alone (CUDA events, no Python before it); and the graph's nodes by kind from a debug capture of
+    the same program (a graph that is not one straight chain of kernels launches in time that grows
+    with its nodes, CUDA 12.6+ launches a straight chain in constant time)."""
+    from tbo_compiler.runtime.kernels.moe_tuned import time_ms
+
+    def host_ms(fn) -> float:
+        ts = []
+        for _ in range(iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        return round(statistics.median(ts), 4)
+
+    g = getattr(graphed, "graph", None)
+    if g is None:
+        return {}
+    out = {"host_call_ms": host_ms(step), "host_replay_ms": host_ms(g.replay),
+           "replay_alone_ms": round(statistics.median(time_ms(g.replay, ()) for _ in range(iters)), 4)}
+    try:
+        out["nodes"] = graph_nodes(graphed)
+    except Exception as e:  # noqa: BLE001 - a diagnosis, never the bench's failure
+        out["nodes_error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    return out
+
+
+def host_parts(pm, T: int, v: str, args, iters: int) -> dict:
+    """The host's time of one PlanModule call split into its steps, each timed alone (median ms, the
+    GPU idle before each): binding the arguments, the static-input address check, copying the token
+    inputs into the graph's buffers, graph.replay(); and the top of a cProfile of whole calls."""
+    import cProfile
+    import io
+    import pstats
+
+    graphed = pm.buckets[T][v][3]
+    user = [*args[:4], *args[4]]
+    parts: dict[str, list[float]] = {"bind": [], "check": [], "copy": [], "replay": []}
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        bound = pm.args_for(T, v, user)
+        t1 = time.perf_counter()
+        graphed._same_static(bound)
+        t2 = time.perf_counter()
+        graphed._copy_inputs(bound)
+        t3 = time.perf_counter()
+        graphed.graph.replay()
+        t4 = time.perf_counter()
+        for k, a, b in (("bind", t0, t1), ("check", t1, t2), ("copy", t2, t3), ("replay", t3, t4)):
+            parts[k].append((b - a) * 1e3)
+    torch.cuda.synchronize()
+    out = {k: round(statistics.median(x), 4) for k, x in parts.items()}
+    prof = cProfile.Profile()
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        prof.enable()
+        pm(*args, variant=v, copy_output=False)
+        prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(8)
+    out["profile_top"] = [" ".join(line.split()) for line in buf.getvalue().splitlines()
+                          if line.strip() and line.strip()[0].isdigit()][:10]
+    return out
+
+
+def graph_nodes(graphed) -> dict:
+    """The program captured once more with CUDA's graph debug mode on and dumped as DOT: nodes by
+    kind, edges, and whether it is one straight chain (each node at most one edge in and out)."""
+    import re
+
+    try:
+        g = torch.cuda.CUDAGraph(keep_graph=True)  # debug_dump reads the cudaGraph_t: keep it
+    except TypeError:
+        g = torch.cuda.CUDAGraph()
+    g.enable_debug_mode()
+    with torch.cuda.graph(g, capture_error_mode="thread_local"):  # its own pool: the plan's graphs keep theirs
+        graphed.program(*graphed.run_args)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "graph.dot"
+        g.debug_dump(str(path))
+        text = path.read_text()
+    del g
+    kinds: dict[str, int] = {}
+    others: list[str] = []
+    for label in re.findall(r'label="(.*?)"\s*\]', text, flags=re.S):
+        words = re.findall(r"[A-Za-z_]+", label)
+        kind = next((w for w in words if w.isupper() and len(w) > 2), "?")
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind != "KERNEL" and len(others) < 6:
+            others.append(" ".join(label.split())[:160])
+    edges = re.findall(r'"?(\w+)"?\s*->\s*"?(\w+)"?', text)
+    outs: dict[str, int] = {}
+    ins: dict[str, int] = {}
+    for a, b in edges:
+        outs[a] = outs.get(a, 0) + 1
+        ins[b] = ins.get(b, 0) + 1
+    return {"kinds": kinds, "edges": len(edges), "not_kernels": others,
+            "straight": max(outs.values(), default=0) <= 1 and max(ins.values(), default=0) <= 1}
 
 
 def baseline_ms(bp, T, model, args, opts, dev) -> float:

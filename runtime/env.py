@@ -17,6 +17,8 @@ a value that does not parse fails with one line naming the flag.
                                                  MMA tiles (runtime/kernels/triton_gqa.py); 0: per token only
     TBO_GQA_TOKEN_LOOP            0|1    1       paged attention after the tiles: each per-token program takes
                                                  several tokens (prefill: few programs that find them done)
+    TBO_GQA_HEAD_FIRST            0|1    1       paged attention's per-token programs ordered kv head first (a
+                                                 token's heads side by side); 0: token first
     TBO_KV_WRITE_WIDE             0|1    0       the runtime's in-place KV-cache writes move rows as 8-byte words
                                                  (runtime/program.py; opt-in until measured on a GPU)
     TBO_COMM                      name   unset   the comm backend of every multi-rank group (runtime/comm)
@@ -95,6 +97,7 @@ FLAGS: dict[str, Flag] = {f.name: f for f in (
     Flag("TBO_MOE_TUNING", "", _text, "file of the per-GPU moe_experts choices ('off': none, default tiles)"),
     Flag("TBO_GQA_TILES", True, _not_zero, "paged attention takes one request's runs of tokens as tiles"),
     Flag("TBO_GQA_TOKEN_LOOP", True, _not_zero, "per-token attention programs take several tokens after the tiles"),
+    Flag("TBO_GQA_HEAD_FIRST", True, _not_zero, "per-token attention programs ordered kv head first"),
     Flag("TBO_KV_WRITE_WIDE", False, _is_one, "in-place KV-cache writes move rows as 8-byte words"),
     Flag("TBO_COMM", None, _text, "the comm backend of every multi-rank group"),
     Flag("TBO_COMM_TIMEOUT_S", 300.0, _seconds, "seconds a collective waits for its peers"),

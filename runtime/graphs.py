@@ -20,25 +20,62 @@ import torch
 log = logging.getLogger(__name__)
 
 
+#: C++ check that tensors[i].data_ptr() == ptrs[i] for the given indices (torch's CUDA builds; the
+#: cudagraph trees of torch.compile check their static inputs with it): ~1 us a tensor in Python
+#: made the address check 0.35-0.57 ms of every call on an H200's host (368-536 static arguments,
+#: bench/results/roofline_h200/v7), while the GPU waited
+_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+
+
 class GraphedProgram:
     def __init__(self, program, copied: Sequence[int], pool=None, name: str = "program"):
         self.program, self.copied, self.pool, self.name = program, frozenset(copied), pool, name
         self.graph = None
         self.static: dict[int, torch.Tensor] = {}
-        self.ptrs: tuple = ()
         self.out = None
         self.captures = 0  # how many times this program was captured (1 unless inputs moved)
+        self.run_args: list = []  # the arguments the graph was captured with (the static copies)
+        # the static arguments as captured: tensors by address, anything else by value
+        self.nargs = 0
+        self.tensor_idx: list[int] = []
+        self.ptrs: list[int] = []
+        self.others: list[tuple[int, object]] = []
+        self._positions: list[int] = []
+        self.copy_idx = sorted(self.copied)
 
-    def _static_ptrs(self, args) -> tuple:
-        return tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a
-                     for i, a in enumerate(args) if i not in self.copied)
+    def _record(self, args) -> None:
+        """Remember the static arguments of a capture (the addresses of its tensors)."""
+        self.nargs = len(args)
+        static = [i for i in range(len(args)) if i not in self.copied]
+        self.tensor_idx = [i for i in static if isinstance(args[i], torch.Tensor)]
+        self.ptrs = [args[i].data_ptr() for i in self.tensor_idx]
+        self._positions = list(range(len(self.tensor_idx)))
+        self.others = [(i, args[i]) for i in static if not isinstance(args[i], torch.Tensor)]
+
+    def _same_static(self, args) -> bool:
+        """Whether args hold the captured static arguments: the same addresses, the same values."""
+        if len(args) != self.nargs:
+            return False
+        for i, v in self.others:
+            a = args[i]
+            if type(a) is not type(v) or a != v:
+                return False
+        tensors = [args[i] for i in self.tensor_idx]
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            return False
+        if _PTRS_EQUAL is not None:
+            try:  # (tensors: list, data_ptrs: list, indices: list) -> bool
+                return bool(_PTRS_EQUAL(tensors, self.ptrs, self._positions))
+            except (TypeError, RuntimeError):  # a build whose helper takes other arguments
+                pass
+        return list(map(torch.Tensor.data_ptr, tensors)) == self.ptrs
 
     def capture(self, args) -> None:
         if self.graph is not None:
             log.info("%s: static inputs moved (new KV caches?); capturing again", self.name)
         self.graph = self.out = None
         self.static = {i: args[i].clone() for i in self.copied}
-        run_args = [self.static.get(i, a) for i, a in enumerate(args)]
+        run_args = self.run_args = [self.static.get(i, a) for i, a in enumerate(args)]
         cur = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(cur)
@@ -50,14 +87,20 @@ class GraphedProgram:
         # thread, which a global-mode capture forbids (the query would invalidate the capture)
         with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
             self.out = self.program(*run_args)
-        self.graph, self.ptrs = g, self._static_ptrs(args)
+        self.graph = g
+        self._record(args)
         self.captures += 1
 
+    def _copy_inputs(self, args) -> None:
+        """The per-step inputs into the graph's buffers: one foreach copy (a launch for all of them
+        where their dtypes allow, not one per input)."""
+        if self.copy_idx:
+            torch._foreach_copy_([self.static[i] for i in self.copy_idx], [args[i] for i in self.copy_idx])
+
     def __call__(self, *args):
-        if self.graph is None or self._static_ptrs(args) != self.ptrs:
+        if self.graph is None or not self._same_static(args):
             self.capture(args)
-        for i in self.copied:
-            self.static[i].copy_(args[i])
+        self._copy_inputs(args)
         self.graph.replay()
         return self.out
 

@@ -114,6 +114,7 @@ class PlanModule:
                 run = GraphedProgram(prog, copied, self.pool, f"bucket {tokens} {variant}") if self.graphs else prog
                 self.buckets[tokens][variant] = (bp, bound, prog, run)
         self.decisions: dict[int, dict] = {}
+        self._slots: dict[tuple[int, str], tuple[list, list]] = {}  # args_for's per-program template
 
     # -- memory: which programs fit the device
     def _fit(self, buckets: dict[int, dict[str, BucketProgram]]) -> dict[int, dict[str, BucketProgram]]:
@@ -240,7 +241,17 @@ class PlanModule:
         return Program(bp.gm, bp.instrs, device=self.device, mode=mode)
 
     def args_for(self, tokens: int, variant: str, user: Sequence) -> list:
-        return [user[b] if isinstance(b, int) else b for b in self.buckets[tokens][variant][1]]
+        """The program's arguments: its bound weights, and the caller's inputs where it takes them
+        (the positions of those are kept per program: a step rebinds a handful, not every weight)."""
+        key = (tokens, variant)
+        if key not in self._slots:
+            bound = self.buckets[tokens][variant][1]
+            self._slots[key] = (list(bound), [(i, b) for i, b in enumerate(bound) if isinstance(b, int)])
+        template, slots = self._slots[key]
+        args = template.copy()
+        for i, b in slots:
+            args[i] = user[b]
+        return args
 
 
 __all__ = ["PlanModule", "BucketProgram", "VARIANTS"]

@@ -294,3 +294,31 @@ def test_wide_cache_write_is_index_put(dtype):
     idx2 = torch.tensor([[0, 1], [2, 3]])
     ref = base.clone().index_put_((idx2,), torch.ones(2, 2, 4, dtype=dtype))
     assert torch.equal(_index_put_rows_(base, (idx2,), torch.ones(2, 2, 4, dtype=dtype)), ref)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_graphed_program_static_check(monkeypatch, native):
+    """A graphed program replays only with the static arguments it was captured with: the same
+    tensor addresses (the weights, the KV caches) and the same plain values; per-step inputs are
+    copied, never checked. With torch's C++ address check (CUDA builds) and without it."""
+    from tbo_compiler.runtime import graphs
+
+    if native and graphs._PTRS_EQUAL is None:
+        pytest.skip("this torch build has no C++ data-pointer check (CPU wheels)")
+    if not native:
+        monkeypatch.setattr(graphs, "_PTRS_EQUAL", None)
+    w, kv, ids = torch.zeros(4), torch.zeros(2, 3), torch.arange(3)
+    gp = graphs.GraphedProgram(lambda *a: None, copied=[0])
+    gp._record([ids, w, kv, 7, None])
+    assert gp.tensor_idx == [1, 2] and gp.others == [(3, 7), (4, None)]
+    assert gp._same_static([torch.arange(3) + 1, w, kv, 7, None])        # new ids: copied, not checked
+    assert gp._same_static([ids, w.view(2, 2), kv, 7, None])             # a view of the same memory
+    assert not gp._same_static([ids, w.clone(), kv, 7, None])            # a weight moved
+    assert not gp._same_static([ids, w, torch.zeros(2, 3), 7, None])     # new KV caches
+    assert not gp._same_static([ids, w, kv, 8, None])                    # another value
+    assert not gp._same_static([ids, w, kv, 7.0, None])                  # another type
+    assert not gp._same_static([ids, 1, kv, 7, None])                    # a tensor became a number
+    assert not gp._same_static([ids, w, kv, 7])                          # an argument fewer
+    gp.static = {0: torch.zeros(3, dtype=torch.int64)}
+    gp._copy_inputs([torch.tensor([5, 6, 7]), w, kv, 7, None])
+    assert gp.static[0].tolist() == [5, 6, 7]

@@ -274,3 +274,17 @@ def test_tile_size_choice():
     assert tg._tile_tokens(4096, 8, torch.bfloat16, 128) == (16 if not tg._interpreting() else 2)
     assert tg._tile_tokens(4096, 3, torch.bfloat16, 128) == 0      # R not a power of two
     assert tg._tile_tokens(1, 8, torch.bfloat16, 128) == 0         # fewer tokens than a tile
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_head_first_program_order(splits, monkeypatch):
+    """TBO_GQA_HEAD_FIRST (the default): the per-token programs laid out kv head first (grid axes
+    swapped) compute the same attention as token first, decode and after the prefill tiles, with
+    sinks, a window and split-KV."""
+    monkeypatch.setenv("TBO_GQA_HEAD_FIRST", "0")
+    check(make_batch([(4, 1), (12, 1), (0, 1), (37, 1)], seed=15), num_splits=splits)  # token first
+    monkeypatch.setenv("TBO_GQA_HEAD_FIRST", "1")
+    check(make_batch([(4, 1), (12, 1), (0, 1), (37, 1), (22, 1)], pad=2, seed=13), num_splits=splits)
+    batch = make_batch([(5, 16), (0, 11), (3, 1), (30, 8), (2, 1)], pad=3, seed=14)
+    check(batch, sinks=_sinks(4, 2), window=5, tile_tokens=8, token_iters=2, num_splits=splits)
+    check(batch, head_first=False, num_splits=splits)  # the keyword wins over the flag

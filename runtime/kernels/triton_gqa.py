@@ -175,13 +175,22 @@ def _attn_kernel(q_ptr, kv_ptr, bt_ptr, pos_ptr, sink_ptr, o_ptr, part_ptr, ml_p
                  qk_scale, T, H, window, s_qt, s_qh, s_ks, s_kv, s_kg, s_bt, s_ot, s_oh,
                  R: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PREC: tl.constexpr, HAS_SINKS: tl.constexpr, TILE_T: tl.constexpr, ITERS: tl.constexpr):
-    """Tokens pid, pid + P, ... (P programs on axis 0, ITERS tokens each: 1 unless the tile kernel
-    ran first, see _token_iters) for kv head g, split sp."""
-    pid = tl.program_id(0)  # fastest: neighbouring programs are tokens of one request, sharing K/V in L2
-    g = tl.program_id(1)
+                 PREC: tl.constexpr, HAS_SINKS: tl.constexpr, TILE_T: tl.constexpr, ITERS: tl.constexpr,
+                 HEAD_FIRST: tl.constexpr):
+    """Tokens pid, pid + P, ... (P programs on the token axis, ITERS tokens each: 1 unless the tile
+    kernel ran first, see _token_iters) for kv head g, split sp. The token axis is the grid's axis 0
+    (neighbouring programs are tokens of one request, sharing K/V in L2), or with HEAD_FIRST its
+    axis 1 behind the kv heads (a token's G programs run side by side and read the same cache
+    slots, each its head's part of them)."""
+    if HEAD_FIRST:
+        pid = tl.program_id(1)
+        g = tl.program_id(0)
+        P = tl.num_programs(1)
+    else:
+        pid = tl.program_id(0)
+        g = tl.program_id(1)
+        P = tl.num_programs(0)
     sp = tl.program_id(2)
-    P = tl.num_programs(0)
     if TILE_T > 0 and ITERS > 1:  # one load of all its tokens' flags: in a prefill they are all done
         ts = pid + tl.arange(0, ITERS) * P
         todo = tl.sum((tl.load(done_ptr + ts // TILE_T, mask=ts < T, other=1) == 0).to(tl.int32), 0)
@@ -357,7 +366,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions:
                     tile_tokens: int | None = None, per_token: bool = True,
                     num_warps: int | None = None, num_stages: int | None = None,
                     tile_block_n: int | None = None, tile_warps: int | None = None,
-                    tile_stages: int | None = None, token_iters: int | None = None) -> Tensor:
+                    tile_stages: int | None = None, token_iters: int | None = None,
+                    head_first: bool | None = None) -> Tensor:
     """GQA over a paged cache; see the module docstring. No host sync. The keyword-only knobs
     (tiles of the per-token kernel, then of the run kernel) are for tests and benches."""
     T, H, Dh = q.shape
@@ -398,9 +408,11 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions:
     sms = _sm_count(q.device) if q.is_cuda else 4  # interpreter: a few, so tests take several tokens
     loop = tile_t and flag("TBO_GQA_TOKEN_LOOP")
     iters = (token_iters or _token_iters(T, G * splits, sms)) if loop else 1
+    head_first = flag("TBO_GQA_HEAD_FIRST") if head_first is None else head_first
+    head_first = head_first and triton.cdiv(T, iters) < 65536  # the grid's axis 1 holds at most 65535
     meta = dict(R=R, DH=Dh, BS=block_size, SPLITS=splits, BLOCK_M=max(16, triton.next_power_of_2(R)),
                 BLOCK_N=bn, BLOCK_D=block_d, PREC=prec, HAS_SINKS=sinks is not None, TILE_T=tile_t, ITERS=iters,
-                num_warps=num_warps or 4, num_stages=num_stages or 3)
+                HEAD_FIRST=head_first, num_warps=num_warps or 4, num_stages=num_stages or 3)
     if splits == 1:
         part = ml = out  # unused: the kernel writes the output itself
     else:
@@ -408,7 +420,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_table: Tensor, positions:
         ml = torch.empty(T, H, splits, 2, dtype=torch.float32, device=q.device)
     if not per_token:  # tests: the tiles' rows alone (the others are left unwritten)
         return out
-    _attn_kernel[(triton.cdiv(T, iters), G, splits)](
+    grid = (G, triton.cdiv(T, iters), splits) if head_first else (triton.cdiv(T, iters), G, splits)
+    _attn_kernel[grid](
         q, kv_cache, block_table, positions, sink_arg, out, part, ml, done,
         scale * _LOG2E, T, H, win,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
