@@ -63,22 +63,21 @@ def _copy_back(dst, src):
 
 
 def _index_put_rows_(base, indices, values, accumulate=False):
-    """aten.index_put_ of whole rows (a KV-cache write: cache[slots] = entries) with each row moved
-    as 8-byte words. ATen's kernel moves one element per index computation, 2 bytes for a 16-bit
-    cache; its traced cost on an H200 was ~45 us a layer at 4096 tokens (Mixtral prefill,
-    bench/results/roofline_h200/v6). The same bytes land in the same places (a copy, no arithmetic);
-    anything else takes ATen's own path. Opt-in (TBO_KV_WRITE_WIDE=1) until measured on the GPU."""
+    """aten.index_put_ of whole rows (a KV-cache write: cache[slots] = entries) by the row-scatter
+    kernel (triton_elementwise.scatter_rows_: each row as 8-byte words, no index arithmetic per
+    element). ATen's kernel moves one element per index computation, 2 bytes for a 16-bit cache;
+    its traced cost on an H200 was ~45 us a layer at 4096 tokens (Mixtral prefill,
+    bench/results/roofline_h200/v6). The same bytes land in the same places (a copy, no
+    arithmetic); anything else (accumulate, several or 2-D indices, strided or converted values,
+    CPU without Triton's interpreter) takes ATen's own path. TBO_KV_WRITE_WIDE=0 turns it off."""
     idx = indices[0] if len(indices) == 1 else None
     if (accumulate or idx is None or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32)
             or base.dim() < 2 or values.dtype != base.dtype or tuple(values.shape) != (idx.shape[0], *base.shape[1:])
-            or not (base.is_contiguous() and values.is_contiguous())):
+            or not (base.is_contiguous() and values.is_contiguous()) or base.device != values.device
+            or idx.device != base.device or not (base.is_cuda or flag("TRITON_INTERPRET"))):
         return base.index_put_(indices, values, accumulate)
-    row = math.prod(base.shape[1:])
-    if (row * base.element_size()) % 8 or base.data_ptr() % 8 or values.data_ptr() % 8:
-        return base.index_put_(indices, values, accumulate)
-    words = base.view(base.shape[0], row).view(torch.int64)
-    words.index_put_((idx,), values.view(values.shape[0], row).view(torch.int64))
-    return base
+    from tbo_compiler.runtime.kernels.triton_elementwise import scatter_rows_
+    return scatter_rows_(base, idx, values)
 
 
 def _record_stream(v, stream) -> None:

@@ -267,16 +267,19 @@ def test_instruction_kinds_serialise_as_plain_strings():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_wide_cache_write_is_index_put(dtype):
-    """TBO_KV_WRITE_WIDE's row write lands the same bits as aten.index_put_ on KV-cache-shaped rows
-    ([S, 2, G, Dh], int64 and int32 slots), and hands every other call to ATen unchanged: rows whose
-    bytes are not a multiple of 8, accumulate, values of another dtype or not contiguous, a 2-D index."""
+    """TBO_KV_WRITE_WIDE's row write (the row-scatter kernel, in Triton's interpreter here) lands
+    the same bits as aten.index_put_ on KV-cache-shaped rows ([S, 2, G, Dh], int64 and int32 slots,
+    negative slots), on rows of 6 or 12 bytes (2- or 4-byte words), and hands every other call to
+    ATen unchanged: accumulate, values of another dtype or not contiguous, a 2-D index."""
     from tbo_compiler.runtime.program import _index_put_rows_
 
     g = torch.Generator().manual_seed(0)
 
-    def case(shape, T, idx_dtype=torch.int64, accumulate=False, vals=None):
+    def case(shape, T, idx_dtype=torch.int64, accumulate=False, vals=None, negative=False):
         base = torch.randn(shape, generator=g).to(dtype)
         idx = torch.randperm(shape[0], generator=g)[:T].to(idx_dtype)
+        if negative:
+            idx[::2] -= shape[0]
         v = torch.randn(T, *shape[1:], generator=g).to(dtype) if vals is None else vals(T, shape)
         ref = base.clone().index_put_((idx,), v, accumulate)
         out = _index_put_rows_(base, (idx,), v, accumulate)
@@ -285,6 +288,7 @@ def test_wide_cache_write_is_index_put(dtype):
 
     case((64, 2, 4, 8), 20)
     case((64, 2, 4, 8), 20, torch.int32)
+    case((64, 2, 4, 8), 20, negative=True)
     case((64, 2, 4, 8), 0)
     case((64, 3), 10)                                    # 6 or 12 bytes a row
     case((64, 2, 4, 8), 20, accumulate=True)
@@ -294,6 +298,25 @@ def test_wide_cache_write_is_index_put(dtype):
     idx2 = torch.tensor([[0, 1], [2, 3]])
     ref = base.clone().index_put_((idx2,), torch.ones(2, 2, 4, dtype=dtype))
     assert torch.equal(_index_put_rows_(base, (idx2,), torch.ones(2, 2, 4, dtype=dtype)), ref)
+
+
+def test_scatter_rows_edges():
+    """The row-scatter kernel itself: a row wider than one tile (several column tiles), slots past
+    either end write nothing, an unaligned view falls to smaller words, bad arguments are one error."""
+    from tbo_compiler.runtime.kernels.triton_elementwise import scatter_rows_
+
+    base = torch.zeros(16, 2100, dtype=torch.float16)   # 4200 bytes a row: 525 words of 8, two tiles
+    v = torch.randn(5, 2100).half()
+    scatter_rows_(base, torch.tensor([3, 0, 15, 16, -17]), v)
+    assert torch.equal(base[3], v[0]) and torch.equal(base[0], v[1]) and torch.equal(base[15], v[2])
+    assert base[1:3].abs().sum() == 0 and base[4:15].abs().sum() == 0   # 16 and -17: out of range
+    odd = torch.zeros(33, 3, dtype=torch.bfloat16)[1:]                  # 2-byte aligned: 2-byte words
+    w = torch.randn(4, 3).bfloat16()
+    scatter_rows_(odd, torch.tensor([0, 30, 7, -1], dtype=torch.int32), w)
+    assert torch.equal(odd[0], w[0]) and torch.equal(odd[30], w[1]) and torch.equal(odd[7], w[2])
+    assert torch.equal(odd[31], w[3])                                   # -1: the last row
+    with pytest.raises(ValueError, match="contiguous rows of one dtype"):
+        scatter_rows_(base, torch.tensor([0]), v[:1].float())
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -351,6 +351,57 @@ def rope_half(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
 
 # Micro-benchmark (GPU only) -----------------------------------------------------------------
 
+# 5. Row scatter: the KV-cache write ---------------------------------------------------------
+
+@triton.jit
+def _scatter_rows_kernel(src_ptr, idx_ptr, dst_ptr, n_rows, n_slots, W: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_W: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_ok = r < n_rows
+    slot = tl.load(idx_ptr + r, mask=r_ok, other=0).to(tl.int64)
+    slot = tl.where(slot < 0, slot + n_slots, slot)  # index_put_'s negative indices count from the end
+    ok = r_ok & (slot >= 0) & (slot < n_slots)
+    src_row = r.to(tl.int64) * W
+    dst_row = slot * W
+    for w0 in tl.static_range(0, W, BLOCK_W):
+        w = w0 + tl.arange(0, BLOCK_W)
+        m = ok[:, None] & (w < W)[None, :]
+        v = tl.load(src_ptr + src_row[:, None] + w[None, :], mask=m)
+        tl.store(dst_ptr + dst_row[:, None] + w[None, :], v, mask=m)
+
+
+_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def scatter_rows_(base: Tensor, idx: Tensor, values: Tensor) -> Tensor:
+    """base[idx[r]] = values[r] for every row r (aten.index_put_((idx,), values) of whole rows, a
+    KV-cache write), in place, returns base. The rows move as 8-byte words (4, 2 or 1 where a row's
+    bytes or the addresses do not allow 8), 16 KB a program, instead of ATen's one element per
+    index computation. base and values contiguous, the same dtype, values [len(idx), *base[1:]];
+    idx int32/int64, 1-D; a negative index counts from the end; an index past either end writes
+    nothing (ATen asserts on the device; a copy inside a CUDA graph cannot raise). Repeated indices:
+    one of their rows lands, as with index_put_. No host sync."""
+    n_rows, n_slots = idx.shape[0], base.shape[0]
+    if not (base.is_contiguous() and values.is_contiguous() and values.dtype == base.dtype
+            and tuple(values.shape) == (n_rows, *base.shape[1:]) and idx.dim() == 1
+            and idx.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"scatter_rows_: base {tuple(base.shape)} {base.dtype}, values {tuple(values.shape)} "
+                         f"{values.dtype}, idx {tuple(idx.shape)} {idx.dtype}: need contiguous rows of one dtype")
+    row_bytes = base[0].numel() * base.element_size() if n_slots else 0
+    if n_rows == 0 or row_bytes == 0:
+        return base
+    word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0 and base.data_ptr() % w == 0
+                and values.data_ptr() % w == 0)
+    W = row_bytes // word
+    dst = base.view(torch.uint8).view(n_slots, row_bytes).view(_WORDS[word])
+    src = values.view(torch.uint8).view(n_rows, row_bytes).view(_WORDS[word])
+    block_w = min(triton.next_power_of_2(W), 1024)
+    rows = min(max(1, 2048 // block_w), triton.next_power_of_2(n_rows))
+    _scatter_rows_kernel[(triton.cdiv(n_rows, rows),)](src, idx.contiguous(), dst, n_rows, n_slots, W=W, ROWS=rows,
+                                                       BLOCK_W=block_w, num_warps=4)
+    return base
+
+
 def _bench() -> None:
     """Kernel vs torch eager on DeepSeek-V3 shapes (H200 target); bytes = one read + one write."""
     from triton.testing import do_bench
