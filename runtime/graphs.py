@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 
 #: C++ check that tensors[i].data_ptr() == ptrs[i] for the given indices (torch's CUDA builds; the
-#: cudagraph trees of torch.compile check their static inputs with it): ~1 us a tensor in Python
-#: made the address check 0.35-0.57 ms of every call on an H200's host (368-536 static arguments,
-#: bench/results/roofline_h200/v7), while the GPU waited
+#: cudagraph trees of torch.compile check their static inputs with it). On an H200's host it costs
+#: about what the Python loop did (0.15-0.46 ms for 368-536 static arguments against 0.35-0.57,
+#: bench/results/roofline_h200/v7): each tensor's data_ptr() is the cost, not the loop
 _PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 
@@ -61,14 +61,15 @@ class GraphedProgram:
             if type(a) is not type(v) or a != v:
                 return False
         tensors = [args[i] for i in self.tensor_idx]
-        if not all(isinstance(t, torch.Tensor) for t in tensors):
-            return False
         if _PTRS_EQUAL is not None:
-            try:  # (tensors: list, data_ptrs: list, indices: list) -> bool
+            try:  # (tensors: list, data_ptrs: list, indices: list) -> bool; a non-tensor: TypeError
                 return bool(_PTRS_EQUAL(tensors, self.ptrs, self._positions))
-            except (TypeError, RuntimeError):  # a build whose helper takes other arguments
+            except (TypeError, RuntimeError):  # ... or a build whose helper takes other arguments
                 pass
-        return list(map(torch.Tensor.data_ptr, tensors)) == self.ptrs
+        try:
+            return list(map(torch.Tensor.data_ptr, tensors)) == self.ptrs
+        except TypeError:  # a number where a tensor was captured
+            return False
 
     def capture(self, args) -> None:
         if self.graph is not None:

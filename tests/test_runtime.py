@@ -22,6 +22,7 @@ from tbo_compiler.runtime.program import Program
 import tbo_scenarios as sc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the KV-write tests: the kernel on the GPU
 
 
 @pytest.fixture(scope="module")
@@ -270,17 +271,18 @@ def test_wide_cache_write_is_index_put(dtype):
     """TBO_KV_WRITE_WIDE's row write (the row-scatter kernel, in Triton's interpreter here) lands
     the same bits as aten.index_put_ on KV-cache-shaped rows ([S, 2, G, Dh], int64 and int32 slots,
     negative slots), on rows of 6 or 12 bytes (2- or 4-byte words), and hands every other call to
-    ATen unchanged: accumulate, values of another dtype or not contiguous, a 2-D index."""
+    ATen unchanged: accumulate, values of another dtype or not contiguous, a 2-D index. On the GPU
+    when there is one."""
     from tbo_compiler.runtime.program import _index_put_rows_
 
     g = torch.Generator().manual_seed(0)
 
     def case(shape, T, idx_dtype=torch.int64, accumulate=False, vals=None, negative=False):
-        base = torch.randn(shape, generator=g).to(dtype)
-        idx = torch.randperm(shape[0], generator=g)[:T].to(idx_dtype)
+        base = torch.randn(shape, generator=g).to(DEV, dtype)
+        idx = torch.randperm(shape[0], generator=g)[:T].to(DEV, idx_dtype)
         if negative:
             idx[::2] -= shape[0]
-        v = torch.randn(T, *shape[1:], generator=g).to(dtype) if vals is None else vals(T, shape)
+        v = (torch.randn(T, *shape[1:], generator=g) if vals is None else vals(T, shape)).to(DEV, dtype)
         ref = base.clone().index_put_((idx,), v, accumulate)
         out = _index_put_rows_(base, (idx,), v, accumulate)
         assert out is base and torch.equal(base.view(torch.uint8) if dtype != torch.float32 else base,
@@ -294,10 +296,10 @@ def test_wide_cache_write_is_index_put(dtype):
     case((64, 2, 4, 8), 20, accumulate=True)
     case((64, 2, 4, 8), 20, vals=lambda T, s: torch.randn(*s[1:], T, generator=g).to(dtype).movedim(-1, 0))
     case((64, 2, 4, 8), 20, vals=lambda T, s: torch.randn(T, *s[1:], generator=g).double().to(dtype)[:, :1])
-    base = torch.zeros(8, 4, dtype=dtype)
-    idx2 = torch.tensor([[0, 1], [2, 3]])
-    ref = base.clone().index_put_((idx2,), torch.ones(2, 2, 4, dtype=dtype))
-    assert torch.equal(_index_put_rows_(base, (idx2,), torch.ones(2, 2, 4, dtype=dtype)), ref)
+    base = torch.zeros(8, 4, dtype=dtype, device=DEV)
+    idx2 = torch.tensor([[0, 1], [2, 3]], device=DEV)
+    ref = base.clone().index_put_((idx2,), torch.ones(2, 2, 4, dtype=dtype, device=DEV))
+    assert torch.equal(_index_put_rows_(base, (idx2,), torch.ones(2, 2, 4, dtype=dtype, device=DEV)), ref)
 
 
 def test_scatter_rows_edges():
@@ -305,18 +307,18 @@ def test_scatter_rows_edges():
     either end write nothing, an unaligned view falls to smaller words, bad arguments are one error."""
     from tbo_compiler.runtime.kernels.triton_elementwise import scatter_rows_
 
-    base = torch.zeros(16, 2100, dtype=torch.float16)   # 4200 bytes a row: 525 words of 8, two tiles
-    v = torch.randn(5, 2100).half()
-    scatter_rows_(base, torch.tensor([3, 0, 15, 16, -17]), v)
+    base = torch.zeros(16, 2100, dtype=torch.float16, device=DEV)  # 4200 bytes a row: 525 words of 8
+    v = torch.randn(5, 2100).half().to(DEV)
+    scatter_rows_(base, torch.tensor([3, 0, 15, 16, -17], device=DEV), v)
     assert torch.equal(base[3], v[0]) and torch.equal(base[0], v[1]) and torch.equal(base[15], v[2])
     assert base[1:3].abs().sum() == 0 and base[4:15].abs().sum() == 0   # 16 and -17: out of range
-    odd = torch.zeros(33, 3, dtype=torch.bfloat16)[1:]                  # 2-byte aligned: 2-byte words
-    w = torch.randn(4, 3).bfloat16()
-    scatter_rows_(odd, torch.tensor([0, 30, 7, -1], dtype=torch.int32), w)
+    odd = torch.zeros(33, 3, dtype=torch.bfloat16, device=DEV)[1:]      # 2-byte aligned: 2-byte words
+    w = torch.randn(4, 3).bfloat16().to(DEV)
+    scatter_rows_(odd, torch.tensor([0, 30, 7, -1], dtype=torch.int32, device=DEV), w)
     assert torch.equal(odd[0], w[0]) and torch.equal(odd[30], w[1]) and torch.equal(odd[7], w[2])
     assert torch.equal(odd[31], w[3])                                   # -1: the last row
     with pytest.raises(ValueError, match="contiguous rows of one dtype"):
-        scatter_rows_(base, torch.tensor([0]), v[:1].float())
+        scatter_rows_(base, torch.tensor([0], device=DEV), v[:1].float())
 
 
 @pytest.mark.parametrize("native", [True, False])
