@@ -22,8 +22,6 @@ MODELS = {"qwen3_30b_a3b": (32, 4, 128, True), "gpt_oss_20b": (64, 8, 64, False)
 #: (q heads a program, warps) tried besides the default (None, None); a thread must hold a whole
 #: 16-byte vector of each row: warps <= q heads * head dim / 256
 TILINGS = [(None, None), (32, 4), (16, 4), (16, 2), (8, 4), (8, 2), (4, 2), (4, 1)]
-#: tokens a program takes, tried at the default tiling ("auto" above is _tokens_per_program's)
-TOKENS = [1, 2, 4, 8, 16]
 
 
 def graph_ms(fn, reps: int = 20, replays: int = 7) -> float:
@@ -52,14 +50,13 @@ def rows_for(name: str, T: int, dev: str = "cuda") -> dict:
     ref = separate()
     nbytes = 2 * (q.numel() + k.numel()) * 2 + 2 * v.numel() * 2   # q, k read and written, v copied
     row = dict(model=name, tokens=T, bytes=nbytes, separate_ms=round(graph_ms(separate), 4), fused={})
-    tilings = [(bh_q, warps, None) for bh_q, warps in TILINGS] + [(None, None, tt) for tt in TOKENS]
-    for bh_q, warps, tt in tilings:
-        key = f"bhq{bh_q or 'auto'}_w{warps or 'auto'}" + (f"_t{tt}" if tt else "")
+    for bh_q, warps in TILINGS:
+        key = f"bhq{bh_q or 'auto'}_w{warps or 'auto'}"
         if bh_q is not None and (bh_q > H or warps * 256 > bh_q * Dh):
             continue
 
-        def fused(bh_q=bh_q, warps=warps, tt=tt):
-            return tr.qk_rope_kv(q, k, v, pos, f, qw, kw, eps, bh_q=bh_q, num_warps=warps, tokens=tt)
+        def fused(bh_q=bh_q, warps=warps):
+            return tr.qk_rope_kv(q, k, v, pos, f, qw, kw, eps, bh_q=bh_q, num_warps=warps)
         try:
             out = fused()
             same = all(torch.equal(a, b) for a, b in zip(out, ref))

@@ -19,8 +19,6 @@ a value that does not parse fails with one line naming the flag.
                                                  several tokens (prefill: few programs that find them done)
     TBO_GQA_HEAD_FIRST            0|1    1       paged attention's per-token programs ordered kv head first (a
                                                  token's heads side by side); 0: token first
-    TBO_ROPE_TOKENS               int    0       tokens a tbo.qk_rope_kv program takes (0: by the batch's size,
-                                                 runtime/kernels/triton_rope.py)
     TBO_KV_WRITE_WIDE             0|1    1       the runtime's in-place KV-cache writes by a row-scatter kernel
                                                  (8-byte words; runtime/program.py); 0: ATen's index_put_
     TBO_COMM                      name   unset   the comm backend of every multi-rank group (runtime/comm)
@@ -100,7 +98,6 @@ FLAGS: dict[str, Flag] = {f.name: f for f in (
     Flag("TBO_GQA_TILES", True, _not_zero, "paged attention takes one request's runs of tokens as tiles"),
     Flag("TBO_GQA_TOKEN_LOOP", True, _not_zero, "per-token attention programs take several tokens after the tiles"),
     Flag("TBO_GQA_HEAD_FIRST", True, _not_zero, "per-token attention programs ordered kv head first"),
-    Flag("TBO_ROPE_TOKENS", 0, _number(int, "an integer"), "tokens a qk_rope_kv program takes (0: by size)"),
     Flag("TBO_KV_WRITE_WIDE", True, _not_zero, "in-place KV-cache writes by a row-scatter kernel"),
     Flag("TBO_COMM", None, _text, "the comm backend of every multi-rank group"),
     Flag("TBO_COMM_TIMEOUT_S", 300.0, _seconds, "seconds a collective waits for its peers"),

@@ -133,33 +133,6 @@ def test_triton_many_head_blocks_and_odd_sizes(gen, H, G, Dh):
     assert_bitwise(tr.qk_rope_kv(q, k, v, pos, f), composed(te.rms_norm, te.rope_half, q, k, v, pos, f))
 
 
-@pytest.mark.parametrize("tokens", [2, 4])
-def test_triton_several_tokens_a_program(gen, tokens, monkeypatch):
-    """A program taking several tokens in turn (a prefill's choice, _tokens_per_program) writes the
-    same bits, with a last program whose tokens run past T; TBO_ROPE_TOKENS sets the count."""
-    T, H, G, Dh = 7, 6, 2, 64
-    q, k, v = qkv(gen, T, H, G, Dh, bf, "fused")
-    pos, f = positions(gen, T), inv_freq_for(Dh)
-    qw, kw = weights(gen, Dh, bf)
-    want = composed(te.rms_norm, te.rope_half, q, k, v, pos, f, qw, kw)
-    assert_bitwise(tr.qk_rope_kv(q, k, v, pos, f, qw, kw, EPS, tokens=tokens), want)
-    monkeypatch.setenv("TBO_ROPE_TOKENS", str(tokens))
-    assert tr._tokens_per_program(T, 3, q.device) == tokens
-    assert_bitwise(tr.qk_rope_kv(q, k, v, pos, f, qw, kw, EPS), want)
-
-
-def test_tokens_per_program_choice():
-    """Up to 8 tokens a program while >= 8 programs an SM remain (an H200: 132 SMs)."""
-    class Dev:
-        type = "cuda"
-    from tbo_compiler.runtime.kernels import triton_gqa as tg
-    tg._SM_COUNT[-7] = 132
-    Dev.index = -7
-    assert tr._tokens_per_program(4096, 3, Dev) == 8 and tr._tokens_per_program(4096, 5, Dev) == 8
-    assert tr._tokens_per_program(256, 3, Dev) == 1 and tr._tokens_per_program(1024, 3, Dev) == 2
-    del tg._SM_COUNT[-7]
-
-
 # 3. Triton against torch -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [bf, torch.float32], ids=str)
@@ -331,11 +304,11 @@ for n_rows in (G, 4096 * G):   # the k norm at decode of one token and at a larg
 bh_q, bh_kv, warps = tr._tiles(H, G, Dh)
 ptrs = ("q_ptr", "k_ptr", "v_ptr", "pos_ptr", "f_ptr", "qw_ptr", "kw_ptr", "qo_ptr", "kv_ptr")
 strides = ("sq_tok", "sq_head", "sk_tok", "sk_head", "sv_tok", "sv_head")
-types = {**{n: p for n in ptrs}, "pos_ptr": "*i64", "f_ptr": "*fp32", "T": "i32", "H": "i32", "G": "i32",
+types = {**{n: p for n in ptrs}, "pos_ptr": "*i64", "f_ptr": "*fp32", "H": "i32", "G": "i32",
          **{n: "i32" for n in strides}, "eps": "fp32", "inv_d": "fp32"}
 res["qk_rope_kv"] = reduced(tr._qk_rope_kv_kernel, types,
                             dict(DH=Dh, BLOCK_D=Dh, BLOCK_P=Dh // 2, BH_Q=bh_q, BH_KV=bh_kv,
-                                 Q_NORM=True, K_NORM=True, INTERP=False, TT=1), ptrs + strides, warps)
+                                 Q_NORM=True, K_NORM=True, INTERP=False), ptrs + strides, warps)
 print(json.dumps(res))
 """
 

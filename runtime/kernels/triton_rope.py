@@ -30,9 +30,8 @@ composition of the ops it replaces):
   (views of one fused projection output are read in place), last dim contiguous (else copied).
   No host sync (CUDA-graph capturable); T == 0 launches nothing.
 
-Grid (cdiv(T, TT), NQ + NKV), NQ = cdiv(H, BH_Q) blocks of query heads, NKV = cdiv(G, BH_KV) blocks
-of kv heads, TT tokens a program (_tokens_per_program: 1 in decode, up to 8 in a prefill). Program
-(p, b) takes tokens t = p * TT .. p * TT + TT - 1 in turn; for each it computes t's cos/sin, then
+Grid (T, NQ + NKV), NQ = cdiv(H, BH_Q) blocks of query heads, NKV = cdiv(G, BH_KV) blocks of kv
+heads. Program (t, b) computes token t's cos/sin once, then
     b <  NQ: q heads b*BH_Q.. : norm (when q_weight), rotate, store to q'[t, heads]
     b >= NQ: kv heads (b-NQ)*BH_KV.. : k norm and rotate -> kv[t, 0, heads]; v -> kv[t, 1, heads]
 BH_Q = 16 q heads on 2 warps (measured, _BH_Q), BH_KV = all kv heads, both rounded up to a power
@@ -54,10 +53,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from tbo_compiler.runtime.env import flag
 from tbo_compiler.runtime.kernels.triton_elementwise import (_FLOATS, _cos_sin, _f32, _interpreting,
                                                              _num_warps, _round_to)
-from tbo_compiler.runtime.kernels.triton_gqa import _sm_count
 
 _TILE = 4096    # elements of one program's [heads, BLOCK_D] tile
 _MAX_DH = 1024  # a head is one row of one tile
@@ -117,58 +114,41 @@ def _norm_rope(x_ptr, s_tok, s_head, w_ptr, o_ptr, o_tok, t, heads, n_heads, cos
 
 @triton.jit
 def _qk_rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, f_ptr, qw_ptr, kw_ptr, qo_ptr, kv_ptr,
-                       T, H, G, sq_tok, sq_head, sk_tok, sk_head, sv_tok, sv_head, eps, inv_d,
+                       H, G, sq_tok, sq_head, sk_tok, sk_head, sv_tok, sv_head, eps, inv_d,
                        DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
                        BH_Q: tl.constexpr, BH_KV: tl.constexpr,
-                       Q_NORM: tl.constexpr, K_NORM: tl.constexpr, INTERP: tl.constexpr, TT: tl.constexpr):
+                       Q_NORM: tl.constexpr, K_NORM: tl.constexpr, INTERP: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
     nq = tl.cdiv(H, BH_Q)
+    # token t's angles, as the rope kernel computes them
     pairs = tl.arange(0, BLOCK_P)
     freq = tl.load(f_ptr + pairs, mask=pairs < DH // 2, other=0.0).to(tl.float32)
-    for i in tl.static_range(TT):  # tokens pid * TT + i: the same work per token, fewer programs
-        t = tl.program_id(0).to(tl.int64) * TT + i
-        if t < T:
-            # token t's angles, as the rope kernel computes them
-            cos, sin = _cos_sin(tl.load(pos_ptr + t).to(tl.float32) * freq, INTERP)
-            cos, sin = cos[None, :], sin[None, :]
-            if b < nq:  # (the branches' names differ: Triton wants one type per name across an if)
-                q_heads = b * BH_Q + tl.arange(0, BH_Q)
-                _norm_rope(q_ptr, sq_tok, sq_head, qw_ptr, qo_ptr, H * DH, t, q_heads, H, cos, sin, eps, inv_d,
-                           DH, BLOCK_D, BLOCK_P, Q_NORM, INTERP)
-            else:
-                kv_heads = (b - nq) * BH_KV + tl.arange(0, BH_KV)
-                _norm_rope(k_ptr, sk_tok, sk_head, kw_ptr, kv_ptr, 2 * G * DH, t, kv_heads, G, cos, sin, eps,
-                           inv_d, DH, BLOCK_D, BLOCK_P, K_NORM, INTERP)
-                cols = tl.arange(0, BLOCK_D)[None, :]
-                mask = (kv_heads < G)[:, None] & (cols < DH)
-                rows = kv_heads.to(tl.int64)[:, None]
-                v = tl.load(v_ptr + t * sv_tok + rows * sv_head + cols, mask=mask)
-                tl.store(kv_ptr + t * (2 * G * DH) + G * DH + rows * DH + cols, v, mask=mask)
+    cos, sin = _cos_sin(tl.load(pos_ptr + t).to(tl.float32) * freq, INTERP)
+    cos, sin = cos[None, :], sin[None, :]
+    if b < nq:  # (the branches' names differ: Triton wants one type per name across an if)
+        q_heads = b * BH_Q + tl.arange(0, BH_Q)
+        _norm_rope(q_ptr, sq_tok, sq_head, qw_ptr, qo_ptr, H * DH, t, q_heads, H, cos, sin, eps, inv_d,
+                   DH, BLOCK_D, BLOCK_P, Q_NORM, INTERP)
+    else:
+        kv_heads = (b - nq) * BH_KV + tl.arange(0, BH_KV)
+        _norm_rope(k_ptr, sk_tok, sk_head, kw_ptr, kv_ptr, 2 * G * DH, t, kv_heads, G, cos, sin, eps, inv_d,
+                   DH, BLOCK_D, BLOCK_P, K_NORM, INTERP)
+        cols = tl.arange(0, BLOCK_D)[None, :]
+        mask = (kv_heads < G)[:, None] & (cols < DH)
+        rows = kv_heads.to(tl.int64)[:, None]
+        v = tl.load(v_ptr + t * sv_tok + rows * sv_head + cols, mask=mask)
+        tl.store(kv_ptr + t * (2 * G * DH) + G * DH + rows * DH + cols, v, mask=mask)
 
 
 #: q heads a program and warps: measured on an H200 (bench/rope_bench.py, 2026-12-03) over the
 #: heads a program can take with 1-8 warps, 16 heads on 2 warps was the fastest or within 10 % of it
 #: at every model and token count (Qwen3 4096 tokens: 35 us against 67 us with all 32 heads on 8
-#: warps, and 60 us for the separate ops)
+#: warps, and 60 us for the separate ops). One token a program: programs taking 2-16 tokens in turn
+#: were slower at every size (the tokens' loads wait on each other's stores; prefill 4096 in the
+#: graph: GPT-OSS 1.15 -> 3.86 ms a step with 8, Qwen3 1.48 -> 2.18; H200, 2026-12-04,
+#: bench/results/roofline_h200/v7/roofline_rope_tokens.json)
 _BH_Q, _WARPS = 16, 2
-
-
-def _tokens_per_program(T: int, blocks: int, device: torch.device) -> int:
-    """Tokens a program takes (TBO_ROPE_TOKENS, 0: this choice): a power of two up to 8, as large as
-    keeps >= 8 programs an SM, so a prefill launches a few thousand programs of 8 tokens instead of
-    one per (token, block of heads), each moving 2-4 KB (GPT-OSS prefill 4096: 20480 programs,
-    50 us a layer, 1.7 TB/s in bench/results/roofline_h200/v6); decode batches keep one token a
-    program. Under the interpreter: 2 from 8 tokens, so the tests take the loop."""
-    want = flag("TBO_ROPE_TOKENS")
-    if want > 0:
-        return want
-    if device.type != "cuda":
-        return 2 if T >= 8 else 1
-    sms = _sm_count(device)
-    tt = 1
-    while tt < 8 and triton.cdiv(T, 2 * tt) * blocks >= 8 * sms:
-        tt *= 2
-    return tt
 
 
 def _tiles(H: int, G: int, block_d: int) -> tuple[int, int, int]:
@@ -185,12 +165,10 @@ def _tiles(H: int, G: int, block_d: int) -> tuple[int, int, int]:
 
 def qk_rope_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Tensor,
                q_weight: Tensor | None = None, k_weight: Tensor | None = None,
-               eps: float = 0.0, *, bh_q: int | None = None, num_warps: int | None = None,
-               tokens: int | None = None) -> tuple[Tensor, Tensor]:
+               eps: float = 0.0, *, bh_q: int | None = None, num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """(rope_half(rms_norm(q)), stack([rope_half(rms_norm(k)), v], 1)) in one launch; see the module
     docstring for the contract. bh_q / num_warps: the q heads of a program and its warps instead of
-    _tiles' (benches; a thread must still hold a whole 16-byte vector of each row it reads);
-    tokens: the tokens a program takes (a power of two) instead of _tokens_per_program's."""
+    _tiles' (benches; a thread must still hold a whole 16-byte vector of each row it reads)."""
     T, H, Dh = q.shape
     G = k.shape[1]
     if not (k.shape == v.shape == (T, G, Dh) and Dh % 2 == 0):
@@ -214,15 +192,13 @@ def qk_rope_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Ten
     block_d, block_p = triton.next_power_of_2(Dh), triton.next_power_of_2(Dh // 2)
     bh_q_, bh_kv, warps = _tiles(H, G, block_d)
     bh_q, warps = bh_q or bh_q_, num_warps or warps
-    blocks = triton.cdiv(H, bh_q) + triton.cdiv(G, bh_kv)
-    tt = tokens or _tokens_per_program(T, blocks, q.device)
-    grid = (triton.cdiv(T, tt), blocks)
+    grid = (T, triton.cdiv(H, bh_q) + triton.cdiv(G, bh_kv))
     inv_d = float(np.float32(1.0) / np.float32(Dh))
     _qk_rope_kv_kernel[grid](
         q, k, v, positions.contiguous(), inv_freq.contiguous(),
         q if q_weight is None else q_weight.contiguous(), k if k_weight is None else k_weight.contiguous(),
-        q_out, kv, T, H, G, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q_out, kv, H, G, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         float(eps), inv_d, DH=Dh, BLOCK_D=block_d, BLOCK_P=block_p, BH_Q=bh_q, BH_KV=bh_kv,
-        Q_NORM=q_weight is not None, K_NORM=k_weight is not None, INTERP=_interpreting(), TT=tt,
+        Q_NORM=q_weight is not None, K_NORM=k_weight is not None, INTERP=_interpreting(),
         num_warps=warps, enable_fp_fusion=False)  # no FMA: the ops round every product
     return q_out, kv
