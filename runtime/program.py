@@ -67,8 +67,8 @@ def _index_put_rows_(base, indices, values, accumulate=False):
     kernel (triton_elementwise.scatter_rows_: each row as 8-byte words, no index arithmetic per
     element). ATen's kernel moves one element per index computation, 2 bytes for a 16-bit cache;
     its traced cost on an H200 was ~45 us a layer at 4096 tokens (Mixtral prefill,
-    bench/results/roofline_h200/v6). The same bytes land in the same places (a copy, no
-    arithmetic); anything else (accumulate, several or 2-D indices, strided or converted values,
+    bench/results/roofline_h200/v6), the kernel's 7 us (v7). The same bytes land in the same places
+    (a copy, no arithmetic); anything else (accumulate, several or 2-D indices, strided or converted values,
     CPU without Triton's interpreter) takes ATen's own path. TBO_KV_WRITE_WIDE=0 turns it off."""
     idx = indices[0] if len(indices) == 1 else None
     if (accumulate or idx is None or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32)

@@ -1,4 +1,5 @@
-"""Fused row-wise Triton kernels (RMSNorm, SiLU-and-mul, RoPE) that reproduce torch eager bit for bit.
+"""Fused row-wise Triton kernels (RMSNorm, SiLU-and-mul, RoPE) that reproduce torch eager bit for bit,
+and the KV-cache write as a row scatter (scatter_rows_, a copy: the bytes of index_put_).
 
 Each kernel replaces a chain of small torch ops (one launch and one HBM round trip each) by one
 launch that reads its input once and writes its output once. They exist to be swapped in for the
@@ -38,9 +39,10 @@ INTERP constexpr: fp32 -> bf16 casts there truncate instead of rounding to neare
 kernel rounds by hand), libdevice is unavailable (numpy's exp/cos/sin are used), and the reference
 is torch's CPU code (mean = sum / D, rsqrt = 1 / sqrt).
 
-All functions: any leading dims (flattened into rows; a row stride, or two nested ones, is taken
-as is, so slices of wider tensors are read in place), last dim contiguous, outputs contiguous,
-no host sync (CUDA-graph capturable), zero rows -> empty output without a launch.
+All functions but scatter_rows_ (contiguous rows, see it): any leading dims (flattened into rows;
+a row stride, or two nested ones, is taken as is, so slices of wider tensors are read in place),
+last dim contiguous, outputs contiguous, no host sync (CUDA-graph capturable), zero rows -> empty
+output without a launch.
 """
 from __future__ import annotations
 
