@@ -68,13 +68,14 @@ def _index_put_rows_(base, indices, values, accumulate=False):
     element). ATen's kernel moves one element per index computation, 2 bytes for a 16-bit cache;
     its traced cost on an H200 was ~45 us a layer at 4096 tokens (Mixtral prefill,
     bench/results/roofline_h200/v6), the kernel's 7 us (v7). The same bytes land in the same places
-    (a copy, no arithmetic); anything else (accumulate, several or 2-D indices, strided or converted values,
-    CPU without Triton's interpreter) takes ATen's own path. TBO_KV_WRITE_WIDE=0 turns it off."""
+    (a copy, no arithmetic); anything else (accumulate, several or 2-D indices, strided or converted
+    values, CPU tensors: Triton's interpreter would only be slower there) takes ATen's own path.
+    TBO_KV_WRITE_WIDE=0 turns it off."""
     idx = indices[0] if len(indices) == 1 else None
     if (accumulate or idx is None or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32)
             or base.dim() < 2 or values.dtype != base.dtype or tuple(values.shape) != (idx.shape[0], *base.shape[1:])
             or not (base.is_contiguous() and values.is_contiguous()) or base.device != values.device
-            or idx.device != base.device or not (base.is_cuda or flag("TRITON_INTERPRET"))):
+            or idx.device != base.device or not base.is_cuda):
         return base.index_put_(indices, values, accumulate)
     from tbo_compiler.runtime.kernels.triton_elementwise import scatter_rows_
     return scatter_rows_(base, idx, values)

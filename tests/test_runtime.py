@@ -268,12 +268,19 @@ def test_instruction_kinds_serialise_as_plain_strings():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_wide_cache_write_is_index_put(dtype):
-    """TBO_KV_WRITE_WIDE's row write (the row-scatter kernel, in Triton's interpreter here) lands
-    the same bits as aten.index_put_ on KV-cache-shaped rows ([S, 2, G, Dh], int64 and int32 slots,
-    negative slots), on rows of 6 or 12 bytes (2- or 4-byte words), and hands every other call to
-    ATen unchanged: accumulate, values of another dtype or not contiguous, a 2-D index. On the GPU
-    when there is one."""
+    """TBO_KV_WRITE_WIDE's row write lands the same bits as aten.index_put_ on KV-cache-shaped rows
+    ([S, 2, G, Dh], int64 and int32 slots, negative slots), on rows of 6 or 12 bytes (2- or 4-byte
+    words), and hands every other call to ATen unchanged: accumulate, values of another dtype or not
+    contiguous, a 2-D index. The runtime's write takes the row-scatter kernel on CUDA tensors (the
+    GPU run of this test); on CPU the kernel itself runs here, in Triton's interpreter."""
+    from tbo_compiler.runtime.kernels.triton_elementwise import scatter_rows_
     from tbo_compiler.runtime.program import _index_put_rows_
+
+    def write(base, idx, v, accumulate):
+        if (DEV == "cpu" and not accumulate and v.is_contiguous() and v.dtype == base.dtype
+                and tuple(v.shape) == (len(idx), *base.shape[1:])):
+            return scatter_rows_(base, idx, v)          # the kernel, interpreted, as CUDA takes it
+        return _index_put_rows_(base, (idx,), v, accumulate)
 
     g = torch.Generator().manual_seed(0)
 
@@ -284,7 +291,7 @@ def test_wide_cache_write_is_index_put(dtype):
             idx[::2] -= shape[0]
         v = (torch.randn(T, *shape[1:], generator=g) if vals is None else vals(T, shape)).to(DEV, dtype)
         ref = base.clone().index_put_((idx,), v, accumulate)
-        out = _index_put_rows_(base, (idx,), v, accumulate)
+        out = write(base, idx, v, accumulate)
         assert out is base and torch.equal(base.view(torch.uint8) if dtype != torch.float32 else base,
                                            ref.view(torch.uint8) if dtype != torch.float32 else ref)
 

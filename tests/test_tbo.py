@@ -78,8 +78,9 @@ def test_ranks_with_uneven_tokens_agree_on_one_bucket(tiny, tmp_path):
 @pytest.mark.parametrize("wide", ["0", "1"])
 def test_cache_updates_run_in_place(tiny, tmp_path, monkeypatch, wide):
     """The program writes KV-cache updates into the caller's cache (no per-layer cache copies);
-    outputs and caches equal those of the functional program, with the rows moved by ATen's
-    index_put_ or by the row-scatter kernel (TBO_KV_WRITE_WIDE, the default)."""
+    outputs and caches equal those of the functional program, with the writes bound to ATen's
+    index_put_ or to the row write (TBO_KV_WRITE_WIDE, the default: the row-scatter kernel on CUDA
+    tensors, ATen's on these CPU ones)."""
     from tbo_compiler.runtime.program import Program, _index_put_rows_
 
     monkeypatch.setenv("TBO_KV_WRITE_WIDE", wide)
