@@ -544,8 +544,7 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
             from tbo_compiler.runtime.graphs import time_replays
             row[f"{v}_b2b_ms"] = round(time_replays({v: step}, block=opts["iters"], rounds=3)[v], 4)
             if v == "serial":
-                row["launch"] = launch_costs(step, pm.buckets[T][v][3], opts["iters"])
-                row["launch"]["host_parts_ms"] = host_parts(pm, T, v, args, opts["iters"])
+                row["launch"] = launch_costs(step, pm, T, v, args, opts["iters"])
     if v == "serial":
         user_all = list(user) + list(kv.caches)
         if opts["profile"]:
@@ -564,7 +563,7 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
         row["baseline_env"] = opts["baseline"]
 
 
-def launch_costs(step, graphed, iters: int) -> dict:
+def launch_costs(step, pm, T: int, v: str, args, iters: int) -> dict:
     """Where a single call's time beyond its kernels goes: the host's time for the whole call
     (PlanModule: bucket choice, argument binding, the static-input check, input copies, graph
     launch) and for graph.replay() alone, neither waiting for the GPU; the GPU time of one replay
@@ -583,11 +582,13 @@ def launch_costs(step, graphed, iters: int) -> dict:
         torch.cuda.synchronize()
         return round(statistics.median(ts), 4)
 
+    graphed = pm.buckets[T][v][3]
     g = getattr(graphed, "graph", None)
-    if g is None:
+    if g is None:  # TBO_CUDA_GRAPHS=0: no graph to take apart
         return {}
     out = {"host_call_ms": host_ms(step), "host_replay_ms": host_ms(g.replay),
-           "replay_alone_ms": round(statistics.median(time_ms(g.replay, ()) for _ in range(iters)), 4)}
+           "replay_alone_ms": round(statistics.median(time_ms(g.replay, ()) for _ in range(iters)), 4),
+           "host_parts_ms": host_parts(pm, T, v, args, iters)}
     try:
         out["nodes"] = graph_nodes(graphed)
     except Exception as e:  # noqa: BLE001 - a diagnosis, never the bench's failure

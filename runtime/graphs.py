@@ -20,13 +20,6 @@ import torch
 log = logging.getLogger(__name__)
 
 
-#: C++ check that tensors[i].data_ptr() == ptrs[i] for the given indices (torch's CUDA builds; the
-#: cudagraph trees of torch.compile check their static inputs with it). On an H200's host it costs
-#: about what the Python loop did (0.15-0.46 ms for 368-536 static arguments against 0.35-0.57,
-#: bench/results/roofline_h200/v7): each tensor's data_ptr() is the cost, not the loop
-_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
-
-
 class GraphedProgram:
     def __init__(self, program, copied: Sequence[int], pool=None, name: str = "program"):
         self.program, self.copied, self.pool, self.name = program, frozenset(copied), pool, name
@@ -40,7 +33,6 @@ class GraphedProgram:
         self.tensor_idx: list[int] = []
         self.ptrs: list[int] = []
         self.others: list[tuple[int, object]] = []
-        self._positions: list[int] = []
         self.copy_idx = sorted(self.copied)
 
     def _record(self, args) -> None:
@@ -49,7 +41,6 @@ class GraphedProgram:
         static = [i for i in range(len(args)) if i not in self.copied]
         self.tensor_idx = [i for i in static if isinstance(args[i], torch.Tensor)]
         self.ptrs = [args[i].data_ptr() for i in self.tensor_idx]
-        self._positions = list(range(len(self.tensor_idx)))
         self.others = [(i, args[i]) for i in static if not isinstance(args[i], torch.Tensor)]
 
     def _same_static(self, args) -> bool:
@@ -60,14 +51,10 @@ class GraphedProgram:
             a = args[i]
             if type(a) is not type(v) or a != v:
                 return False
-        tensors = [args[i] for i in self.tensor_idx]
-        if _PTRS_EQUAL is not None:
-            try:  # (tensors: list, data_ptrs: list, indices: list) -> bool; a non-tensor: TypeError
-                return bool(_PTRS_EQUAL(tensors, self.ptrs, self._positions))
-            except (TypeError, RuntimeError):  # ... or a build whose helper takes other arguments
-                pass
+        # each data_ptr() costs ~0.7 us on an H200's host (0.15-0.46 ms for 368-536 static tensors,
+        # bench/results/roofline_h200/v7); torch's C++ check of the same addresses measured no faster
         try:
-            return list(map(torch.Tensor.data_ptr, tensors)) == self.ptrs
+            return list(map(torch.Tensor.data_ptr, [args[i] for i in self.tensor_idx])) == self.ptrs
         except TypeError:  # a number where a tensor was captured
             return False
 
