@@ -15,6 +15,10 @@ loaded), bf16:
   the weighted combine; the fused kernel's gate/up, down and sum-over-K kernels alone;
 - floors: the GEMMs' FLOPs at 790 TFLOP/s, the active experts' weight bytes at 4.8 TB/s.
 
+`--route`: the routing kernel (scores, top-k, weights) alone per router (E, K) and token count, at
+each (rows a program, warps), the ids checked against the torch reference: what sets
+triton_route.tiles.
+
 Timing: each function captured R times in one CUDA graph, the graph replayed (after a warm-up
 replay) `--replays` times, the median replay divided by R; no launch overhead, as in the plan's
 graph.
@@ -351,6 +355,54 @@ def hbm_rows(gib: float = 4.0, reps: int = 4, replays: int = 5) -> dict:
     return out
 
 
+#: the routers of the models (experts E, top-k K, scoring, renormalize) for --route
+ROUTERS = {"qwen3_30b_a3b": (128, 8, "softmax", True), "gpt_oss_20b": (32, 4, "topk_softmax", False),
+           "mixtral_8x7b": (8, 2, "softmax", True), "e256_k8": (256, 8, "softmax", True)}
+
+
+def route_rows(tokens: tuple[int, ...] = (64, 256, 1024, 4096, 16384), reps: int = 20, replays: int = 5) -> list[dict]:
+    """The routing kernel (runtime/kernels/triton_route.py) at each (rows a program, warps) it may
+    take, per router and token count: median ms (CUDA graphs of `reps` calls), the ids checked
+    against the torch reference; which tile `tiles` picks now and which the first rule picked."""
+    import os
+
+    from tbo_compiler.runtime.kernels import torch_ref
+    from tbo_compiler.runtime.kernels import triton_route as tr
+
+    rows = []
+    for name, (E, K, scoring, renorm) in ROUTERS.items():
+        e_p2 = max(2, 1 << (E - 1).bit_length())
+        for T in tokens:
+            logits = torch.randn(T, E, device="cuda")
+            want = torch_ref.route_topk(logits.double(), K, scoring, renorm)[0]
+            times, bad = {}, []
+            for bt in (1, 2, 4, 8, 16, 32):
+                if bt * e_p2 > tr._TILE or bt > max(1, T):
+                    continue
+                for nw in (1, 2, 4):
+                    tag = f"bt{bt}_w{nw}"
+                    try:
+                        ids = tr.route_topk(logits, K, scoring, renorm, tile=(bt, nw))[0]
+                        if not torch.equal(ids, want):
+                            bad.append(tag)
+                        times[tag] = round(graph_ms(lambda bt=bt, nw=nw: tr.route_topk(
+                            logits, K, scoring, renorm, tile=(bt, nw)), reps, replays) * 1e3, 2)
+                    except Exception as e:  # noqa: BLE001 - one tile that does not build must not stop the sweep
+                        times[tag] = f"{type(e).__name__}: {' '.join(str(e).split())[:100]}"
+            auto = "bt%d_w%d" % tr.tiles(T, E)
+            os.environ["TBO_ROUTE_TILES"] = "legacy"
+            legacy = "bt%d_w%d" % tr.tiles(T, E)
+            del os.environ["TBO_ROUTE_TILES"]
+            ok = {k: v for k, v in times.items() if isinstance(v, float)}
+            best = min(ok, key=ok.get) if ok else None
+            row = dict(router=name, E=E, K=K, T=T, us=times, best=best, best_us=ok.get(best), auto=auto,
+                       auto_us=ok.get(auto), legacy=legacy, legacy_us=ok.get(legacy), wrong_ids=bad)
+            print(f"route {name} T={T}: best {best} {ok.get(best)} us, auto {auto} {ok.get(auto)}, "
+                  f"legacy {legacy} {ok.get(legacy)}{'  WRONG ' + str(bad) if bad else ''}", flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -362,6 +414,7 @@ def main(argv=None) -> int:
                     help="also the prefill attention configs (8 requests x 512 new tokens)")
     ap.add_argument("--no-moe", dest="moe", action="store_false", help="skip the expert candidates")
     ap.add_argument("--hbm", action="store_true", help="also a read and a copy over 4 GiB: the memory's own rate")
+    ap.add_argument("--route", action="store_true", help="also the routing kernel's tiles (rows a program, warps)")
     ap.add_argument("--out", default="out/moe_bench")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -372,12 +425,14 @@ def main(argv=None) -> int:
     attn = attention_rows(256, 512, a.reps, a.replays) if a.attention else []
     pattn = prefill_attention_rows(8, 512, a.reps, a.replays) if a.prefill_attention else []
     hbm = hbm_rows() if a.hbm else {}
+    route = route_rows() if a.route else []
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), reps=a.reps, replays=a.replays)
-    (out / "moe_bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, attention=attn, prefill_attention=pattn, hbm=hbm),
+    (out / "moe_bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, attention=attn, prefill_attention=pattn, hbm=hbm,
+                                                  route=route),
                                                   indent=1))
     (out / "moe_bench.md").write_text(markdown(rows))
     print(markdown(rows))

@@ -29,6 +29,10 @@ Per model and bucket:
             measure_ops), summed per op family (attention, moe_experts, routing, dense_gemm,
             lm_head, norms_rope_act, kv_write, other), the top 10 nodes; --trace adds a
             torch.profiler Chrome trace of one replay of the serial program.
+  clock     the SM clock and board power nvidia-smi samples (every 50 ms, read only) during the
+            single calls, the back-to-back calls and the trace (`serial_clock`, `serial_b2b_clock`,
+            `trace_clock`): a step traced alone can run at a higher clock than the same step timed
+            in a loop at the GPU's power cap.
 Plans: one file per (model, layers, phase, bucket, dtype) in --plans; --compile-only writes the
 missing ones and exits (plan compilation is CPU work: do it before taking the GPU); a run compiles
 only what is missing. Models run one at a time and are freed before the next; each row is printed
@@ -433,6 +437,56 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
+class SmClock:
+    """The GPU's SM clock (MHz) and board power (W) while a block runs, sampled by `nvidia-smi -lms
+    50` (a read-only query; nothing is set): under a sustained compute load an H200 holds its power
+    cap by lowering the SM clock, so a step timed back to back can run slower than the same step
+    traced alone. `.result`: samples, SM clock median/min/max, power median/max; {} where nvidia-smi
+    is missing or gave nothing."""
+
+    def __init__(self, dev):
+        self.dev, self.proc, self.result = dev, None, {}
+
+    def __enter__(self):
+        import shutil
+        import subprocess
+
+        if self.dev.type != "cuda" or shutil.which("nvidia-smi") is None:
+            return self
+        cmd = ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "50"]
+        try:
+            cmd += ["-i", f"GPU-{torch.cuda.get_device_properties(self.dev).uuid}"]
+        except (AttributeError, RuntimeError):
+            pass
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        time.sleep(0.1)  # its first sample
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is None:
+            return False
+        time.sleep(0.06)
+        self.proc.terminate()
+        try:
+            text = self.proc.communicate(timeout=5)[0]
+        except Exception:  # noqa: BLE001 - a diagnosis, never the bench's failure
+            self.proc.kill()
+            return False
+        sm, pw = [], []
+        for line in text.splitlines():
+            try:
+                a, b = (float(x) for x in line.split(","))
+            except ValueError:
+                continue
+            sm.append(a)
+            pw.append(b)
+        if sm:
+            self.result = dict(samples=len(sm), sm_mhz_median=statistics.median(sm), sm_mhz_min=min(sm),
+                               sm_mhz_max=max(sm), power_w_median=round(statistics.median(pw), 1),
+                               power_w_max=round(max(pw), 1))
+        return False
+
+
 def timed_ms(fn, dev, warmup: int, iters: int) -> float:
     """Median ms of `iters` calls after `warmup`: CUDA events on the GPU, the wall clock on CPU."""
     for _ in range(warmup):
@@ -539,10 +593,14 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
     del out
     with torch.no_grad():
         step = lambda: pm(*args, variant=v, copy_output=False)  # noqa: E731
-        row[f"{v}_ms"] = round(timed_ms(step, dev, opts["warmup"], opts["iters"]), 4)
+        with SmClock(dev) as clock:
+            row[f"{v}_ms"] = round(timed_ms(step, dev, opts["warmup"], opts["iters"]), 4)
+        row[f"{v}_clock"] = clock.result
         if dev.type == "cuda":  # as a serving loop runs steps: each launch overlaps the replay before it
             from tbo_compiler.runtime.graphs import time_replays
-            row[f"{v}_b2b_ms"] = round(time_replays({v: step}, block=opts["iters"], rounds=3)[v], 4)
+            with SmClock(dev) as clock:
+                row[f"{v}_b2b_ms"] = round(time_replays({v: step}, block=opts["iters"], rounds=3)[v], 4)
+            row[f"{v}_b2b_clock"] = clock.result
             if v == "serial":
                 row["launch"] = launch_costs(step, pm, T, v, args, opts["iters"])
     if v == "serial":
@@ -555,12 +613,15 @@ def _bench_variant(row, v, name, model, progs, phase, T, user, kv, eager, scale,
                 row["profile_error"] = f"out of memory: {str(e).splitlines()[0]}"
         if opts["trace"]:
             tpath = Path(opts["out"]) / f"trace_{name}_{phase}{T}_serial.json"
-            row["trace"] = trace_step(lambda: pm(*args, variant="serial", copy_output=False), dev, tpath)
+            with SmClock(dev) as clock:
+                row["trace"] = trace_step(lambda: pm(*args, variant="serial", copy_output=False), dev, tpath)
+            row["trace_clock"] = clock.result
             row["trace_kernels"] = trace_kernels(tpath)
     del pm
     if v == "serial" and opts.get("baseline"):
         row["serial_baseline_ms"] = baseline_ms(progs[T]["serial"], T, model, args, opts, dev)
         row["baseline_env"] = opts["baseline"]
+        row["serial_baseline_clock"] = opts.get("baseline_clock", {}).pop(T, {})
 
 
 def launch_costs(step, pm, T: int, v: str, args, iters: int) -> dict:
@@ -688,7 +749,10 @@ def baseline_ms(bp, T, model, args, opts, dev) -> float:
         with torch.no_grad():
             pm(*args, variant="serial", copy_output=False)
             step = lambda: pm(*args, variant="serial", copy_output=False)  # noqa: E731
-            return round(timed_ms(step, dev, opts["warmup"], opts["iters"]), 4)
+            with SmClock(dev) as clock:
+                ms = round(timed_ms(step, dev, opts["warmup"], opts["iters"]), 4)
+            opts.setdefault("baseline_clock", {})[T] = clock.result
+            return ms
     finally:
         for k, val in saved.items():
             if val is None:

@@ -21,6 +21,8 @@ a value that does not parse fails with one line naming the flag.
                                                  token's heads side by side); 0: token first
     TBO_KV_WRITE_WIDE             0|1    1       the runtime's in-place KV-cache writes by a row-scatter kernel
                                                  (8-byte words; runtime/program.py); 0: ATen's index_put_
+    TBO_ROUTE_TILES               name   auto    MoE routing kernel's rows a program and warps: auto (by T and
+                                                 E, runtime/kernels/triton_route.py) or legacy (the first rule)
     TBO_COMM                      name   unset   the comm backend of every multi-rank group (runtime/comm)
     TBO_COMM_TIMEOUT_S            s      300     how long a collective waits for its peers before the rank
                                                  fails naming them (runtime/comm/faults.py)
@@ -78,6 +80,15 @@ def _switch(name: str, raw: str, default) -> bool:   # read while compiling: a c
     return raw not in ("0", "false")
 
 
+def _choice(*values: str):
+    def parse(name: str, raw: str, default):
+        raw = raw.strip().lower() or default
+        if raw not in values:
+            raise RuntimeFailure(f"{name}={raw!r} must be one of {', '.join(values)}")
+        return raw
+    return parse
+
+
 # Step 2: the table ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -99,6 +110,7 @@ FLAGS: dict[str, Flag] = {f.name: f for f in (
     Flag("TBO_GQA_TOKEN_LOOP", True, _not_zero, "per-token attention programs take several tokens after the tiles"),
     Flag("TBO_GQA_HEAD_FIRST", True, _not_zero, "per-token attention programs ordered kv head first"),
     Flag("TBO_KV_WRITE_WIDE", True, _not_zero, "in-place KV-cache writes by a row-scatter kernel"),
+    Flag("TBO_ROUTE_TILES", "auto", _choice("auto", "legacy"), "routing kernel tiles: auto or legacy (the first rule)"),
     Flag("TBO_COMM", None, _text, "the comm backend of every multi-rank group"),
     Flag("TBO_COMM_TIMEOUT_S", 300.0, _seconds, "seconds a collective waits for its peers"),
     Flag("TBO_MORI_KERNEL", "AsyncLL", _text, "mori's dispatch/combine kernel type"),

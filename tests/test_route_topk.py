@@ -101,3 +101,27 @@ def test_gpu_selected_and_agrees(T, E, k, scoring, renorm):
     want_ids, want_w = reference(x, k, scoring, renorm)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(w.double(), want_w, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("tile", [(1, 1), (2, 2), (8, 4), (32, 1)])
+def test_every_tile_gives_the_same_choice(tile):
+    """The bench's sweep (bench/moe_bench.py --route) times each (rows a program, warps): each must
+    compute the same routing, rows past T included (a tile wider than the last rows)."""
+    logits = distinct_logits(37, 128, seed=3)
+    ids, w = tr.route_topk(logits, 8, "softmax", True, tile=tile)
+    want_ids, want_w = reference(logits, 8, "softmax", True)
+    assert torch.equal(ids.cpu(), want_ids.cpu())
+    torch.testing.assert_close(w.double().cpu(), want_w.cpu(), rtol=2e-6, atol=1e-7)
+
+
+def test_tiles_rule_and_legacy(monkeypatch):
+    for T in (1, 64, 256, 4096, 16384):
+        for E in (8, 32, 128, 256):
+            bt, nw = tr.tiles(T, E)
+            e_p2 = max(2, 1 << (E - 1).bit_length())
+            assert bt >= 1 and bt * e_p2 <= tr._TILE and nw in (1, 2, 4, 8)
+    monkeypatch.setenv("TBO_ROUTE_TILES", "legacy")
+    assert tr.tiles(256, 128) == (32, 4)  # the first rule: 8 programs of 32 rows at Qwen3's decode 256
+    monkeypatch.setenv("TBO_ROUTE_TILES", "fast")
+    with pytest.raises(Exception, match="TBO_ROUTE_TILES='fast' must be one of auto, legacy"):
+        tr.tiles(256, 128)

@@ -112,8 +112,39 @@ def _route_kernel(x_ptr, ids_ptr, w_ptr, T, E, s_t,
     tl.store(w_ptr + out, w, mask=ok)
 
 
-def route_topk(logits: Tensor, k: int, scoring: str = "softmax", renormalize: bool = False) -> tuple[Tensor, Tensor]:
-    """(ids [T, k] int64, weights [T, k] fp32) of the k best experts per row (module docstring)."""
+#: (T at most, rows a program, warps) by E_P2, the fastest of bench/moe_bench.py --route on an H200
+#: (bench/results/moe_h200/route_sweep.json; T = 64..16384, ids checked against torch). A row's E_P2
+#: lanes in one warp is what counts: the first rule's 32-row programs were 3.5x slower at Qwen3's
+#: decode 256 (9.81 against 2.81 us: 8 programs, each selecting over 32 rows in turn)
+_TILES: dict[int, tuple[tuple[int, int, int], ...]] = {
+    8: ((256, 4, 1), (1024, 8, 2), (4096, 16, 4), (1 << 62, 32, 4)),
+    32: ((64, 1, 1), (256, 2, 4), (1024, 4, 4), (4096, 16, 4), (1 << 62, 8, 2)),
+    128: ((64, 1, 1), (1 << 62, 4, 4)),
+    256: ((1 << 62, 1, 1),),
+}
+
+
+def tiles(T: int, E: int) -> tuple[int, int]:
+    """(rows a program, warps) for T rows of E logits: `_TILES` where measured, else a warp a row
+    where a row fills a warp (128 // E_P2 rows a warp, at most 8, below that), one warp for rows of
+    256 and more (wider rows split over warps measured slower). TBO_ROUTE_TILES=legacy gives the
+    first rule: as many rows as fill a 4096-element tile, at most 64, 4 warps."""
+    e_p2 = max(2, triton.next_power_of_2(E))
+    if flag("TBO_ROUTE_TILES") == "legacy":
+        return max(1, min(_TILE // e_p2, triton.next_power_of_2(T), 64)), 4
+    for t_max, bt, nw in _TILES.get(e_p2, ()):
+        if T <= t_max:
+            return bt, nw
+    if e_p2 >= 256:
+        return 1, 1
+    nw = 1 if T <= 64 else 4
+    return max(1, min(8, 128 // e_p2)) * nw, nw
+
+
+def route_topk(logits: Tensor, k: int, scoring: str = "softmax", renormalize: bool = False,
+               tile: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """(ids [T, k] int64, weights [T, k] fp32) of the k best experts per row (module docstring);
+    `tile` = (rows a program, warps) overrides `tiles` (the bench's sweep)."""
     if scoring not in SCORINGS:
         raise ValueError(f"route_topk: scoring must be one of {SCORINGS}, got {scoring!r}")
     T, E = logits.shape
@@ -122,9 +153,9 @@ def route_topk(logits: Tensor, k: int, scoring: str = "softmax", renormalize: bo
     if T == 0:
         return ids, w
     e_p2 = max(2, triton.next_power_of_2(E))
-    bt = max(1, min(_TILE // e_p2, triton.next_power_of_2(T), 64))
+    bt, nw = tile or tiles(T, E)
     _route_kernel[(triton.cdiv(T, bt),)](
         logits, ids, w, T, E, logits.stride(0), K=k, K_P2=max(2, triton.next_power_of_2(k)), E_P2=e_p2,
         BT=bt, SOFTMAX_FIRST=scoring == "softmax", RENORM=bool(renormalize), INTERP=_interpreting(),
-        num_warps=4)
+        num_warps=nw)
     return ids, w
