@@ -15,6 +15,9 @@ loaded), bf16:
   the weighted combine; the fused kernel's gate/up, down and sum-over-K kernels alone;
 - floors: the GEMMs' FLOPs at 790 TFLOP/s, the active experts' weight bytes at 4.8 TB/s.
 
+`--peak`: an 8192^3 bf16 GEMM (normal and all-ones operands) once after a second of idle and back to back for 2 s, with the SM
+clock and board power: the compute peak as a burst and as a prefill step sustains it.
+
 `--route`: the routing kernel (scores, top-k, weights) alone per router (E, K) and token count, at
 each (rows a program, warps), the ids checked against the torch reference: what sets
 triton_route.tiles.
@@ -355,6 +358,51 @@ def hbm_rows(gib: float = 4.0, reps: int = 4, replays: int = 5) -> dict:
     return out
 
 
+def peak_rows(n: int = 8192, seconds: float = 2.0) -> dict:
+    """peak_row for operands drawn from a normal distribution (what weights and activations look
+    like) and for all-ones operands (few bits toggle: less power at the same FLOPs)."""
+    return {"randn": peak_row("randn", n, seconds), "ones": peak_row("ones", n, seconds)}
+
+
+def peak_row(data: str, n: int = 8192, seconds: float = 2.0) -> dict:
+    """The dense bf16 GEMM rate the floors' 790 TFLOP/s stands for, two ways, with the SM clock and
+    board power nvidia-smi reads meanwhile (bench/roofline.py SmClock; nothing is set): `burst`, one
+    n^3 GEMM after a second of idle (median of 5), as the peak was first measured; `sustained`, the
+    same GEMM back to back for `seconds`, the last half timed, as in a prefill step of 50-700 ms."""
+    import statistics
+    import time
+
+    from roofline import SmClock
+
+    from tbo_compiler.runtime.kernels.moe_tuned import time_ms
+
+    make = torch.randn if data == "randn" else torch.ones
+    a = make(n, n, device="cuda").bfloat16()
+    b = make(n, n, device="cuda").bfloat16()
+    flop = 2 * n ** 3
+    for _ in range(3):
+        a @ b  # cuBLAS warm
+    torch.cuda.synchronize()
+    burst = []
+    with SmClock(torch.device("cuda")) as c1:
+        for _ in range(5):
+            time.sleep(1.0)
+            burst.append(time_ms(lambda: a @ b, ()))
+    ms1 = statistics.median(burst)
+    one = time_ms(lambda: a @ b, ())
+    reps = max(2, int(seconds / 2 * 1e3 / one))
+    for _ in range(reps):  # the first half: the GPU reaches its steady state under load
+        a @ b
+    with SmClock(torch.device("cuda")) as c2:
+        ms2 = time_ms(lambda: [a @ b for _ in range(reps)], ()) / reps
+    out = dict(n=n, data=data, burst=dict(ms=round(ms1, 4), tflop_s=round(flop / ms1 / 1e9, 1), clock=c1.result),
+               sustained=dict(ms=round(ms2, 4), tflop_s=round(flop / ms2 / 1e9, 1), calls=reps, clock=c2.result))
+    print(f"peak {out}", flush=True)
+    del a, b
+    torch.cuda.empty_cache()
+    return out
+
+
 #: the routers of the models (experts E, top-k K, scoring, renormalize) for --route
 ROUTERS = {"qwen3_30b_a3b": (128, 8, "softmax", True), "gpt_oss_20b": (32, 4, "topk_softmax", False),
            "mixtral_8x7b": (8, 2, "softmax", True), "e256_k8": (256, 8, "softmax", True)}
@@ -414,6 +462,8 @@ def main(argv=None) -> int:
                     help="also the prefill attention configs (8 requests x 512 new tokens)")
     ap.add_argument("--no-moe", dest="moe", action="store_false", help="skip the expert candidates")
     ap.add_argument("--hbm", action="store_true", help="also a read and a copy over 4 GiB: the memory's own rate")
+    ap.add_argument("--peak", action="store_true",
+                    help="also an 8192^3 bf16 GEMM after idle and back to back, with the SM clock and power")
     ap.add_argument("--route", action="store_true", help="also the routing kernel's tiles (rows a program, warps)")
     ap.add_argument("--out", default="out/moe_bench")
     a = ap.parse_args(argv)
@@ -426,13 +476,14 @@ def main(argv=None) -> int:
     pattn = prefill_attention_rows(8, 512, a.reps, a.replays) if a.prefill_attention else []
     hbm = hbm_rows() if a.hbm else {}
     route = route_rows() if a.route else []
+    peak = peak_rows() if a.peak else {}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(sys.argv), reps=a.reps, replays=a.replays)
     (out / "moe_bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, attention=attn, prefill_attention=pattn, hbm=hbm,
-                                                  route=route),
+                                                  route=route, peak=peak),
                                                   indent=1))
     (out / "moe_bench.md").write_text(markdown(rows))
     print(markdown(rows))
