@@ -15,8 +15,9 @@ loaded), bf16:
   the weighted combine; the fused kernel's gate/up, down and sum-over-K kernels alone;
 - floors: the GEMMs' FLOPs at 790 TFLOP/s, the active experts' weight bytes at 4.8 TB/s.
 
-`--peak`: an 8192^3 bf16 GEMM (normal and all-ones operands) once after a second of idle and back to back for 2 s, with the SM
-clock and board power: the compute peak as a burst and as a prefill step sustains it.
+`--peak`: an 8192^3 bf16 GEMM (normal and all-ones operands) once after a second of idle and back
+to back for 2 s, with the SM clock and board power: the compute peak as a burst and as a prefill
+step sustains it.
 
 `--route`: the routing kernel (scores, top-k, weights) alone per router (E, K) and token count, at
 each (rows a program, warps), the ids checked against the torch reference: what sets
@@ -437,10 +438,13 @@ def route_rows(tokens: tuple[int, ...] = (64, 256, 1024, 4096, 16384), reps: int
                             logits, K, scoring, renorm, tile=(bt, nw)), reps, replays) * 1e3, 2)
                     except Exception as e:  # noqa: BLE001 - one tile that does not build must not stop the sweep
                         times[tag] = f"{type(e).__name__}: {' '.join(str(e).split())[:100]}"
+            saved = os.environ.pop("TBO_ROUTE_TILES", None)
             auto = "bt%d_w%d" % tr.tiles(T, E)
             os.environ["TBO_ROUTE_TILES"] = "legacy"
             legacy = "bt%d_w%d" % tr.tiles(T, E)
-            del os.environ["TBO_ROUTE_TILES"]
+            os.environ.pop("TBO_ROUTE_TILES")
+            if saved is not None:
+                os.environ["TBO_ROUTE_TILES"] = saved
             ok = {k: v for k, v in times.items() if isinstance(v, float)}
             best = min(ok, key=ok.get) if ok else None
             row = dict(router=name, E=E, K=K, T=T, us=times, best=best, best_us=ok.get(best), auto=auto,

@@ -116,7 +116,7 @@ def test_every_tile_gives_the_same_choice(tile):
 
 def test_tiles_rule_and_legacy(monkeypatch):
     for T in (1, 64, 256, 4096, 16384):
-        for E in (8, 32, 128, 256):
+        for E in (2, 8, 16, 32, 60, 128, 256, 512, 1000):  # the measured widths and the rule's
             bt, nw = tr.tiles(T, E)
             e_p2 = max(2, 1 << (E - 1).bit_length())
             assert bt >= 1 and bt * e_p2 <= tr._TILE and nw in (1, 2, 4, 8)

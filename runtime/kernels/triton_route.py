@@ -113,9 +113,10 @@ def _route_kernel(x_ptr, ids_ptr, w_ptr, T, E, s_t,
 
 
 #: (T at most, rows a program, warps) by E_P2, the fastest of bench/moe_bench.py --route on an H200
-#: (bench/results/moe_h200/route_sweep.json; T = 64..16384, ids checked against torch). A row's E_P2
-#: lanes in one warp is what counts: the first rule's 32-row programs were 3.5x slower at Qwen3's
-#: decode 256 (9.81 against 2.81 us: 8 programs, each selecting over 32 rows in turn)
+#: (bench/results/moe_h200/route_sweep.json; T = 64..16384, ids checked against torch). What counts
+#: is a row's reductions staying inside one warp, and enough programs: the first rule's 32-row
+#: programs were 3.5x slower at Qwen3's decode 256 (9.81 against 2.81 us: 8 programs, each
+#: selecting over 32 rows in turn)
 _TILES: dict[int, tuple[tuple[int, int, int], ...]] = {
     8: ((256, 4, 1), (1024, 8, 2), (4096, 16, 4), (1 << 62, 32, 4)),
     32: ((64, 1, 1), (256, 2, 4), (1024, 4, 4), (4096, 16, 4), (1 << 62, 8, 2)),
