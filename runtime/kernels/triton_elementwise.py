@@ -351,8 +351,6 @@ def rope_half(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     return _rope(x, positions, inv_freq, 1.0, interleaved=False)
 
 
-# Micro-benchmark (GPU only) -----------------------------------------------------------------
-
 # 5. Row scatter: the KV-cache write ---------------------------------------------------------
 
 @triton.jit
@@ -403,6 +401,8 @@ def scatter_rows_(base: Tensor, idx: Tensor, values: Tensor) -> Tensor:
                                                        BLOCK_W=block_w, num_warps=4)
     return base
 
+
+# Micro-benchmark (GPU only) -----------------------------------------------------------------
 
 def _bench() -> None:
     """Kernel vs torch eager on DeepSeek-V3 shapes (H200 target); bytes = one read + one write."""
